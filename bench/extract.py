@@ -1,0 +1,141 @@
+"""Extraction throughput: our extractor against a plain HF loop and a bare base-model forward.
+
+All three run over the same batches (batch x seq tokens, every text truncated to exactly seq
+tokens) of the same random-weight model of a real shape, in one process, one after the other:
+  hf-loop  model(..., output_hidden_states=True) with the LM head, the requested layers copied to
+           CPU and saved with torch.save every batch (what research code usually does)
+  bare     model.model(...) over all layers, nothing kept: the compute floor
+  xmodel   extract_model into a Zarr store on local disk (pooled + last + per-token states)
+Prints tokens/s, ratios and achieved TFLOP/s. Example (GPU):
+  python bench/extract.py --shape llama-3.2-3b --batch 32 --seq 512 --batches 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def long_texts(n: int, chars: int) -> list[str]:
+    from pipeline.data import pydoc_sentences
+
+    prose = " ".join(pydoc_sentences())
+    return [(prose[(i * 997) % len(prose):] + " " + prose)[:chars] for i in range(n)]
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_token(model, seq: int) -> float:
+    cfg = model.config
+    n_embed = cfg.vocab_size * cfg.hidden_size
+    params = sum(p.numel() for p in model.model.parameters()) - n_embed
+    return 2 * params + 2 * cfg.num_hidden_layers * seq * cfg.hidden_size  # matmuls + causal attention
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--layers", default="0.25,0.5,0.75,1.0")
+    ap.add_argument("--tokens-per-seq", type=int, default=32)
+    ap.add_argument("--unit-size", type=int, default=0, help="sequences per unit (default 8 batches)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--store-dir", default=None, help="where the store goes (default: a temp dir)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from pipeline.config import ExtractConfig
+    from pipeline.data import Corpus
+    from pipeline.distributed import Dist
+    from pipeline.extract import extract_model, tokenize
+    from pipeline.layers import resolve_layers
+    from pipeline.models import pick_device, pick_dtype
+    from pipeline.synthetic import random_model, train_tokenizer
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    tokenizer = train_tokenizer(4096, bos=True)
+    model = random_model(args.shape, tokenizer, dtype=dtype, device=device)
+    n = args.batch * args.batches
+    corpus = Corpus(texts=long_texts(n, args.seq * 8), index=list(range(n)), source="bench")
+    tok = tokenize(tokenizer, corpus.texts, args.seq)
+    assert (tok.lengths == args.seq).all(), "texts too short for --seq"
+    requested = [float(x) if "." in x else int(x) for x in args.layers.split(",")]
+    layers = resolve_layers(requested, model.config.num_hidden_layers)
+    ids = torch.from_numpy(__import__("numpy").stack(tok.ids)).long()
+    batches = [ids[i:i + args.batch] for i in range(0, n, args.batch)]
+    tokens = n * args.seq
+    work = Path(args.store_dir or tempfile.mkdtemp(prefix="xmodel-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    def timed(fn) -> float:
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t
+
+    def bare():
+        with torch.inference_mode():
+            for b in batches:
+                x = b.to(device, non_blocking=True)
+                model.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+
+    def hf_loop():
+        out_dir = work / "hf"
+        out_dir.mkdir(exist_ok=True)
+        with torch.inference_mode():
+            for i, b in enumerate(batches):
+                x = b.to(device)
+                out = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
+                torch.save({l: out.hidden_states[l].cpu() for l in layers}, out_dir / f"{i}.pt")
+
+    def ours():
+        cfg = ExtractConfig(layers=requested, max_tokens=args.seq, tokens_per_seq=args.tokens_per_seq,
+                            unit_size=args.unit_size or 8 * args.batch, batch_tokens=args.batch * args.seq)
+        shutil.rmtree(work / "store.zarr", ignore_errors=True)
+        extract_model(model, tokenizer, {"model_id": args.shape, "revision": None, "model_sha": "random"}, corpus,
+                      cfg, work / "store.zarr", Dist(), quiet=True)
+
+    with torch.inference_mode():  # warm-up: kernels, allocator
+        x = batches[0].to(device)
+        model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
+    results = {"bare": tokens / timed(bare)}
+    if not args.skip_hf:
+        results["hf-loop"] = tokens / timed(hf_loop)
+    results["xmodel"] = tokens / timed(ours)
+    fpt = flops_per_token(model, args.seq)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{args.shape}  {card}  {dtype}  batch {args.batch} x {args.seq}  {n} seqs  layers {layers}  "
+          f"tokens/seq kept {args.tokens_per_seq}")
+    print(f"{'method':<10}{'tokens/s':>12}{'TFLOP/s':>10}{'vs bare':>9}{'vs hf-loop':>12}")
+    for name, rate in results.items():
+        hf = results.get("hf-loop")
+        print(f"{name:<10}{rate:>12,.0f}{rate * fpt / 1e12:>10.2f}{rate / results['bare']:>9.2f}"
+              f"{(rate / hf if hf else float('nan')):>12.2f}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"extract-{args.shape}-b{args.batch}x{args.seq}.json").write_text(json.dumps(
+            {"shape": args.shape, "card": card, "dtype": str(dtype), "batch": args.batch, "seq": args.seq,
+             "tokens": tokens, "layers": layers, "tokens_per_seq": args.tokens_per_seq, "tokens_per_s": results,
+             "flops_per_token": fpt}, indent=2))
+    if not args.store_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

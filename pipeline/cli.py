@@ -1,0 +1,137 @@
+"""The `xmodel` command (also `python -m pipeline`). Each subcommand is the DVC stage of the same name.
+
+Imports of torch, transformers, zarr and the stages happen inside commands, so `xmodel --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import UserError
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set extract.max_tokens=64")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@click.group()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Parameters file (the DVC params).")
+@click.option("--set", "-S", "sets", multiple=True, metavar="KEY=VALUE", help="Override a parameter, e.g. -S corpus.n=64.")
+@click.pass_context
+def cli(ctx: click.Context, params_file: str, sets: tuple[str, ...]) -> None:
+    """xmodel: activation communication between two language models, as a staged, cached pipeline."""
+    ctx.ensure_object(dict)
+    ctx.obj["params_file"] = params_file
+    ctx.obj["sets"] = sets
+
+
+def _params(ctx: click.Context):
+    from pipeline.config import load_params
+
+    return load_params(ctx.obj["params_file"], _parse_sets(ctx.obj["sets"]))
+
+
+@cli.command()
+@click.option("--model", "role", required=True, help="Model role in params.yaml (a or b).")
+@click.pass_context
+def prepare(ctx: click.Context, role: str) -> None:
+    """Resolve a model (hub, local dir, .gguf or offline catalog), convert and cache it."""
+    from stages import prepare as stage
+
+    click.echo(stage.run(_params(ctx), role))
+
+
+@cli.command()
+@click.option("--model", "role", required=True, help="Model role in params.yaml (a or b).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store path (default: data/stores/<role>.zarr).")
+@click.option("--force", is_flag=True, help="Overwrite a store made from other inputs.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def extract(ctx: click.Context, role: str, out: Path | None, force: bool, quiet: bool) -> None:
+    """Run one model over the corpus into its activation store (torchrun for several GPUs)."""
+    from stages import extract as stage
+
+    if quiet:
+        _silence_libraries()
+    result = stage.run(_params(ctx), role, out=out, force=force, quiet=quiet)
+    if result.status == "complete":
+        click.echo(f"{result.path}: already complete, nothing to do")
+    elif not quiet:
+        rate = result.tokens / result.seconds if result.seconds else 0.0
+        click.echo(f"{result.path}: wrote {result.units} units, {result.tokens} tokens, {rate:,.0f} tokens/s")
+
+
+def _silence_libraries() -> None:
+    """--quiet: no progress bars from transformers / the hub either, so stderr holds only errors."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+@cli.group()
+def store() -> None:
+    """Inspect and check activation stores."""
+
+
+@store.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(path: Path, as_json: bool) -> None:
+    """Shapes, dtypes, attributes and size on disk of a store."""
+    import json
+
+    from store.verify import store_info
+
+    data = store_info(path)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    attrs = data["attrs"]
+    ident = attrs.get("identity", {})
+    click.echo(f"{path}  ({'complete' if data['complete'] else 'INCOMPLETE'}, {data['bytes_on_disk'] / 2**20:.1f} MiB)")
+    click.echo(f"model {ident.get('model_id')}  sha {str(ident.get('model_sha'))[:12]}  layers {attrs.get('layers')} "
+               f"of {attrs.get('num_layers')}  stored as {attrs.get('store_dtype')}")
+    click.echo(f"{attrs.get('n_seq')} sequences, {attrs.get('n_tok')} token rows, {attrs.get('n_units')} units of {attrs.get('unit_size')}")
+    for name, a in data["arrays"].items():
+        click.echo(f"  {name:<16} {str(tuple(a['shape'])):<16} {a['dtype']:<8} shard {tuple(a['shards'])}  {a['bytes_on_disk'] / 2**20:8.2f} MiB")
+
+
+@store.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(path: Path) -> None:
+    """Completeness, chunk checksums and a NaN/inf scan; exit 1 on any problem."""
+    from store.verify import verify_store
+
+    problems = verify_store(path)
+    for line in problems:
+        click.echo(f"{path}: {line}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{path}: ok")
+
+
+def main() -> None:
+    try:
+        cli(obj={})
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Typed configuration built from params.yaml.
+
+Stages take these dataclasses, never raw dicts. Unknown keys and wrong types are refused with one
+line naming the key, so a typo in params.yaml cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    # "pydoc" (CPython's reference prose, always offline), "c4" (hub, streamed), or a .txt/.jsonl path
+    source: str = "pydoc"
+    n: int = 1024
+    seed: int = 0
+    min_chars: int = 40
+    max_chars: int = 300
+    text_field: str = "text"  # the field read from .jsonl rows
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    # int = layer index (0 = embedding output, l = output of decoder block l);
+    # float in [0, 1] = relative depth, rounded to the nearest index, so models of other depths pair up
+    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    max_tokens: int = 128  # sequences are truncated to this many tokens (special tokens included)
+    tokens_per_seq: int = 32  # per-token states kept for the first N tokens of each sequence; 0 = none
+    unit_size: int = 256  # sequences per work unit; one unit = one shard of each sequence array
+    batch_tokens: int = 8192  # padded tokens per forward batch (speed only, not part of the store identity)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (speed only)
+    dtype: str = "auto"  # auto (CUDA bf16, MPS fp16, CPU fp32) | float32 | bfloat16 | float16
+    store_dtype: str = "auto"  # auto (= compute dtype, lossless) | float32 | float16 | bfloat16
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data: str = "data"  # stores in data/stores/<role>.zarr, model manifests in data/models/<role>.json
+    cache: str = ""  # converted-model cache; "" = $XMODEL_CACHE or ~/.cache/xmodel
+
+    def store(self, role: str) -> Path:
+        return Path(self.data) / "stores" / f"{role}.zarr"
+
+    def manifest(self, role: str) -> Path:
+        return Path(self.data) / "models" / f"{role}.json"
+
+    def cache_dir(self) -> Path:
+        import os
+
+        if self.cache:
+            return Path(self.cache).expanduser()
+        return Path(os.environ.get("XMODEL_CACHE", "~/.cache/xmodel")).expanduser()
+
+
+@dataclass(frozen=True)
+class Params:
+    models: dict[str, str] = field(default_factory=lambda: {"a": "smollm2-135m-instruct", "b": "qwen2.5-coder-0.5b-instruct"})
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def model_spec(self, role: str) -> str:
+        if role not in self.models:
+            raise UserError(f"unknown model role {role!r}: params.yaml 'models' defines {sorted(self.models)}")
+        return self.models[role]
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    import dacite
+
+    try:
+        params = dacite.from_dict(Params, raw, config=dacite.Config(strict=True))
+    except dacite.UnexpectedDataError as e:
+        raise UserError(f"params: unknown key(s) {sorted(e.keys)}: remove them or fix the spelling") from None
+    except dacite.WrongTypeError as e:
+        raise UserError(f"params: {e.field_path} = {e.value!r} has the wrong type: expected {_type_name(e.field_type)}") from None
+    except dacite.DaciteError as e:
+        raise UserError(f"params: {e}") from None
+    _validate(params)
+    return params
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml (a missing file means all defaults) and apply dotted overrides."""
+    import yaml
+
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return params_from_dict(raw)
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _validate(p: Params) -> None:
+    e = p.extract
+    positive = {"extract.max_tokens": e.max_tokens, "extract.unit_size": e.unit_size,
+                "extract.batch_tokens": e.batch_tokens, "corpus.n": p.corpus.n}
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"params: {key} = {value} must be at least 1")
+    if e.tokens_per_seq < 0:
+        raise UserError(f"params: extract.tokens_per_seq = {e.tokens_per_seq} must be 0 (none) or more")
+    if not e.layers:
+        raise UserError("params: extract.layers is empty: give layer indices (ints) or relative depths (floats in [0, 1])")
+    for layer in e.layers:
+        if isinstance(layer, float) and not 0.0 <= layer <= 1.0:
+            raise UserError(f"params: relative depth {layer} in extract.layers is outside [0, 1]: use a float in [0, 1] or an int index")
+    for key, value, allowed in (("extract.dtype", e.dtype, DTYPES | {"auto"}),
+                                ("extract.store_dtype", e.store_dtype, DTYPES | {"auto"})):
+        if value not in allowed:
+            raise UserError(f"params: {key} = {value!r} is not one of {sorted(allowed)}")
+
+
+DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-able value (dataclasses included)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        obj = asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

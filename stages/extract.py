@@ -1,0 +1,34 @@
+"""Stage `extract@<role>`: run one model over the corpus into its activation store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import Params
+
+
+def metrics_path(params: Params, role: str) -> Path:
+    return Path(params.paths.data) / "metrics" / f"extract-{role}.json"
+
+
+def run(params: Params, role: str, out: Path | None = None, force: bool = False, quiet: bool = False):
+    from pipeline.extract import run_extract
+    from store.verify import store_info
+
+    result = run_extract(params, role, out=out, force=force, quiet=quiet)
+    if result.status == "written" and out is None and _is_main():
+        info = store_info(result.path)
+        metrics = {"n_seq": info["attrs"]["n_seq"], "n_tok": info["attrs"]["n_tok"],
+                   "layers": info["attrs"]["layers"], "bytes_on_disk": info["bytes_on_disk"],
+                   "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None}
+        path = metrics_path(params, role)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return result
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

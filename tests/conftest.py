@@ -1,0 +1,22 @@
+"""Tiny real models for tests: configs of real architectures, tokenizers trained here, saved and
+reloaded through the same loading code users hit. Nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("XMODEL_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """{"llama": dir, "qwen": dir}: two tiny models of different width, depth and tokenizer."""
+    from pipeline.synthetic import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {"llama": save_tiny_model("tiny-llama", root / "llama", vocab_size=384, bos=True, seed=0),
+            "qwen": save_tiny_model("tiny-qwen", root / "qwen", vocab_size=320, bos=False, seed=1)}

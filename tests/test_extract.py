@@ -1,0 +1,100 @@
+"""Extraction equals an independent HF computation; the layer convention is pinned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_params
+from pipeline.data import load_corpus
+from pipeline.extract import run_extract
+from pipeline.layers import resolve_layers
+from store.reader import ActivationStore
+from tests.helpers import write_params
+
+
+def test_relative_depth_convention():
+    # 0 = embeddings, L = last block; relative depths round half up
+    assert resolve_layers([0.0, 0.5, 1.0], 3) == [0, 2, 3]
+    assert resolve_layers([0.25, 0.75], 30) == [8, 23]
+    assert resolve_layers([2, 0.0, 2], 4) == [0, 2]
+
+
+@pytest.mark.parametrize("role", ["a", "b"])
+def test_store_equals_hf_hidden_states(tmp_path, tiny_models, role):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models["llama" if role == "a" else "qwen"]
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]}))
+    result = run_extract(params, role, quiet=True)
+    store = ActivationStore(result.path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    n_layers = model.config.num_hidden_layers
+    assert store.layers == [0, (n_layers + 1) // 2 if n_layers % 2 else n_layers // 2, n_layers]
+    texts = load_corpus(params.corpus).texts
+    assert store.n_seq == len(texts)
+    seq_start = store.root["seq_start"][:]
+    seq_len = store.root["seq_len"][:]
+    token_ids = store.root["token_ids"][:]
+    char_end = store.root["char_end"][:]
+    for i, text in enumerate(texts):
+        enc = tok(text, truncation=True, max_length=24, return_offsets_mapping=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], output_hidden_states=True)
+        hs = [h[0].numpy() for h in out.hidden_states]
+        k = min(enc["input_ids"].shape[1], 8)
+        rows = slice(seq_start[i], seq_start[i] + seq_len[i])
+        assert seq_len[i] == k
+        assert np.array_equal(token_ids[rows], enc["input_ids"][0, :k].numpy())
+        assert np.array_equal(char_end[rows], enc["offset_mapping"][0, :k, 1].numpy())
+        for layer in store.layers:
+            # HF's last hidden state has the final norm applied; our layer L is the block output before it.
+            ref = hs[layer]
+            if layer == n_layers:
+                stored_last = torch.from_numpy(store.numpy("tokens", layer, rows)[None])
+                normed = model.model.norm(stored_last)[0].detach().numpy()
+                np.testing.assert_allclose(normed, ref[:k], rtol=1e-4, atol=1e-5)
+                continue
+            np.testing.assert_allclose(store.numpy("pooled", layer, slice(i, i + 1))[0], ref.mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(store.numpy("last", layer, slice(i, i + 1))[0], ref[-1], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(store.numpy("tokens", layer, rows), ref[:k], rtol=1e-4, atol=1e-5)
+
+
+def test_last_layer_is_block_output_before_final_norm(tmp_path, tiny_models):
+    """Pins layer L to the output of block L (not HF's normed hidden_states[L])."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"]}, extract={"layers": [3]}))
+    store = ActivationStore(run_extract(params, "a", quiet=True).path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    text = load_corpus(params.corpus).texts[0]
+    captured = {}
+    model.model.layers[2].register_forward_hook(lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(**tok(text, truncation=True, max_length=24, return_tensors="pt"))
+    np.testing.assert_allclose(store.numpy("last", 3, slice(0, 1))[0], captured["h"][0, -1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_store_is_lossless(tmp_path, tiny_models):
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"]}, extract={"dtype": "bfloat16"}))
+    store = ActivationStore(run_extract(params, "a", quiet=True).path)
+    assert store.store_dtype == "bfloat16" and store.root["last/L3"].dtype == np.uint16
+    values = store.numpy("last", 3)
+    # widened bf16 has only 8 mantissa bits: the low 16 bits of every float32 are zero
+    assert values.dtype == np.float32 and not (values.view(np.uint32) & 0xFFFF).any()
+    assert np.isfinite(values).all() and np.abs(values).sum() > 0
+
+
+def test_dask_and_torch_readers_agree(tmp_path, tiny_models):
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"]}))
+    store = ActivationStore(run_extract(params, "a", quiet=True).path)
+    full = store.numpy("pooled", 2)
+    lazy = store.dask("pooled", 2)
+    assert lazy.chunks[0][0] == params.extract.unit_size  # shard boundaries
+    np.testing.assert_array_equal(lazy.compute(), full)
+    rows = np.random.default_rng(0).permutation(store.n_seq)
+    batches = list(store.torch_batches("pooled", 2, batch_size=10, rows=rows))
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), full[rows])

@@ -38,14 +38,23 @@ class ExtractResult:
     status: str  # "complete" (already done), "written"
     units: int  # units written by this rank
     tokens: int  # tokens run through the model by this rank
-    seconds: float
+    seconds: float  # model work and store writes of this rank
+    phases: dict[str, float] | None = None  # seconds: prepare (tokenize, lay out), compute, drain (last writes), finalize
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> Tokenized:
-    enc = tokenizer(texts, truncation=True, max_length=max_tokens, add_special_tokens=True,
-                    return_offsets_mapping=True)
-    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
-    ends = [np.asarray([e for _, e in offs], dtype=np.int32) for offs in enc["offset_mapping"]]
+    """Token ids and end offsets, as `tokenizer(texts, truncation=True, max_length=max_tokens)` gives.
+
+    Runs the Rust backend directly (a truncating copy of it): the same encodings without
+    transformers' per-token Python conversion, which dominated on long corpora."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_tokens)
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    ends = [np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)[:, 1] for e in encodings]
     return Tokenized(ids, ends)
 
 
@@ -105,6 +114,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     from store.layout import StoreLayout
     from store.writer import StoreWriter, check_existing
 
+    t0 = time.perf_counter()
     n_layers = num_layers(model)
     layers = resolve_layers(list(cfg.layers), n_layers)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -132,14 +142,16 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
                        "num_layers": n_layers, "corpus_source": corpus.source, **(attrs or {})})
     dist.barrier()
     pending = writer.pending_units(dist.rank, dist.world)
-    start = time.perf_counter()
+    phases = {"prepare": time.perf_counter() - t0}
     tokens = _extract_units(model, tok, corpus.index, layout, layers, pending, writer, cfg.batch_tokens,
-                            store_dtype, quiet or not dist.is_main, desc=f"extract {path.stem}")
-    seconds = time.perf_counter() - start
+                            store_dtype, quiet or not dist.is_main, desc=f"extract {path.stem}", phases=phases)
+    seconds = phases["compute"] + phases["drain"]
+    t1 = time.perf_counter()
     dist.barrier()
     if dist.is_main:
         writer.finalize()
-    return ExtractResult(path, "written", len(pending), tokens, seconds)
+    phases["finalize"] = time.perf_counter() - t1
+    return ExtractResult(path, "written", len(pending), tokens, seconds, phases)
 
 
 def _rank_device(device: str, dist) -> str:
@@ -151,7 +163,7 @@ def _rank_device(device: str, dist) -> str:
 
 
 def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers: list[int], pending, writer,
-                   batch_tokens: int, store_dtype: str, quiet: bool, desc: str) -> int:
+                   batch_tokens: int, store_dtype: str, quiet: bool, desc: str, phases: dict) -> int:
     import torch
     from tqdm import tqdm
 
@@ -163,6 +175,7 @@ def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers:
     sink = _AsyncUnitWriter(writer)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=quiet, dynamic_ncols=True)
     pad_id = 0
+    t_start = time.perf_counter()
     try:
         with torch.inference_mode():
             for span in pending:
@@ -178,14 +191,16 @@ def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers:
                     for r, i in enumerate(rows):
                         ids[r, : lens[r]] = tok.ids[i]
                         mask[r, : lens[r]] = 1
-                    ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
-                    mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+                    ids_t, mask_t = _to_device(ids, device), _to_device(mask, device)
                     states = run_captured(model, layers, input_ids=ids_t, attention_mask=mask_t)
                     bufs.add(states, batch, lens, width, local_start[batch], layout.seq_len[rows], mask_t)
                     bar.update(int(lens.sum()))
                 host = bufs.finish(store_dtype, text_index, tok, layout)
                 sink.put(span, host)
+            t_drain = time.perf_counter()
+            phases["compute"] = t_drain - t_start
         sink.close()
+        phases["drain"] = time.perf_counter() - t_drain
     finally:
         sink.abort()
         bar.close()
@@ -210,17 +225,16 @@ class _UnitBuffers:
         import torch
 
         dev = self.device
-        rows = torch.from_numpy(batch).to(dev, non_blocking=True)
-        last_pos = torch.from_numpy(lens - 1).to(dev, non_blocking=True)
+        rows = _to_device(batch, dev)
+        last_pos = _to_device(lens - 1, dev)
         arange = torch.arange(len(batch), device=dev)
         maskf = mask_t.to(torch.float32).unsqueeze(-1)
-        denom = torch.from_numpy(lens.astype(np.float32)).to(dev, non_blocking=True).unsqueeze(-1)
+        denom = _to_device(lens.astype(np.float32), dev).unsqueeze(-1)
         if self.tokens:
             # flat source rows (b * width + t) of kept tokens and their rows in the unit's token block
             src = np.concatenate([b * width + np.arange(k) for b, k in enumerate(keep)])
             dst = np.concatenate([s + np.arange(k) for s, k in zip(tok_start, keep)])
-            src_t = torch.from_numpy(src).to(dev, non_blocking=True)
-            dst_t = torch.from_numpy(dst).to(dev, non_blocking=True)
+            src_t, dst_t = _to_device(src, dev), _to_device(dst, dev)
         for l in self.layers:
             h = states[l]
             self.pooled[l].index_copy_(0, rows, (h.float() * maskf).sum(1) / denom)
@@ -229,24 +243,32 @@ class _UnitBuffers:
                 self.tokens[l].index_copy_(0, dst_t, h.reshape(-1, h.shape[-1]).index_select(0, src_t))
 
     def finish(self, store_dtype: str, text_index, tok: Tokenized, layout) -> dict[str, object]:
-        """Check values, cast to the store dtype, start the copy to host. Returns name -> tensor/array."""
+        """Cast to the store dtype and start the copy to host on a side stream, without waiting:
+        the finite-check flags travel with the unit and are read by the writer thread."""
         import torch
 
         lo, hi = self.span.seq
-        out: dict[str, object] = {}
+        device_out: dict[str, object] = {}
         for kind, bufs in (("pooled", self.pooled), ("last", self.last), ("tokens", self.tokens)):
             for l, buf in bufs.items():
-                out[f"{kind}/L{l}"] = _to_store_dtype(buf, store_dtype if kind != "pooled" else "float32")
-        finite = torch.stack([torch.isfinite(_as_float(t)).all() for t in out.values()]).tolist()  # one sync
-        bad = [name for name, ok in zip(out, finite) if not ok]
-        if bad:
-            raise UserError(f"non-finite activations in {bad[0]} (texts {text_index[lo]}..{text_index[hi - 1]}): "
-                            f"{store_dtype} overflowed; use extract.dtype/store_dtype float32 or bfloat16")
-        pinned = self.device.type == "cuda"
-        for name, t in out.items():
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-            host.copy_(t, non_blocking=pinned)
-            out[name] = host
+                device_out[f"{kind}/L{l}"] = _to_store_dtype(buf, store_dtype if kind != "pooled" else "float32")
+        flags = torch.stack([torch.isfinite(_as_float(t)).all() for t in device_out.values()])
+        device_out["_finite"] = flags
+        cuda = self.device.type == "cuda"
+        stream = _copy_stream(self.device) if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        out: dict[str, object] = {}
+        with torch.cuda.stream(stream) if cuda else _nullcontext():
+            for name, t in device_out.items():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+                host.copy_(t, non_blocking=cuda)
+                if cuda:
+                    t.record_stream(stream)  # keep the device buffer alive until the copy is done
+                out[name] = host
+            if cuda:
+                out["_event"] = torch.cuda.Event()
+                out["_event"].record(stream)
         tok_lo = self.span.tok[0]
         t = self.span.tok[1] - tok_lo
         token_ids = np.zeros(t, dtype=np.int32)
@@ -257,12 +279,37 @@ class _UnitBuffers:
             char_end[s:s + k] = tok.char_end[i][:k]
         out.update({"seq_start": layout.seq_start[lo:hi], "seq_len": layout.seq_len[lo:hi],
                     "text_index": np.asarray(text_index[lo:hi], dtype=np.int64),
-                    "token_ids": token_ids, "char_end": char_end})
-        if pinned:
-            event = torch.cuda.Event()
-            event.record()
-            out["_event"] = event
+                    "token_ids": token_ids, "char_end": char_end,
+                    "_where": f"texts {text_index[lo]}..{text_index[hi - 1]}", "_store_dtype": store_dtype})
         return out
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device):
+    import torch
+
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+def _nullcontext():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _to_device(array: np.ndarray, device):
+    """Host array to device without blocking: pinned staging makes the copy truly asynchronous
+    (a pageable copy would wait for all queued GPU work and stall the launch pipeline)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _to_store_dtype(t, store_dtype: str):
@@ -298,6 +345,12 @@ class _AsyncUnitWriter:
                 event = host.pop("_event", None)
                 if event is not None:
                     event.synchronize()
+                where, store_dtype = host.pop("_where"), host.pop("_store_dtype")
+                finite = host.pop("_finite").tolist()
+                bad = [name for name, ok in zip(host, finite) if not ok]
+                if bad:
+                    raise UserError(f"non-finite activations in {bad[0]} ({where}): {store_dtype} overflowed; "
+                                    "use extract.dtype/store_dtype float32 or bfloat16")
                 arrays = {k: (v.numpy().view(np.uint16) if str(v.dtype) == "torch.int16" else
                               v.numpy() if hasattr(v, "numpy") else v) for k, v in host.items()}
                 self.writer.write_unit(span, arrays)

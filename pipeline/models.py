@@ -144,9 +144,10 @@ def _hub_model(spec: str, repo: str, revision: str | None, snapshot: Path) -> Re
 
 def _resolve_local_dir(spec: str, path: Path) -> ResolvedModel:
     if not (path / "config.json").is_file():
-        hint = f": to use {g.name}, give the .gguf file itself" if (g := next(path.glob("*.gguf"), None)) else \
-            ": give a directory written by save_pretrained (config.json, *.safetensors, tokenizer files)"
-        raise UserError(f"model directory {path} has no config.json{hint}")
+        gguf = next(path.glob("*.gguf"), None)
+        fix = (f"to use {gguf.name}, give the .gguf file itself" if gguf else
+               "give a directory written by save_pretrained (config.json, *.safetensors, tokenizer files)")
+        raise UserError(f"model directory {path} has no config.json: {fix}")
     files = sorted({f for pattern in LOCAL_IDENTITY_FILES for f in path.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
     for f in files:

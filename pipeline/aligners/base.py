@@ -1,0 +1,235 @@
+"""The aligner interface: fit on row-aligned (source, target) activations, then map source → target.
+
+Every aligner keeps its map as a torch module (`self.net`, float32) so one code path serves numpy
+arrays (fit stage, metrics), dask arrays (lazily, block by block) and torch tensors on any device
+(injection hooks). Saved as `weights.safetensors` + `aligner.json`; the JSON is written last, so a
+directory without it is an unfinished save and is refused on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.metrics import is_dask
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "aligner.json"
+FORMAT = 1
+
+_SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def check_fields(params: Any) -> None:
+    """Refuse a hyper-parameter of the wrong scalar type (call from __post_init__)."""
+    for f in fields(params):
+        want = _SCALARS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        value = getattr(params, f.name)
+        bad_bool = isinstance(value, bool) and f.type in ("int", "float", int, float)
+        if want is not None and (bad_bool or not isinstance(value, want)):
+            raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected {f.type}")
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class Aligner:
+    """Base class. Subclasses set `Params` (a frozen dataclass of hyper-parameters) and implement
+    `build_net` (the module's structure, used by load) and `fit` (which sets d_source, d_target,
+    net and fit_info)."""
+
+    kind: ClassVar[str] = ""  # set by @register on the class itself; see kind_name()
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params: Any = None, **overrides: Any):
+        self.params = make_params(self.Params, params, overrides, self.kind_name())
+        self.d_source: int | None = None
+        self.d_target: int | None = None
+        self.net: Any = None  # torch.nn.Module: (..., d_source) → (..., d_target)
+        self.meta: dict[str, Any] = {}  # filled by the caller: layers, source store fingerprints
+        self.fit_info: dict[str, Any] = {}  # what fitting measured; saved in aligner.json
+
+    @classmethod
+    def kind_name(cls) -> str:
+        """The registered name, or `module:Class` for an unregistered class (so load can import it)."""
+        return cls.__dict__.get("kind") or f"{cls.__module__}:{cls.__qualname__}"
+
+    # -- to implement -------------------------------------------------------------------------
+    def fit(self, source: Any, target: Any, **options: Any) -> Aligner:
+        raise NotImplementedError
+
+    def build_net(self, d_source: int, d_target: int) -> Any:
+        raise NotImplementedError
+
+    # -- mapping ------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        return self.net is not None
+
+    def transform(self, x: Any) -> Any:
+        """Map rows (..., d_source) → (..., d_target). numpy in → float32 numpy out; torch in →
+        torch out (same device and dtype, computed in float32); dask in → lazy dask out."""
+        if not self.fitted:
+            raise UserError(f"{self.kind_name()} aligner is not fitted: call fit() or load() first")
+        if is_dask(x):
+            if x.ndim != 2:
+                raise UserError(f"dask input must be 2-D (rows, {self.d_source}), got {x.shape}")
+            x = x.rechunk({1: -1})  # a block must hold whole rows
+            return x.map_blocks(self._transform_numpy, dtype=np.float32, chunks=(x.chunks[0], (self.d_target,)))
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(x, torch.Tensor):
+            return self._transform_torch(x)
+        return self._transform_numpy(x)
+
+    __call__ = transform
+
+    def _transform_torch(self, x: Any) -> Any:
+        import torch
+
+        if x.shape[-1] != self.d_source:
+            raise UserError(f"input width {x.shape[-1]} does not match the aligner's source width {self.d_source}")
+        self.net.to(x.device)  # in place, and a no-op once the module is there
+        with torch.no_grad():
+            return self.net(x.to(torch.float32)).to(x.dtype)
+
+    def _transform_numpy(self, x: Any) -> np.ndarray:
+        import torch
+
+        x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+        return self._transform_torch(torch.from_numpy(x)).cpu().numpy()
+
+    # -- weights ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"saved weights do not fit a {self.kind_name()} aligner "
+                            f"{self.d_source}→{self.d_target}: {str(e).splitlines()[0]}") from None
+
+    # -- persistence --------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        from pipeline import __version__
+
+        return {"format": FORMAT, "kind": self.kind_name(), "d_source": self.d_source,
+                "d_target": self.d_target, "params": asdict(self.params), "meta": self.meta,
+                "fit": self.fit_info, "created_with": __version__}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write weights then aligner.json into `directory`. Under torch.distributed only rank 0
+        writes; every rank must call save (they meet at a barrier)."""
+        from safetensors.torch import save_file
+
+        if not self.fitted:
+            raise UserError(f"nothing to save: the {self.kind_name()} aligner is not fitted")
+        directory = Path(directory)
+        rank, world = dist_info()
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / CONFIG).unlink(missing_ok=True)  # the directory reads as unfinished until done
+            atomic_write(directory / WEIGHTS, lambda p: save_file(self.state_dict(), str(p)))
+            text = json.dumps(self.config(), indent=2, sort_keys=True, default=_json_default)
+            atomic_write(directory / CONFIG, lambda p: p.write_text(text + "\n"))
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Aligner:
+        """Restore an aligner saved by `save`. Called on a subclass, the saved kind must match it;
+        called on Aligner, the class is resolved from the saved kind."""
+        from safetensors.torch import load_file
+
+        from pipeline.aligners import get_aligner
+
+        directory = Path(directory)
+        cfg = read_json(directory / CONFIG, f"{directory} holds no finished aligner (no {CONFIG}): fit one first")
+        kind = cfg.get("kind", "?")
+        if cfg.get("format") != FORMAT:
+            raise UserError(f"{directory / CONFIG}: format {cfg.get('format')!r} is not {FORMAT}: refit the aligner")
+        if cls is Aligner:
+            cls = get_aligner(kind)
+        elif kind != cls.kind_name():
+            raise UserError(f"{directory} holds a {kind!r} aligner, not {cls.kind_name()!r}")
+        obj = cls(params_from_dict(cls.Params, cfg["params"], kind))
+        obj.d_source, obj.d_target = int(cfg["d_source"]), int(cfg["d_target"])
+        obj.meta, obj.fit_info = cfg.get("meta", {}), cfg.get("fit", {})
+        obj.net = obj.build_net(obj.d_source, obj.d_target)
+        obj.load_state_dict(load_file(str(directory / WEIGHTS)))
+        obj.net.eval()
+        return obj
+
+    def __repr__(self) -> str:
+        dims = f"{self.d_source}→{self.d_target}" if self.fitted else "unfitted"
+        return f"<{type(self).__name__} {self.kind_name()!r} {dims} {self.params}>"
+
+
+# -- helpers shared by aligners and training ------------------------------------------------------
+
+
+def make_params(params_cls: type, params: Any, overrides: dict[str, Any], kind: str) -> Any:
+    if params is None:
+        params = params_cls()
+    elif not isinstance(params, params_cls):
+        raise UserError(f"{kind}: params must be a {params_cls.__name__}, got {type(params).__name__}")
+    if not overrides:
+        return params
+    valid = {f.name for f in fields(params_cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise UserError(f"{kind}: unknown hyper-parameter(s) {unknown}: valid are {sorted(valid)}")
+    return replace(params, **overrides)
+
+
+def params_from_dict(params_cls: type, raw: dict[str, Any], kind: str) -> Any:
+    return make_params(params_cls, None, dict(raw), kind)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless torch.distributed is initialized."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, missing: str) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}): delete it and refit") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

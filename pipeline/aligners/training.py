@@ -1,0 +1,460 @@
+"""Mini-batch training of an aligner's torch module from row-aligned (numpy or dask) arrays.
+
+Data. `RowSplit` fixes a held-out split by hashing row ids with the seed (independent of chunking
+and of the number of ranks) and plans each epoch from row ids alone: blocks (store shards) in a
+seeded random order, grouped into windows of >= `shuffle_buffer` rows whose training rows are
+shuffled together. Only the one or two windows that the current batch touches are in memory (the
+next is read ahead on a thread), so memory is bounded by the buffer size, not by n.
+
+Resuming. The plan of an epoch is a pure function of (seed, epoch, rank, world), so a checkpoint
+needs only the weights, the optimizer state, the best weights so far and a few counters; resuming
+skips the batches already taken (reading only the windows still needed) and reproduces the
+uninterrupted run exactly.
+
+DDP. When torch.distributed is initialized, each epoch's blocks are dealt round-robin to the ranks,
+every rank takes the same number of steps (the smallest rank's count), gradients are averaged
+with all_reduce, held-out sums are all-reduced (so every rank takes the same early-stopping
+decision), and only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.aligners.base import Aligner, atomic_write, check_fields, dist_info, read_json, require
+from pipeline.errors import UserError
+from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
+
+HELDOUT_CACHE_BYTES = 256 << 20  # held-out rows kept in memory between evaluations when this small
+RETRIEVAL_ROWS = 2048  # held-out rows used for the final retrieval score (it is O(rows²))
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyper-parameters shared by trainable aligners (saved in aligner.json)."""
+
+    loss: str = "mse"  # "mse" keeps scale (what injection needs); "infonce" matches direction only
+    temperature: float = 0.07  # InfoNCE softmax temperature
+    symmetric: bool = True  # InfoNCE: average source→target and target→source
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 10
+    patience: int = 3  # epochs without held-out improvement before stopping; 0 = run all epochs
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    heldout_frac: float = 0.1  # rows held out (by hashed row id) for early stopping and scores
+    seed: int = 0  # initialization, split and batch order
+    shuffle_buffer: int = 8192  # rows shuffled together across blocks
+
+    def __post_init__(self):
+        check_fields(self)
+        require(self.loss in ("mse", "infonce"), f"loss = {self.loss!r} must be 'mse' or 'infonce'")
+        require(self.temperature > 0, f"temperature = {self.temperature} must be > 0")
+        require(self.lr > 0, f"lr = {self.lr} must be > 0")
+        require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
+        require(self.epochs >= 0, f"epochs = {self.epochs} must be 0 or more")
+        require(self.patience >= 0, f"patience = {self.patience} must be 0 or more")
+        require(0 <= self.heldout_frac < 1, f"heldout_frac = {self.heldout_frac} must be in [0, 1)")
+        require(self.seed >= 0, f"seed = {self.seed} must be 0 or more")
+        require(self.shuffle_buffer >= 1, f"shuffle_buffer = {self.shuffle_buffer} must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: held-out split and the per-epoch batch plan
+
+
+def heldout_mask(start: int, stop: int, seed: int, frac: float) -> np.ndarray:
+    """Whether each row id in [start, stop) is held out: splitmix64(id ⊕ seed) < frac."""
+    z = np.arange(start, stop, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < frac
+
+
+@dataclass
+class _Window:
+    blocks: list[int]  # block indices, ascending
+    ids: np.ndarray  # their training row ids, ascending (the order rows are loaded in)
+    order: np.ndarray  # the shuffled ids, as they are consumed
+    start: int = 0  # position of order[0] in the epoch's row sequence
+
+
+class RowSplit:
+    """Training / held-out rows of row-aligned (source, target) arrays, read block by block."""
+
+    def __init__(self, source: Any, target: Any, seed: int = 0, heldout_frac: float = 0.1,
+                 shuffle_buffer: int = 8192, block_rows: int | None = None):
+        self.blocks = RowBlocks(source, target, block_rows=block_rows)
+        self.n = self.blocks.n
+        self.d_source, self.d_target = self.blocks.widths
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.heldout = heldout_mask(0, self.n, seed, heldout_frac)
+        self.n_heldout = int(self.heldout.sum())
+        self.n_train = self.n - self.n_heldout
+        if self.n_train < 1:
+            raise UserError(f"no training rows: {self.n} rows with heldout_frac = {heldout_frac}")
+        self._heldout_cache: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _train_ids(self, block: int) -> np.ndarray:
+        start, stop = self.blocks.bounds[block]
+        return np.arange(start, stop)[~self.heldout[start:stop]]
+
+    def plan(self, epoch: int, rank: int = 0, world: int = 1) -> list[_Window]:
+        """This rank's windows for `epoch`: a pure function of (seed, epoch, rank, world)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        mine = rng.permutation(len(self.blocks))[rank::world]
+        rng = np.random.default_rng([self.seed, epoch, rank])
+        windows, group, size, pos = [], [], 0, 0
+        for i, b in enumerate(mine):
+            group.append(int(b))
+            size += len(self._train_ids(b))
+            if size >= self.shuffle_buffer or i == len(mine) - 1:
+                ids = np.concatenate([self._train_ids(g) for g in sorted(group)])
+                windows.append(_Window(sorted(group), ids, rng.permutation(ids), pos))
+                pos += len(ids)
+                group, size = [], 0
+        return windows
+
+    def steps_per_epoch(self, epoch: int, batch_size: int, world: int = 1) -> int:
+        """Batches every rank takes: the smallest rank's count, so all ranks step in lockstep."""
+        rows = [sum(len(w.ids) for w in self.plan(epoch, r, world)) for r in range(world)]
+        return min(math.ceil(r / batch_size) for r in rows)
+
+    def _load_window(self, w: _Window) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for b in w.blocks:
+            x, y = self.blocks.load(b)
+            keep = ~self.heldout[slice(*self.blocks.bounds[b])]
+            xs.append(x[keep])
+            ys.append(y[keep])
+        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+
+    def train_batches(self, epoch: int, batch_size: int, rank: int = 0, world: int = 1,
+                      skip: int = 0, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `skip` … `steps`-1 of this rank's epoch as float32 tensors. A batch may straddle
+        two windows (leftover rows carry over), so at most two windows are held, plus one read ahead."""
+        windows = self.plan(epoch, rank, world)
+        seq = np.concatenate([w.order for w in windows])
+        ends = np.cumsum([len(w.order) for w in windows])
+        steps = math.ceil(len(seq) / batch_size) if steps is None else steps
+        loaded: dict[int, Any] = {}  # window index → future of its (x, y)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for k in range(skip, steps):
+                lo, hi = k * batch_size, min((k + 1) * batch_size, len(seq))
+                first, last = np.searchsorted(ends, lo, "right"), np.searchsorted(ends, hi - 1, "right")
+                for w in list(loaded):
+                    if w < first:
+                        del loaded[w]  # fully consumed
+                for w in range(first, min(last + 2, len(windows))):  # needed now, and the next one
+                    if w not in loaded:
+                        loaded[w] = pool.submit(self._load_window, windows[w])
+                xs, ys = [], []
+                for w in range(first, last + 1):
+                    a, b = max(lo, windows[w].start), min(hi, int(ends[w]))
+                    x, y = loaded[w].result()
+                    rows = np.searchsorted(windows[w].ids, seq[a:b])
+                    xs.append(x[rows])
+                    ys.append(y[rows])
+                yield torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    def iter_train_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Training rows block by block, in row order (for one-pass statistics such as a base map)."""
+        for start, stop, (x, y) in self.blocks.iter():
+            keep = ~self.heldout[start:stop]
+            yield x[keep], y[keep]
+
+    def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Held-out rows in row order, in batches of `batch_size` (the same on every rank and run)."""
+        if self._heldout_cache is not None:
+            x, y = self._heldout_cache
+            for s in range(0, len(x), batch_size):
+                yield torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size])
+            return
+        cache = self.n_heldout * (self.d_source + self.d_target) * 4 <= HELDOUT_CACHE_BYTES
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        bx = by = None
+        for start, stop, (x, y) in self.blocks.iter():
+            keep = self.heldout[start:stop]
+            x, y = x[keep].astype(np.float32), y[keep].astype(np.float32)
+            if cache:
+                kept.append((x, y))
+            bx = x if bx is None else np.concatenate([bx, x])
+            by = y if by is None else np.concatenate([by, y])
+            while len(bx) >= batch_size:
+                yield torch.from_numpy(bx[:batch_size]), torch.from_numpy(by[:batch_size])
+                bx, by = bx[batch_size:], by[batch_size:]
+        if bx is not None and len(bx):
+            yield torch.from_numpy(bx), torch.from_numpy(by)
+        if cache:
+            self._heldout_cache = (np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = True) -> torch.Tensor:
+    """In-batch InfoNCE on cosine similarities: row i of pred should pick row i of target."""
+    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
+    labels = torch.arange(len(logits), device=logits.device)
+    loss = F.cross_entropy(logits, labels)
+    return (loss + F.cross_entropy(logits.T, labels)) / 2 if symmetric else loss
+
+
+def batch_loss(pred: torch.Tensor, target: torch.Tensor, p: TrainParams) -> torch.Tensor:
+    if p.loss == "mse":
+        return F.mse_loss(pred, target)
+    return info_nce(pred, target, p.temperature, p.symmetric)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class TrainState:
+    """Counters a resumed run needs besides the tensors (saved as JSON)."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches taken in the current epoch
+    step: int = 0  # batches taken in all
+    train_loss_sum: float = 0.0  # running sums of the current epoch (for its history entry)
+    train_rows: int = 0
+    best_loss: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    initial_heldout_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Checkpoint:
+    """`state.json` (+ the name of its tensor file) over `ckpt-<step>.safetensors` holding the
+    module, the best module so far, the Adam state and the torch RNG. The tensor file is written
+    first and the JSON is swapped in after, so a kill at any point leaves a consistent pair."""
+
+    STATE = "state.json"
+
+    def __init__(self, directory: str | Path, fingerprint: str):
+        self.dir, self.fingerprint = Path(directory), fingerprint
+
+    def exists(self) -> bool:
+        return (self.dir / self.STATE).exists()
+
+    def save(self, net: torch.nn.Module, best: dict[str, torch.Tensor] | None,
+             opt: torch.optim.Optimizer, st: TrainState) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+        tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
+        opt_state = opt.state_dict()
+        scalars: dict[str, Any] = {}
+        for i, slots in opt_state["state"].items():
+            for name, v in slots.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{i}.{name}"] = v
+                else:
+                    scalars[f"{i}.{name}"] = v
+        tensors["rng"] = torch.get_rng_state()
+        name = f"ckpt-{st.step}.safetensors"
+        atomic_write(self.dir / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(p)))
+        state = {"fingerprint": self.fingerprint, "tensors": name, "state": asdict(st),
+                 "param_groups": opt_state["param_groups"], "opt_scalars": scalars}
+        atomic_write(self.dir / self.STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        for old in self.dir.glob("ckpt-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load(self, net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+        from safetensors.torch import load_file
+
+        raw = read_json(self.dir / self.STATE, f"{self.dir}: no checkpoint")
+        if raw.get("fingerprint") != self.fingerprint:
+            raise UserError(f"{self.dir} holds a checkpoint of another run (other hyper-parameters or data): "
+                            "delete it or use another checkpoint directory")
+        tensors = load_file(str(self.dir / raw["tensors"]))
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        slots: dict[int, dict[str, Any]] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                slots.setdefault(int(i), {})[name] = v
+        for key, v in raw["opt_scalars"].items():
+            i, name = key.split(".", 1)
+            slots.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": slots, "param_groups": raw["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
+        return TrainState(**raw["state"]), best
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def heldout_loss(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> float | None:
+    """Mean training loss over the held-out rows (batches dealt round-robin to ranks)."""
+    if split.n_heldout == 0:
+        return None
+    rank, world = dist_info()
+    total, rows = 0.0, 0
+    for k, (x, y) in enumerate(split.heldout_batches(p.batch_size)):
+        if k % world == rank:
+            total += float(batch_loss(net(x), y, p)) * len(x)
+            rows += len(x)
+    total, rows = _all_reduce_sum([total, float(rows)], world)
+    return total / rows
+
+
+@torch.no_grad()
+def heldout_scores(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> dict[str, Any]:
+    """Final held-out report: loss, MSE, R², and retrieval on the first RETRIEVAL_ROWS rows."""
+    if split.n_heldout == 0:
+        return {}
+    reg, preds, targets = RegressionScores(), [], []
+    for x, y in split.heldout_batches(p.batch_size):
+        pred = net(x)
+        reg.update(pred.numpy(), y.numpy())
+        if sum(len(t) for t in targets) < RETRIEVAL_ROWS:
+            preds.append(pred.numpy())
+            targets.append(y.numpy())
+    pred, target = np.concatenate(preds)[:RETRIEVAL_ROWS], np.concatenate(targets)[:RETRIEVAL_ROWS]
+    out = {"loss": heldout_loss(net, split, p), "rows": split.n_heldout, **reg.result()}
+    if len(pred) >= 2:
+        out.update({f"retrieval_{k}": v for k, v in retrieval_topk(pred, target).items()},
+                   retrieval_rows=len(pred))
+    return out
+
+
+def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Checkpoint | None = None,
+          checkpoint_every: int = 0, stop_after_steps: int | None = None,
+          log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `net` in place with Adam; at the end it holds the weights of the best held-out epoch.
+    Returns the fit report (history, held-out scores). With `stop_after_steps` it checkpoints and
+    returns early, marked interrupted (to test or to split a long run); a later call with the same
+    checkpoint resumes."""
+    rank, world = dist_info()
+    params = [q for q in net.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    st, best = TrainState(), None
+    if checkpoint is not None and checkpoint.exists():
+        st, best = checkpoint.load(net, opt)
+    elif p.epochs:
+        st.initial_heldout_loss = heldout_loss(net, split, p)
+
+    def save() -> None:
+        if checkpoint is not None and rank == 0:
+            checkpoint.save(net, best, opt, st)
+        if checkpoint is not None and world > 1:
+            torch.distributed.barrier()
+
+    while st.epoch < p.epochs and not st.stopped_early:
+        steps = split.steps_per_epoch(st.epoch, p.batch_size, world)
+        if steps == 0:
+            raise UserError(f"{world} ranks but only {len(split.blocks)} row blocks: some rank gets no "
+                            "training rows; use fewer ranks or smaller blocks (block_rows)")
+        for x, y in split.train_batches(st.epoch, p.batch_size, rank, world, skip=st.step_in_epoch, steps=steps):
+            opt.zero_grad(set_to_none=True)
+            loss = batch_loss(net(x), y, p)
+            loss.backward()
+            if world > 1:
+                for q in params:
+                    torch.distributed.all_reduce(q.grad)
+                    q.grad /= world
+            opt.step()
+            st.step_in_epoch += 1
+            st.step += 1
+            st.train_loss_sum += loss.item() * len(x)
+            st.train_rows += len(x)
+            if stop_after_steps is not None and st.step >= stop_after_steps:
+                save()
+                return {"interrupted": True, "step": st.step, "epoch": st.epoch}
+            if checkpoint_every and st.step % checkpoint_every == 0:
+                save()
+        _end_epoch(net, split, p, st, world)
+        if st.best_epoch == st.epoch:  # this epoch improved (always true for the first)
+            best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if log is not None and rank == 0:
+            log(st.history[-1])
+        save()
+
+    if best is not None:
+        net.load_state_dict(best)
+    return {"interrupted": False, "steps": st.step, "epochs_run": st.epoch, "best_epoch": st.best_epoch,
+            "stopped_early": st.stopped_early, "initial_heldout_loss": st.initial_heldout_loss,
+            "history": st.history, "heldout": heldout_scores(net, split, p)}
+
+
+def _end_epoch(net: torch.nn.Module, split: RowSplit, p: TrainParams, st: TrainState, world: int) -> None:
+    """History entry and early-stopping bookkeeping after an epoch's last batch."""
+    loss_sum, rows = _all_reduce_sum([st.train_loss_sum, float(st.train_rows)], world)
+    held = heldout_loss(net, split, p)
+    st.epoch += 1
+    st.history.append({"epoch": st.epoch, "step": st.step, "train_loss": loss_sum / max(rows, 1), "heldout_loss": held})
+    st.step_in_epoch, st.train_loss_sum, st.train_rows = 0, 0.0, 0
+    if held is None or st.best_loss is None or held < st.best_loss - p.min_delta:
+        st.best_loss, st.best_epoch, st.bad_epochs = held, st.epoch, 0  # no held-out rows: the last epoch is best
+    else:
+        st.bad_epochs += 1
+        st.stopped_early = p.patience > 0 and st.bad_epochs >= p.patience
+
+
+# ---------------------------------------------------------------------------------------------
+# Base class of trainable aligners
+
+
+class TrainableAligner(Aligner):
+    """An aligner whose torch module is trained by `train`. Subclasses implement `build_net`
+    (structure) and may override `init_net` (initial weights; default: build_net as constructed)."""
+
+    Params = TrainParams
+
+    def init_net(self, split: RowSplit, generator: torch.Generator) -> torch.nn.Module:
+        return self.build_net(split.d_source, split.d_target)
+
+    def fit(self, source: Any, target: Any, *, checkpoint_dir: str | Path | None = None,
+            checkpoint_every: int = 0, stop_after_steps: int | None = None, block_rows: int | None = None,
+            log: Callable[[dict[str, Any]], None] | None = None) -> TrainableAligner:
+        """Train on (source, target). With `checkpoint_dir`, checkpoints at each epoch end (and
+        every `checkpoint_every` steps) and resumes from a checkpoint found there."""
+        p = self.params
+        split = RowSplit(source, target, p.seed, p.heldout_frac, max(p.shuffle_buffer, p.batch_size), block_rows)
+        self.d_source, self.d_target = split.d_source, split.d_target
+        ckpt = Checkpoint(checkpoint_dir, self._fingerprint(split)) if checkpoint_dir else None
+        if ckpt is not None and ckpt.exists():
+            self.net = self.build_net(split.d_source, split.d_target)  # weights come from the checkpoint
+        else:
+            with torch.random.fork_rng(devices=[]):  # seeds modules that draw from the global generator
+                torch.manual_seed(p.seed)
+                self.net = self.init_net(split, torch.Generator().manual_seed(p.seed))
+        self.net.train()
+        self.fit_info = train(self.net, split, p, ckpt, checkpoint_every, stop_after_steps, log)
+        self.net.eval()
+        return self
+
+    def _fingerprint(self, split: RowSplit) -> str:
+        from pipeline.config import fingerprint
+
+        return fingerprint({"kind": self.kind_name(), "params": asdict(self.params), "n": split.n,
+                            "dims": [split.d_source, split.d_target], "bounds": split.blocks.bounds})

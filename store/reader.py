@@ -7,12 +7,15 @@ storage dtype. A store that was not finalized is refused unless allow_incomplete
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from pipeline.errors import UserError
 from store.writer import read_attrs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def widen(raw: np.ndarray, store_dtype: str) -> np.ndarray:

@@ -98,3 +98,23 @@ def test_dask_and_torch_readers_agree(tmp_path, tiny_models):
     rows = np.random.default_rng(0).permutation(store.n_seq)
     batches = list(store.torch_batches("pooled", 2, batch_size=10, rows=rows))
     np.testing.assert_array_equal(torch.cat(batches).numpy(), full[rows])
+
+
+def test_float16_overflow_is_refused_with_one_line(tmp_path, tiny_models, capsys):
+    """Activations beyond float16's range must not be stored as inf."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import run_cli
+
+    loud = tmp_path / "loud"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)  # embeddings far past float16's 65504
+    model.save_pretrained(loud)
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(loud)
+    params_file = write_params(tmp_path, {"a": loud}, extract={"store_dtype": "float16"})
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "--params", str(params_file), "extract", "--model", "a", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "non-finite" in err and "float32" in err, err
+    store = tmp_path / "data" / "stores" / "a.zarr"
+    assert not list((store / "_units").glob("*.json"))  # no unit was taken as done

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _xmodel(params: Path, *args: str, env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
     """`xmodel` in a fresh process (torchrun when nproc > 1), single-threaded for exact equality."""
     cmd = [sys.executable, "-m", "pipeline"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pipeline"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([*cmd, "--params", str(params), *args], capture_output=True, text=True, env=full_env,

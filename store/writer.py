@@ -93,19 +93,23 @@ class StoreWriter:
         import zarr
         from zarr.codecs import Crc32cCodec
 
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        # Built beside the target and renamed into place: a kill mid-creation leaves no half store.
+        tmp = self.path.with_name(self.path.name + ".creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for name, (shape, dtype, chunk, shard) in self.layout.array_specs(self.store_dtype).items():
             # crc32c on every inner chunk: `verify` finds a flipped byte and names the chunk.
             root.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
                               compressors=[Crc32cCodec()], fill_value=0)
-        (self.path / UNITS_DIR).mkdir()
+        (tmp / UNITS_DIR).mkdir()
         attrs = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "complete": False,
                  "store_dtype": self.store_dtype, "layers": self.layout.layers, "width": self.layout.width,
                  "n_seq": self.layout.n_seq, "n_tok": self.layout.n_tok, "n_units": self.layout.n_units,
                  "unit_size": self.layout.unit_size, **extra_attrs}
         root.attrs.update(attrs)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(tmp, self.path)
 
     def _array(self, name: str):
         import zarr
@@ -122,11 +126,15 @@ class StoreWriter:
 
     def write_unit(self, span: UnitSpan, arrays: dict[str, np.ndarray]) -> None:
         """Write every shard of one unit, then its marker. arrays: name -> rows of this unit."""
-        for name, data in arrays.items():
-            lo, hi = span.tok if name.startswith("tokens/") or name in ("token_ids", "char_end") else span.seq
-            if hi > lo:
-                self._array(name)[lo:hi] = data
-                _fault_point()
+        try:
+            for name, data in arrays.items():
+                lo, hi = span.tok if name.startswith("tokens/") or name in ("token_ids", "char_end") else span.seq
+                if hi > lo:
+                    self._array(name)[lo:hi] = data
+                    _fault_point()
+        except OSError as e:
+            raise UserError(f"writing unit {span.unit} of {self.path} failed ({e.strerror or e}): free space or "
+                            "fix the disk, then rerun to resume (finished units are kept)") from None
         marker = _marker(self.path, span.unit)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"unit": span.unit, "seq": span.seq, "tok": span.tok}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,19 @@ def write_params(tmp: Path, models: dict[str, Path | str], **sections) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def xmodel_process(params: Path, *args: str, env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`xmodel` in a fresh process (torchrun when nproc > 1), single-threaded for exact equality."""
+    cmd = [sys.executable, "-m", "pipeline"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "pipeline"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*cmd, "--params", str(params), *args], capture_output=True, text=True, env=full_env,
+                          cwd=params.parent, timeout=600)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_params
 from pipeline.extract import run_extract
 from store.verify import verify_store
-from tests.helpers import assert_same_store, run_cli, write_params
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _xmodel(params: Path, *args: str, env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    """`xmodel` in a fresh process (torchrun when nproc > 1), single-threaded for exact equality."""
-    cmd = [sys.executable, "-m", "pipeline"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "pipeline"]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([*cmd, "--params", str(params), *args], capture_output=True, text=True, env=full_env,
-                          cwd=params.parent, timeout=600)
-
+from tests.helpers import assert_same_store, run_cli, write_params, xmodel_process
 
 @pytest.fixture
 def params_file(tmp_path, tiny_models):
@@ -36,9 +19,9 @@ def params_file(tmp_path, tiny_models):
 
 
 def test_two_rank_torchrun_equals_one_process(tmp_path, params_file):
-    one = _xmodel(params_file, "extract", "--model", "b", "--quiet", "--out", str(tmp_path / "one.zarr"))
+    one = xmodel_process(params_file, "extract", "--model", "b", "--quiet", "--out", str(tmp_path / "one.zarr"))
     assert one.returncode == 0, one.stderr
-    two = _xmodel(params_file, "extract", "--model", "b", "--quiet", "--out", str(tmp_path / "two.zarr"), nproc=2)
+    two = xmodel_process(params_file, "extract", "--model", "b", "--quiet", "--out", str(tmp_path / "two.zarr"), nproc=2)
     assert two.returncode == 0, two.stderr
     markers = [json.loads(p.read_text()) for p in (tmp_path / "two.zarr" / "_units").glob("*.json")]
     assert len(markers) == 10
@@ -46,11 +29,11 @@ def test_two_rank_torchrun_equals_one_process(tmp_path, params_file):
 
 
 def test_sigkill_mid_unit_then_rerun_equals_uninterrupted(tmp_path, params_file):
-    ref = _xmodel(params_file, "extract", "--model", "a", "--quiet", "--out", str(tmp_path / "ref.zarr"))
+    ref = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(tmp_path / "ref.zarr"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed.zarr"
     # 11 arrays per unit (5 index arrays + 3 layers x pooled/last/tokens... minus none): 25 falls inside unit 2
-    killed = _xmodel(params_file, "extract", "--model", "a", "--quiet", "--out", str(out),
+    killed = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(out),
                      env={"XMODEL_FAULT": "kill_after_shards:25"})
     assert killed.returncode == -signal.SIGKILL
     done = sorted(p.name for p in (out / "_units").glob("*.json"))
@@ -59,7 +42,7 @@ def test_sigkill_mid_unit_then_rerun_equals_uninterrupted(tmp_path, params_file)
     # the unit torn by the kill has some shards on disk but no marker: it must not count as done
     torn = f"u{len(done):06d}.json"
     assert torn not in done and (out / "pooled" / "L0" / "c" / str(len(done)) / "0").exists()
-    rerun = _xmodel(params_file, "extract", "--model", "a", "--quiet", "--out", str(out))
+    rerun = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
     assert_same_store(tmp_path / "ref.zarr", out)
     assert verify_store(out) == []
@@ -67,11 +50,12 @@ def test_sigkill_mid_unit_then_rerun_equals_uninterrupted(tmp_path, params_file)
 
 def test_injected_io_error_keeps_earlier_units_and_rerun_completes(tmp_path, params_file, capsys):
     out = tmp_path / "s.zarr"
-    failed = _xmodel(params_file, "extract", "--model", "a", "--quiet", "--out", str(out),
+    failed = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(out),
                      env={"XMODEL_FAULT": "ioerror_after_shards:30"})
-    assert failed.returncode != 0 and "No space left on device" in failed.stderr
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith("error: writing unit") and "No space left on device" in failed.stderr
     assert len(list((out / "_units").glob("*.json"))) >= 1
-    rerun = _xmodel(params_file, "extract", "--model", "a", "--quiet", "--out", str(out))
+    rerun = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
     assert verify_store(out) == []
 

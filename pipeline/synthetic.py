@@ -67,8 +67,13 @@ def random_model(shape: str, tokenizer=None, dtype=None, device=None, seed: int 
     return model.eval()
 
 
-def save_tiny_model(shape: str, out: Path, vocab_size: int, bos: bool, seed: int = 0) -> Path:
-    """A tiny random model and its freshly trained tokenizer, saved as a HF directory."""
+# tokenizer vocabulary, whether BOS is prepended (Llama-style) or not (Qwen-style), weight seed
+TINY = {"tiny-llama": (384, True, 0), "tiny-qwen": (320, False, 1)}
+
+
+def save_tiny_model(shape: str, out: Path) -> Path:
+    """A tiny random model and its freshly trained tokenizer, saved as a HF directory (deterministic)."""
+    vocab_size, bos, seed = TINY[shape]
     tokenizer = train_tokenizer(vocab_size, bos=bos)
     # A larger-than-default init so layers differ visibly (a test that mixes layers up can fail).
     model = random_model(shape, tokenizer, seed=seed, init_std=0.08)

@@ -18,5 +18,4 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from pipeline.synthetic import save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {"llama": save_tiny_model("tiny-llama", root / "llama", vocab_size=384, bos=True, seed=0),
-            "qwen": save_tiny_model("tiny-qwen", root / "qwen", vocab_size=320, bos=False, seed=1)}
+    return {"llama": save_tiny_model("tiny-llama", root / "llama"), "qwen": save_tiny_model("tiny-qwen", root / "qwen")}

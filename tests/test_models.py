@@ -314,3 +314,13 @@ def test_hub_id_from_local_hf_cache(tiny_models, tmp_path):
     r = resolve_model("some-org/tiny", tmp_path)
     assert (r.source, r.model_id, r.revision, r.sha, r.path.name) == ("hub", "some-org/tiny", None, commit, commit)
     assert resolve_model(f"some-org/tiny@{commit}", tmp_path).revision == commit
+
+
+def test_synthetic_spec_is_deterministic_and_cached(tmp_path):
+    first = resolve_model("synthetic:tiny-qwen", tmp_path / "one")
+    again = resolve_model("synthetic:tiny-qwen", tmp_path / "one")
+    elsewhere = resolve_model("synthetic:tiny-qwen", tmp_path / "two")
+    assert first.source == "synthetic" and first.path == again.path
+    assert first.sha == elsewhere.sha  # built the same way on any machine: stores stay comparable
+    with pytest.raises(UserError, match="synthetic:tiny-llama"):
+        resolve_model("synthetic:huge", tmp_path)

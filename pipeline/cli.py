@@ -73,6 +73,54 @@ def extract(ctx: click.Context, role: str, out: Path | None, force: bool, quiet:
         click.echo(f"{result.path}: wrote {result.units} units, {result.tokens} tokens, {rate:,.0f} tokens/s")
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Replace an aligner or checkpoint fitted on other inputs.")
+@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+@click.pass_context
+def fit(ctx: click.Context, name: str, force: bool, quiet: bool) -> None:
+    """Fit aligner NAME (registered, or module:Class) from the stores; no model is loaded.
+
+    Hyper-parameters come from params.yaml fit.aligners.NAME; a checkpoint is resumed."""
+    from stages import fit as stage
+
+    params = _params(ctx)
+    result = stage.run(params, name, force=force, log=None if quiet else _echo_epoch)
+    m = result.metrics
+    if m and not quiet:
+        click.echo(f"{result.directory}: {m['aligner']} {m['d_source']}->{m['d_target']} on {m['activation_kind']} "
+                   f"L{m['layer_a']}->L{m['layer_b']}, {m['train_rows']} train / {m['heldout_rows']} held-out rows: "
+                   f"top-1 {m['retrieval_top1']:.3f}, top-5 {m['retrieval_top5']:.3f}, MSE {m['mse']:.4g}, "
+                   f"R² {m['r2']:.3f}, CKA {m['cka']:.3f}")
+
+
+def _echo_epoch(entry: dict) -> None:
+    held = entry.get("heldout_loss")
+    click.echo(f"  epoch {entry['epoch']}: train loss {entry['train_loss']:.4g}"
+               + (f", validation loss {held:.4g}" if held is not None else ""))
+
+
+@cli.command()
+@click.option("--quiet", is_flag=True, help="Print only warnings.")
+@click.pass_context
+def grid(ctx: click.Context, quiet: bool) -> None:
+    """CKA and mutual k-NN of every stored layer pair, and each fitted aligner's held-out scores."""
+    from stages import grid as stage
+
+    params = _params(ctx)
+    result = stage.run(params, warn=lambda line: click.echo(line, err=True))
+    if quiet:
+        return
+    click.echo(f"CKA ({result['activation_kind']}, {result['rows']} held-out texts); rows A layers, columns B layers")
+    click.echo("      " + "".join(f"{'B' + str(lb):>8}" for lb in result["layers_b"]))
+    for la in result["layers_a"]:
+        row = result["cka"][f"a{la}"]
+        click.echo(f"{'A' + str(la):>6}" + "".join(f"{row[f'b{lb}']:8.3f}" for lb in result["layers_b"]))
+    for name, m in result["aligners"].items():
+        click.echo(f"{name}: L{m['layer_a']}->L{m['layer_b']} top-1 {m['retrieval_top1']:.3f}, MSE {m['mse']:.4g}")
+    click.echo(f"wrote {stage.metrics_path(params)} and {stage.plot_path(params)}")
+
+
 def _silence_libraries() -> None:
     """--quiet: no progress bars from transformers / the hub either, so stderr holds only errors."""
     import os

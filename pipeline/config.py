@@ -43,12 +43,43 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class FitConfig:
+    # pooled | last | tokens; "last" is what AC sends and what the paper's W is trained on
+    kind: str = "last"
+    # (A layer, B layer): ints or relative depths, resolved against each store's model depth; the
+    # pair must be among the stored layers. 0.75 is the stored depth nearest the paper's k = j = 26 of 32.
+    layers: list[int | float] = field(default_factory=lambda: [0.75, 0.75])
+    heldout_frac: float = 0.1  # texts held out (hashed text_index) from every fit; all scores use them
+    seed: int = 0  # the held-out split
+    pairwise_rows: int = 4096  # held-out rows used by O(rows²) metrics (retrieval, InfoNCE, kNN, uniformity)
+    temperature: float = 0.07  # of the InfoNCE score
+    # torch threads while fitting; 0 = torch's default. Speed only. Mini-batch matmuls are small: on
+    # a busy CPU extra OpenMP threads spin-wait (4× slower on 2 shared cores); GPUs ignore it.
+    threads: int = 1
+    # per-aligner hyper-parameters: name (or module:Class) -> fields of the aligner's Params dataclass
+    aligners: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    kind: str = "last"  # pooled | last (sequence rows: one per text)
+    knn_k: int = 10  # mutual k-NN neighbours
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     data: str = "data"  # stores in data/stores/<role>.zarr, model manifests in data/models/<role>.json
     cache: str = ""  # converted-model cache; "" = $XMODEL_CACHE or ~/.cache/xmodel
 
     def store(self, role: str) -> Path:
         return Path(self.data) / "stores" / f"{role}.zarr"
+
+    def aligner(self, name: str) -> Path:
+        # `module:Class` names become `module.Class` (no colon in file names)
+        return Path(self.data) / "aligners" / name.replace(":", ".")
+
+    def metrics(self, name: str) -> Path:
+        return Path(self.data) / "metrics" / f"{name.replace(':', '.')}.json"
 
     def manifest(self, role: str) -> Path:
         return Path(self.data) / "models" / f"{role}.json"
@@ -66,6 +97,8 @@ class Params:
     models: dict[str, str] = field(default_factory=lambda: {"a": "smollm2-135m-instruct", "b": "qwen2.5-coder-0.5b-instruct"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def model_spec(self, role: str) -> str:
@@ -129,8 +162,25 @@ def _validate(p: Params) -> None:
     for layer in e.layers:
         if isinstance(layer, float) and not 0.0 <= layer <= 1.0:
             raise UserError(f"params: relative depth {layer} in extract.layers is outside [0, 1]: use a float in [0, 1] or an int index")
+    f = p.fit
+    if len(f.layers) != 2:
+        raise UserError(f"params: fit.layers = {f.layers} must be a pair [A layer, B layer] (ints or relative depths)")
+    if not 0.0 < f.heldout_frac < 1.0:
+        raise UserError(f"params: fit.heldout_frac = {f.heldout_frac} must be in (0, 1)")
+    if f.threads < 0:
+        raise UserError(f"params: fit.threads = {f.threads} must be 0 (torch's default) or more")
+    for key, value in (("fit.pairwise_rows", f.pairwise_rows), ("grid.knn_k", p.grid.knn_k)):
+        if value < 1:
+            raise UserError(f"params: {key} = {value} must be at least 1")
+    if f.temperature <= 0:
+        raise UserError(f"params: fit.temperature = {f.temperature} must be > 0")
+    for key, value in f.aligners.items():
+        if not isinstance(value, dict):
+            raise UserError(f"params: fit.aligners.{key} must be a mapping of hyper-parameters, got {value!r}")
     for key, value, allowed in (("extract.dtype", e.dtype, DTYPES | {"auto"}),
-                                ("extract.store_dtype", e.store_dtype, DTYPES | {"auto"})):
+                                ("extract.store_dtype", e.store_dtype, DTYPES | {"auto"}),
+                                ("fit.kind", f.kind, {"pooled", "last", "tokens"}),
+                                ("grid.kind", p.grid.kind, {"pooled", "last"})):
         if value not in allowed:
             raise UserError(f"params: {key} = {value!r} is not one of {sorted(allowed)}")
 

@@ -421,13 +421,23 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10, max_bytes: int = PAIRWIS
     neighbours by cosine within each space, excluding the row itself. Widths may differ."""
     if x.shape[0] != y.shape[0]:
         raise UserError(f"mutual k-NN needs row-aligned arrays: {x.shape[0]} vs {y.shape[0]} rows")
+    return knn_overlap(knn_indices(x, k, max_bytes), knn_indices(y, k, max_bytes))
+
+
+def knn_indices(x: ArrayLike, k: int, max_bytes: int = PAIRWISE_MAX_BYTES) -> np.ndarray:
+    """(n, k) indices of each row's k nearest other rows by cosine (for `knn_overlap`, so a grid of
+    layer pairs computes each layer's neighbours once)."""
     if not 0 < k < x.shape[0]:
         raise UserError(f"mutual k-NN: k = {k} must be between 1 and n - 1 = {x.shape[0] - 1}")
-    nx, ny = _knn(_unit_rows(x, max_bytes), k), _knn(_unit_rows(y, max_bytes), k)
+    return _knn(_unit_rows(x, max_bytes), k)
+
+
+def knn_overlap(nx: np.ndarray, ny: np.ndarray) -> float:
+    """Mean over rows of |nx[i] ∩ ny[i]| / k for two (n, k) neighbour index arrays."""
     shared = np.zeros(len(nx), dtype=np.int64)
     for s, e in _spans(len(nx)):
         shared[s:e] = (nx[s:e, :, None] == ny[s:e, None, :]).any(2).sum(1)
-    return float(shared.mean() / k)
+    return float(shared.mean() / nx.shape[1])
 
 
 def _knn(u: np.ndarray, k: int) -> np.ndarray:

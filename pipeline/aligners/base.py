@@ -203,6 +203,19 @@ def params_from_dict(params_cls: type, raw: dict[str, Any], kind: str) -> Any:
     return make_params(params_cls, None, dict(raw), kind)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def hashed_heldout(ids: np.ndarray, seed: int, frac: float) -> np.ndarray:
+    """Whether each id is held out: splitmix64(id + seed·φ) < frac. A pure function of the id, so a
+    split is the same whatever the row order, chunking or number of ranks."""
+    z = np.asarray(ids).astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < frac
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) unless torch.distributed is initialized."""
     torch = sys.modules.get("torch")

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.aligners.base import Aligner, atomic_write, check_fields, dist_info, read_json, require
+from pipeline.aligners.base import (Aligner, atomic_write, check_fields, dist_info, hashed_heldout, read_json,
+                                    require)
 from pipeline.errors import UserError
 from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
 
 HELDOUT_CACHE_BYTES = 256 << 20  # held-out rows kept in memory between evaluations when this small
 RETRIEVAL_ROWS = 2048  # held-out rows used for the final retrieval score (it is O(rows²))
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,8 @@ class TrainParams:
 
 
 def heldout_mask(start: int, stop: int, seed: int, frac: float) -> np.ndarray:
-    """Whether each row id in [start, stop) is held out: splitmix64(id ⊕ seed) < frac."""
-    z = np.arange(start, stop, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < frac
+    """Whether each row id in [start, stop) is held out (see `hashed_heldout`)."""
+    return hashed_heldout(np.arange(start, stop, dtype=np.uint64), seed, frac)
 
 
 @dataclass

@@ -1,0 +1,274 @@
+"""Fitting an aligner from the two activation stores alone (no model is loaded), and scoring it.
+
+The stores' rows are paired by text (`pipeline.pairing`), and a fixed share of the *texts* (hashed
+text_index, `fit.seed`, `fit.heldout_frac`) is held out from every fit: every aligner and the layer
+grid are scored on the same unseen texts. A trainable aligner splits the rows it is given once more
+for its own early stopping (its `heldout_frac`), so it never sees the scoring texts.
+
+An aligner directory records the inputs it was fitted on (`meta.inputs`: aligner, hyper-parameters,
+activation kind, layers, widths, store fingerprints, split); a directory or checkpoint made from
+other inputs is refused unless `force`, so nothing already written is replaced by accident.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import FitConfig, Params
+from pipeline.errors import UserError
+from pipeline.pairing import Pairs, pair_rows
+
+INPUTS = "inputs.json"  # in the checkpoint directory: what the checkpoint was made from
+
+
+def open_stores(params: Params):
+    from store.reader import ActivationStore
+
+    return ActivationStore(params.paths.store("a")), ActivationStore(params.paths.store("b"))
+
+
+def store_layer(store, spec: int | float) -> int:
+    """A layer index (int) or relative depth (float) of the store's model, which must be stored."""
+    from pipeline.layers import resolve_layers
+
+    (layer,) = resolve_layers([spec], int(store.attrs.get("num_layers", max(store.layers))))
+    if layer not in store.layers:
+        what = f"relative depth {spec} is layer {layer} of {store.path}, which is" if isinstance(spec, float) \
+            else f"layer {layer} of {store.path} is"
+        raise UserError(f"{what} not stored (stored layers are {store.layers}): "
+                        "choose a stored layer in fit.layers or add it to extract.layers")
+    return layer
+
+
+def split_pairs(a, b, kind: str, seed: int, heldout_frac: float) -> tuple[Pairs, Pairs]:
+    """(training, held-out) paired rows; a text's rows are all on one side."""
+    from pipeline.aligners.base import hashed_heldout
+
+    pairs = pair_rows(a, b, kind)
+    held = hashed_heldout(pairs.text, seed, heldout_frac)
+    if held.all() or not held.any():
+        raise UserError(f"{len(pairs)} paired rows leave no training or no held-out rows with fit.heldout_frac = "
+                        f"{heldout_frac}: use more texts (corpus.n) or another fraction")
+    return pairs.subset(~held), pairs.subset(held)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Row-aligned train / held-out rows of one activation kind at one layer pair of two stores."""
+
+    a: Any  # ActivationStore
+    b: Any
+    kind: str
+    layer_a: int
+    layer_b: int
+    train: Pairs
+    heldout: Pairs
+    seed: int
+    heldout_frac: float
+
+    @classmethod
+    def build(cls, a, b, kind: str, layer_a: int, layer_b: int, seed: int, heldout_frac: float) -> Paired:
+        train, heldout = split_pairs(a, b, kind, seed, heldout_frac)
+        return cls(a, b, kind, layer_a, layer_b, train, heldout, seed, heldout_frac)
+
+    def arrays(self, pairs: Pairs) -> tuple[Any, Any]:
+        """Lazy float32 (source, target) dask arrays of the given pairs, read shard by shard."""
+        return (self.a.dask(self.kind, self.layer_a)[pairs.rows_a],
+                self.b.dask(self.kind, self.layer_b)[pairs.rows_b])
+
+    def inputs(self) -> dict[str, Any]:
+        """What a fit on these rows depends on (the aligner's identity adds its kind and params)."""
+        return {"activation_kind": self.kind, "layers": {"a": self.layer_a, "b": self.layer_b},
+                "dims": {"a": self.a.width, "b": self.b.width},
+                "stores": {"a": self.a.attrs.get("params_hash"), "b": self.b.attrs.get("params_hash")},
+                "split": {"seed": self.seed, "heldout_frac": self.heldout_frac}}
+
+    def describe(self) -> dict[str, Any]:
+        return {"activation_kind": self.kind, "layer_a": self.layer_a, "layer_b": self.layer_b,
+                "train_rows": len(self.train), "heldout_rows": len(self.heldout)}
+
+
+def paired_for_fit(a, b, cfg: FitConfig) -> Paired:
+    layer_a, layer_b = store_layer(a, cfg.layers[0]), store_layer(b, cfg.layers[1])
+    return Paired.build(a, b, cfg.kind, layer_a, layer_b, cfg.seed, cfg.heldout_frac)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def heldout_metrics(aligner, source: Any, target: Any, pairwise_rows: int, temperature: float) -> dict[str, float]:
+    """Scores of `aligner` mapping held-out source rows onto their target rows: MSE, R², CKA and
+    alignment over all rows (streamed); retrieval, InfoNCE and uniformity (O(rows²)) over the first
+    `pairwise_rows`."""
+    from pipeline import metrics as M
+
+    mapped = aligner.transform(source)
+    out: dict[str, float] = {**M.regression_scores(mapped, target), "cka": M.cka(mapped, target),
+                             "alignment": M.alignment(mapped, target)}
+    m = min(int(target.shape[0]), pairwise_rows)
+    pm, pt = np.asarray(mapped[:m]), np.asarray(target[:m])
+    out.update({f"retrieval_{k}": v for k, v in M.retrieval_topk(pm, pt).items()})
+    out.update(infonce=M.infonce(pm, pt, temperature), uniformity=M.uniformity(pm),
+               uniformity_target=M.uniformity(pt), pairwise_rows=m)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit
+
+
+@dataclass(frozen=True)
+class FitResult:
+    directory: Path
+    aligner: Any
+    metrics: dict[str, Any]  # empty on ranks other than 0
+
+
+def make_aligner(name: str, cfg: FitConfig):
+    """The aligner class for `name`, built with its hyper-parameters from fit.aligners.<name>."""
+    from pipeline.aligners import get_aligner
+
+    cls = get_aligner(name)
+    try:
+        return cls(**cfg.aligners.get(name, {}))
+    except (UserError, TypeError) as e:  # TypeError: a custom aligner whose constructor is not the base one
+        raise UserError(f"params fit.aligners.{name}: {e}") from None
+
+
+def identity(aligner, paired: Paired) -> dict[str, Any]:
+    return {"aligner": aligner.kind_name(), "params": asdict(aligner.params), **paired.inputs()}
+
+
+def fit_from_stores(params: Params, name: str, force: bool = False,
+                    log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Fit aligner `name` on the configured rows of stores a and b, save it to
+    data/aligners/<name>/, and score it on the held-out texts (rank 0). Under torchrun the
+    trainable aligners train with DDP; the checkpoint of an interrupted run (<dir>/ckpt) is resumed."""
+    import torch
+
+    from pipeline.distributed import close_dist, init_dist
+
+    cfg = params.fit
+    aligner = make_aligner(name, cfg)
+    a, b = open_stores(params)
+    paired = paired_for_fit(a, b, cfg)
+    directory = params.paths.aligner(name)
+    inputs = identity(aligner, paired)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    dist = init_dist("cpu")  # aligners train on the CPU copies the store readers give
+    try:
+        refusal = None
+        if dist.is_main:
+            try:
+                _claim(directory, inputs, force)
+            except UserError as e:
+                refusal = e
+        if not dist.all_ok(refusal is None):  # every rank stops, none waits at a barrier forever
+            raise refusal or UserError(f"rank 0 refused {directory}: see its error")
+        aligner.meta = {**paired.describe(), "inputs": inputs, "store_paths": {"a": str(a.path), "b": str(b.path)}}
+        source, target = paired.arrays(paired.train)
+        options = _fit_options(aligner, directory / "ckpt", log)
+        if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
+            # DDP deals row blocks to ranks: cut the rows into enough blocks for every rank
+            rows = max(1, len(paired.train) // (4 * dist.world))
+            source, target = source.rechunk({0: rows}), target.rechunk({0: rows})
+            options["block_rows"] = rows
+        t0 = time.perf_counter()
+        aligner.fit(source, target, **options)
+        seconds = time.perf_counter() - t0
+        aligner.save(directory)
+        if not dist.is_main:
+            return FitResult(directory, aligner, {})
+        # the checkpoint only serves an interrupted run: a finished one kept would let a rerun
+        # after a code change (DVC reruns with the same inputs) skip training
+        shutil.rmtree(directory / "ckpt", ignore_errors=True)
+        scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
+        report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
+                  "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), **scores}
+        for key in ("epochs_run", "best_epoch", "stopped_early"):
+            if key in aligner.fit_info:
+                report[key] = aligner.fit_info[key]
+        return FitResult(directory, aligner, report)
+    finally:
+        close_dist(dist)
+        torch.set_num_threads(threads)
+
+
+def _fit_options(aligner, ckpt: Path, log) -> dict[str, Any]:
+    """Checkpointing and progress for the aligners whose fit takes them (custom ones may not)."""
+    accepted = inspect.signature(aligner.fit).parameters
+    options: dict[str, Any] = {}
+    if "checkpoint_dir" in accepted:
+        options["checkpoint_dir"] = ckpt
+        if _is_rank0():
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / INPUTS).write_text(json.dumps(_json(aligner.meta["inputs"]), indent=1, sort_keys=True))
+    if "log" in accepted and log is not None:
+        options["log"] = log
+    return options
+
+
+def _is_rank0() -> bool:
+    from pipeline.aligners.base import dist_info
+
+    return dist_info()[0] == 0
+
+
+def _claim(directory: Path, inputs: dict[str, Any], force: bool) -> None:
+    """Refuse (or with force, clear) an aligner directory or checkpoint made from other inputs."""
+    ckpt = directory / "ckpt"
+    theirs = _saved_inputs(directory)
+    if theirs is not None and _json(theirs) != _json(inputs):
+        if not force:
+            raise UserError(f"{directory} holds an aligner fitted on other inputs ({_diff(theirs, inputs)}): "
+                            "rerun with --force to replace it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpt.exists():
+        path = ckpt / INPUTS
+        ckpt_inputs = json.loads(path.read_text()) if path.exists() else None
+        if ckpt_inputs is not None and ckpt_inputs != _json(inputs) and not force:
+            raise UserError(f"{ckpt} holds a checkpoint of other inputs ({_diff(ckpt_inputs, inputs)}): "
+                            "rerun with --force to discard it")
+        if ckpt_inputs != _json(inputs):  # foreign, or from a run killed before it wrote anything
+            shutil.rmtree(ckpt)
+
+
+def _saved_inputs(directory: Path) -> dict[str, Any] | None:
+    path = directory / "aligner.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("meta", {}).get("inputs", {})
+    except json.JSONDecodeError:
+        return {}  # damaged: counts as other inputs
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _diff(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    theirs, ours = _flat(_json(theirs)), _flat(_json(ours))
+    keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
+    return shown + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

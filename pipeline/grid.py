@@ -45,7 +45,7 @@ def layer_grid(params: Params, warn: Callable[[str], None] | None = None) -> dic
 
 
 def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
-    """Held-out scores of every aligner in data/aligners fitted on these stores and this split."""
+    """Held-out scores of the aligners named in params (fit.aligners), fitted on these stores and split."""
     from pipeline.aligners import load_aligner
     from pipeline.fitting import Paired, heldout_metrics
 
@@ -53,8 +53,9 @@ def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> 
     fit, out = params.fit, {}
     stores = {"a": a.attrs.get("params_hash"), "b": b.attrs.get("params_hash")}
     split = {"seed": fit.seed, "heldout_frac": fit.heldout_frac}
-    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+    for directory in (root / name for name in sorted(fit.aligners)):  # the grid stage's declared deps
         if not (directory / "aligner.json").exists():
+            warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {directory.name}`")
             continue
         try:
             aligner = load_aligner(directory)

@@ -152,6 +152,16 @@ def test_trainable_aligners_lower_their_heldout_loss(kind, extra):
     assert info["heldout"]["loss"] < info["initial_heldout_loss"]
 
 
+def test_affine_bias_starts_at_the_training_means():
+    """A large offset is fitted from the first step (a zero bias would crawl towards it at Adam's lr)."""
+    x, y = planted(1500, seed=61)
+    y = y + 50.0
+    affine = get_aligner("affine")(epochs=1, batch_size=64, lr=1e-3).fit(x, y)
+    linear = get_aligner("linear")(epochs=1, batch_size=64, lr=1e-3).fit(x, y)
+    assert affine.fit_info["initial_heldout_loss"] < 0.05 * linear.fit_info["initial_heldout_loss"]
+    assert affine.fit_info["heldout"]["loss"] < 0.05 * linear.fit_info["heldout"]["loss"]
+
+
 def test_lora_starts_at_procrustes_affine_of_training_rows():
     x, y = planted(800, seed=70)
     lora = LoRA(epochs=0, heldout_frac=0.25, seed=5).fit(x, y)

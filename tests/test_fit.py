@@ -20,7 +20,7 @@ from tests.test_pairing import tiny_stores
 
 QUICK = {"epochs": 2, "batch_size": 16}
 FIT = {"layers": [0.5, 0.5], "heldout_frac": 0.25,
-       "aligners": {"linear": QUICK, "affine": QUICK, "lora": {**QUICK, "rank": 4}, "projection": QUICK,
+       "aligners": {"procrustes": {}, "linear": QUICK, "affine": QUICK, "lora": {**QUICK, "rank": 4}, "projection": QUICK,
                     "tests.test_fit:Ridge": {"ridge": 0.5}}}
 
 

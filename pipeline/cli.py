@@ -121,6 +121,24 @@ def grid(ctx: click.Context, quiet: bool) -> None:
     click.echo(f"wrote {stage.metrics_path(params)} and {stage.plot_path(params)}")
 
 
+@cli.command()
+@click.argument("task", type=click.Choice(["squad", "gsm8k", "similarity", "sweep"]))
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.pass_context
+def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
+    """Reload A and B and evaluate activation communication: squad, gsm8k, similarity, or the (k, j) sweep."""
+    from stages import evaluate as stage
+
+    if quiet:
+        _silence_libraries()
+    params = _params(ctx)
+    out = stage.run(params, task, log=None if quiet else (lambda line: click.echo(line, err=True)))
+    if not quiet and "table" in out:
+        click.echo(out["table"].read_text())
+    if not quiet:
+        click.echo("wrote " + ", ".join(str(p) for p in out.values()))
+
+
 def _silence_libraries() -> None:
     """--quiet: no progress bars from transformers / the hub either, so stderr holds only errors."""
     import os

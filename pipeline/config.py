@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.evaluate import EvaluateConfig  # light: evaluation code imports torch only when it runs
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -99,6 +100,7 @@ class Params:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def model_spec(self, role: str) -> str:

@@ -1,0 +1,206 @@
+"""Activation communication (Ramesh & Li 2025, §3.1): graft A's layer-k state into B at layer j.
+
+Layer convention (pipeline/layers.py): layer 0 is the embedding output, layer l >= 1 the output
+of decoder block l (the residual stream after l blocks, before the final norm). "After layer j" is
+therefore the output of block j: a forward hook on `decoder_layers(B)[j - 1]`, or for j = 0 a
+forward pre-hook on block 1 (index 0) that edits its input, the embedding output.
+
+    a = sender_states(A, tok_A, prompts_A, k)              # partial forward of A, stopped after layer k
+    v = map_vectors(a, aligner)                            # W a, or a itself (no aligner)
+    gen = communicate(B, tok_B, prompts_B, j, v, "replace", decoding)
+
+Only B's last prompt token (position -1 of every left-padded row) changes, once, in the prefill
+pass: b <- f(v, b) with f in {replace: v, sum: v + b, mean: (v + b) / 2}. Decoding runs on B's KV
+cache, which carries the change; no decoding step is touched. Without an aligner and with
+d_A != d_B, only the last min(d_A, d_B) coordinates are combined (the paper's footnote 1): the
+others keep B's values.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from pipeline.errors import UserError
+from pipeline.generation import Decoding, Generation, generate, left_pad, length_batches
+
+MODES = ("replace", "sum", "mean")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"combination f = {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def combine(a: Any, b: Any, mode: str) -> Any:
+    """f(a, b) on the last axis; with different widths only the last min(d_a, d_b) coordinates of b
+    change (a's last coordinates are used), the rest of b is kept."""
+    check_mode(mode)
+    a = a.to(b.dtype)
+    if a.shape[-1] != b.shape[-1]:
+        m = min(a.shape[-1], b.shape[-1])
+        out = b.clone()
+        out[..., -m:] = combine(a[..., -m:], b[..., -m:], mode)
+        return out
+    if mode == "replace":
+        return a.clone()
+    if mode == "sum":
+        return a + b
+    return (a + b) / 2
+
+
+@dataclass
+class SenderStates:
+    vectors: Any  # (n, d_A) float32 on CPU: A's last-token state after layer k
+    layer: int
+    tokens: int  # prompt tokens A processed (k of its blocks each)
+    seconds: float
+
+
+def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int, *,
+                  batch_size: int = 8) -> SenderStates:
+    """A's last-token states after `layer`, from a forward pass stopped there (no later block, no
+    final norm, no LM head). Left padding puts every prompt's last token at position -1."""
+    import torch
+
+    from pipeline.layers import num_layers, run_captured
+
+    n_layers = num_layers(model)
+    if not 0 <= layer <= n_layers:
+        raise UserError(f"sender layer k = {layer} is out of range: model A has layers 0..{n_layers}")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[Any] = [None] * len(prompts)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for rows in length_batches([len(p) for p in prompts], batch_size):
+            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
+            states = run_captured(model, [layer], input_ids=ids, attention_mask=mask, position_ids=pos)[layer]
+            last = states[:, -1].float().cpu()
+            for r, i in enumerate(rows):
+                out[i] = last[r]
+    vectors = torch.stack(out) if out else torch.zeros(0, model.config.hidden_size)
+    return SenderStates(vectors, layer, sum(len(p) for p in prompts), time.perf_counter() - start)
+
+
+def map_vectors(vectors: Any, aligner: Any = None, d_target: int | None = None) -> Any:
+    """Apply a fitted aligner (A's layer-k space → B's layer-j space) or pass the vectors through."""
+    if aligner is None:
+        return vectors
+    if vectors.shape[-1] != aligner.d_source:
+        raise UserError(f"aligner {aligner.kind_name()} maps width {aligner.d_source}, but A's states have width "
+                        f"{vectors.shape[-1]}: use an aligner fitted on this model A")
+    if d_target is not None and aligner.d_target != d_target:
+        raise UserError(f"aligner {aligner.kind_name()} maps to width {aligner.d_target}, but model B has width "
+                        f"{d_target}: use an aligner fitted on this model B")
+    return aligner.transform(vectors.float())
+
+
+@dataclass
+class Graft:
+    """Per-batch record of what the hook saw and wrote (tests and the similarity probe use it)."""
+
+    before: Any = None  # (rows, d_B) B's own state after layer j at the last prompt token
+    after: Any = None  # (rows, d_B) the state B continued with
+    calls: int = 0  # how many forward passes the hook edited (1: prefill only)
+    rows: list[int] | None = None  # which items (indices into the prompts) the batch held
+
+
+@contextmanager
+def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None = None) -> Iterator[Graft]:
+    """Within the block, the first forward pass of `model` has its last-position state after
+    `layer` replaced by combine(vectors, state, mode); later passes are left alone. vectors: (rows, d)."""
+    import torch
+
+    from pipeline.layers import decoder_layers, num_layers
+
+    check_mode(mode)
+    n_layers = num_layers(model)
+    if not 0 <= layer <= n_layers:
+        raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
+    record = record if record is not None else Graft()
+    blocks = decoder_layers(model)
+
+    def edit(hidden: Any) -> Any:
+        if record.calls:
+            return hidden  # prefill only: the KV cache carries the change into decoding
+        if hidden.shape[0] != vectors.shape[0]:
+            raise ValueError(f"{vectors.shape[0]} vectors for a batch of {hidden.shape[0]} rows")
+        out = hidden.clone()
+        b = hidden[:, -1]
+        out[:, -1] = combine(vectors.to(device=hidden.device), b, mode)
+        record.before, record.after = b.detach().float().cpu(), out[:, -1].detach().float().cpu()
+        record.calls += 1
+        return out
+
+    if layer == 0:
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+        handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+        handle = blocks[layer - 1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            yield record
+    finally:
+        handle.remove()
+
+
+def communicate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int, vectors: Any, mode: str,
+                decoding: Decoding, *, batch_size: int = 8, seeds: Sequence[int] | None = None,
+                keep_first_logits: bool = False, records: list[Graft] | None = None) -> Generation:
+    """B generates for its prompts with vectors[i] grafted into item i at layer j (once, in prefill)."""
+    check_mode(mode)
+    if len(vectors) != len(prompts):
+        raise ValueError(f"{len(vectors)} vectors for {len(prompts)} prompts")
+
+    def hook(rows: list[int]):
+        rec = Graft(rows=list(rows))
+        if records is not None:
+            records.append(rec)
+        return inject(model, layer, vectors[rows], mode, rec)
+
+    return generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seeds=seeds, prefill_hook=hook,
+                    keep_first_logits=keep_first_logits)
+
+
+def prefill(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, layers: Sequence[int] = (),
+            inject_layer: int | None = None, vectors: Any = None, mode: str = "replace",
+            batch_size: int = 8) -> dict[str, Any]:
+    """One full forward pass (no decoding) per prompt, optionally with a graft: next-token logits at
+    the last prompt token and the last-token states after `layers`, each (n, ...) float32 on CPU."""
+    import torch
+
+    from pipeline.layers import capture
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logits: list[Any] = [None] * len(prompts)
+    states: dict[int, list[Any]] = {l: [None] * len(prompts) for l in layers}
+    with torch.no_grad():
+        for rows in length_batches([len(p) for p in prompts], batch_size):
+            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
+            graft = (inject(model, inject_layer, vectors[rows], mode) if inject_layer is not None
+                     else _null())
+            with graft, capture(model, list(layers) or [0], stop=False) as got:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+            last = out.logits[:, -1].float().cpu()
+            for r, i in enumerate(rows):
+                logits[i] = last[r]
+                for l in layers:
+                    states[l][i] = got[l][r, -1].float().cpu()
+    return {"logits": torch.stack(logits), "states": {l: torch.stack(v) for l, v in states.items()}}
+
+
+@contextmanager
+def _null():
+    yield None

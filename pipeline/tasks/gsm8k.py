@@ -1,0 +1,101 @@
+"""GSM8K grade-school maths: the hub (`openai/gsm8k`, main, test split), a local jsonl file, or
+offline GSM-Symbolic problems generated from GSM8K templates by `reasoning-gym` (seeded)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.tasks.scoring import parse_number
+
+# reasoning-gym appends this instruction to every question; our prompt states the format itself
+_RG_SUFFIX = re.compile(r"\s*Give the result as your final answer\.?\s*(Do not include units\.?)?\s*$")
+
+
+@dataclass(frozen=True)
+class MathItem:
+    id: str
+    question: str
+    answer: str  # the final number, digits only (e.g. "-3", "1250", "2.5")
+
+
+def load_gsm8k(source: str, n: int, seed: int = 0) -> list[MathItem]:
+    """`n` items: source "reasoning-gym" (offline), "hub" (openai/gsm8k test), or a .jsonl path with
+    `question` and `answer` fields (answer "... #### N" as in GSM8K, or just the number)."""
+    if n < 1:
+        raise UserError(f"n = {n} items: ask for at least 1")
+    if source in ("reasoning-gym", "gsm_symbolic"):
+        return reasoning_gym_items(n, seed)
+    if source == "hub":
+        items = _hub_items()
+    else:
+        path = Path(source).expanduser()
+        if path.suffix != ".jsonl" or not path.is_file():
+            raise UserError(f"GSM8K source {source!r}: expected 'reasoning-gym', 'hub', or an existing .jsonl file")
+        items = read_jsonl(path)
+    if len(items) > n:
+        picked = sorted(random.Random(seed).sample(range(len(items)), n))
+        items = [items[i] for i in picked]
+    return items
+
+
+def gold_number(answer: str) -> str:
+    """The final number of a GSM8K answer field ('... #### 1,250' → '1250') or of a bare number."""
+    text = str(answer)
+    tail = text.rsplit("####", 1)[-1]
+    value = parse_number(tail)
+    if value is None:
+        raise ValueError(f"answer {answer!r} ends in no number")
+    return _fmt(value)
+
+
+def _fmt(value) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    return repr(float(value)) if len(str(float(value))) < 20 else str(value)
+
+
+def _hub_items() -> list[MathItem]:
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("openai/gsm8k", "main", split="test")
+    except Exception as e:  # connection, offline mode, missing cache
+        raise UserError(f"GSM8K from the hub failed ({e.__class__.__name__}): use source 'reasoning-gym' (offline) "
+                        "or a local .jsonl file") from None
+    return [MathItem(f"gsm8k-test-{i}", r["question"], gold_number(r["answer"])) for i, r in enumerate(rows)]
+
+
+def read_jsonl(path: Path) -> list[MathItem]:
+    items = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append(MathItem(str(row.get("id", f"{Path(path).stem}-{n}")), str(row["question"]),
+                                  gold_number(str(row["answer"]))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{path}:{n}: not a JSON object with 'question' and a numeric 'answer' "
+                            "('... #### N' or N)") from None
+    if not items:
+        raise UserError(f"{path}: holds no item")
+    return items
+
+
+def reasoning_gym_items(n: int, seed: int = 0) -> list[MathItem]:
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise UserError("GSM8K source 'reasoning-gym' needs the reasoning-gym package: pip install reasoning-gym") from None
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
+    return [MathItem(f"gsm-symbolic-{seed}-{i}", _RG_SUFFIX.sub("", row["question"]).strip(), gold_number(row["answer"]))
+            for i, row in enumerate(data)]

@@ -1,0 +1,200 @@
+"""SQuAD-format reading comprehension: the hub (`rajpurkar/squad`), a local SQuAD v1.1 JSON file, or
+our own seeded generator of fictional biographies and countries (offline, no package ships SQuAD).
+
+The generator writes a paragraph of facts about an invented person or country (names built from
+syllables, so no model can know them) and asks about one fact; the answer is a span of the
+paragraph, with its character offset, exactly as in SQuAD. Same seed, same items, on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class QAItem:
+    id: str
+    context: str
+    question: str
+    answers: tuple[str, ...]  # gold answer texts (spans of the context)
+    answer_starts: tuple[int, ...]  # character offset of each answer in the context
+    title: str = ""
+
+
+def load_squad(source: str, n: int, seed: int = 0) -> list[QAItem]:
+    """`n` items: source "generate" (offline), "hub" (rajpurkar/squad validation), or a .json path.
+
+    Hub and file items are a seeded sample of n questions (all of them when fewer)."""
+    if n < 1:
+        raise UserError(f"n = {n} items: ask for at least 1")
+    if source == "generate":
+        return generate_items(n, seed)
+    if source == "hub":
+        items = _hub_items()
+    else:
+        path = Path(source).expanduser()
+        if path.suffix != ".json" or not path.is_file():
+            raise UserError(f"SQuAD source {source!r}: expected 'generate', 'hub', or an existing SQuAD v1.1 .json file")
+        items = read_squad_json(path)
+    if len(items) > n:
+        picked = sorted(random.Random(seed).sample(range(len(items)), n))
+        items = [items[i] for i in picked]
+    return items
+
+
+def _hub_items() -> list[QAItem]:
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("rajpurkar/squad", split="validation")
+    except Exception as e:  # connection, offline mode, missing cache: many exception types
+        raise UserError(f"SQuAD from the hub failed ({e.__class__.__name__}): use source 'generate' (offline) "
+                        "or a local SQuAD v1.1 .json file") from None
+    return [QAItem(str(r["id"]), r["context"], r["question"], tuple(r["answers"]["text"]),
+                   tuple(int(s) for s in r["answers"]["answer_start"]), r.get("title", "")) for r in rows]
+
+
+def read_squad_json(path: Path) -> list[QAItem]:
+    """Every answerable question of a SQuAD v1.1 (or v2.0: impossible ones skipped) JSON file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        items = []
+        for article in data["data"]:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    if qa.get("is_impossible") or not qa["answers"]:
+                        continue
+                    items.append(QAItem(str(qa["id"]), para["context"], qa["question"],
+                                        tuple(a["text"] for a in qa["answers"]),
+                                        tuple(int(a["answer_start"]) for a in qa["answers"]),
+                                        article.get("title", "")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable SQuAD v1.1 JSON file ({e.__class__.__name__}: {e}); "
+                        "expected {'data': [{'paragraphs': [{'context', 'qas': [...]}]}]}") from None
+    if not items:
+        raise UserError(f"{path}: holds no answerable question")
+    return items
+
+
+def write_squad_json(items: list[QAItem], path: Path) -> Path:
+    """Items as a SQuAD v1.1 JSON file (one article per title)."""
+    articles: dict[str, list] = {}
+    for it in items:
+        articles.setdefault(it.title, []).append({"context": it.context, "qas": [{
+            "id": it.id, "question": it.question,
+            "answers": [{"text": a, "answer_start": s} for a, s in zip(it.answers, it.answer_starts)]}]})
+    data = {"version": "1.1", "data": [{"title": t, "paragraphs": p} for t, p in articles.items()]}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+# --- the offline generator ------------------------------------------------------------------------
+
+_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "z",
+           "th", "sh", "j", "w"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ae"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "nd", "rk", "x"]
+
+FIELDS = ["botany", "astronomy", "chemistry", "geology", "linguistics", "medicine", "architecture",
+          "mathematics", "philosophy", "economics", "music", "zoology", "history", "law"]
+OCCUPATIONS = ["engineer", "pharmacist", "teacher", "cartographer", "journalist", "judge", "surgeon",
+               "librarian", "architect", "diplomat", "watchmaker", "painter", "shipbuilder", "translator"]
+WORKS = ["bridge", "observatory", "dictionary", "atlas", "symphony", "railway", "library", "canal", "museum",
+         "treaty", "lighthouse", "cathedral"]
+REGIONS = ["northern", "southern", "eastern", "western", "central"]
+GEOGRAPHY = ["sea", "mountains", "plains", "islands", "lakes", "desert", "coast"]
+EXPORTS = ["copper", "wool", "timber", "salt", "olive oil", "tin", "cotton", "silk", "coffee", "amber", "rice", "marble"]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)]
+    return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+
+
+class _Paragraph:
+    """Builds a context sentence by sentence and remembers where each fact's answer text starts."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.facts: list[tuple[str, str, int]] = []  # (question, answer, start)
+
+    def add(self, parts: list[str | tuple[str, str]]) -> None:
+        """parts: plain strings, or (answer_text, question) pairs marking an askable span."""
+        if self.text:
+            self.text += " "
+        for part in parts:
+            if isinstance(part, tuple):
+                answer, question = part
+                self.facts.append((question, answer, len(self.text)))
+                self.text += answer
+            else:
+                self.text += part
+
+
+def _biography(rng: random.Random) -> tuple[str, _Paragraph]:
+    first, last = _word(rng, rng.randint(1, 2)), _word(rng, rng.randint(2, 3))
+    name = f"{first} {last}"
+    she = rng.random() < 0.5
+    he, his = ("She", "her") if she else ("He", "his")
+    born = rng.randint(1720, 1900)
+    married = born + rng.randint(19, 40)
+    died = born + rng.randint(max(married - born + 5, 45), 95)
+    town, uni, city, spouse_last = (_word(rng, 2), _word(rng, 2), _word(rng, 3), _word(rng, 2))
+    spouse = f"{_word(rng, 2)} {spouse_last}"
+    field_, job, work = rng.choice(FIELDS), rng.choice(OCCUPATIONS), rng.choice(WORKS)
+    work_name = f"{_word(rng, 2)} {work}"
+    p = _Paragraph()
+    p.add([f"{name} was born in ", (str(born), f"In what year was {name} born?"), " in the town of ",
+           (town, f"In which town was {name} born?"), "."])
+    p.add([f"{he} studied ", (field_, f"What did {name} study?"), " at the ",
+           (f"University of {uni}", f"At which university did {name} study?"), "."])
+    p.add([f"After graduating, {he.lower()} worked as a ", (job, f"What did {name} work as?"), " in ",
+           (city, f"In which city did {name} work?"), "."])
+    p.add([f"{he} is best known for the ", (work_name, f"What is {name} best known for?"), "."])
+    p.add([f"In {married}, {he.lower()} married ", (spouse, f"Whom did {name} marry?"), "."])
+    p.add([f"{name} died in {died} at the age of ", (str(died - born), f"How old was {name} at death?"), "."])
+    return name, p
+
+
+def _country(rng: random.Random) -> tuple[str, _Paragraph]:
+    country = _word(rng, rng.randint(2, 3))
+    capital, mountain, currency = _word(rng, 2), _word(rng, 2), _word(rng, 1).lower()
+    language = _word(rng, 2) + rng.choice(["ic", "ish", "ese", "an"])
+    region = f"{rng.choice(REGIONS)} {_word(rng, 2)} {rng.choice(GEOGRAPHY)}"
+    independence = rng.randint(1600, 1990)
+    height, people = rng.randint(1200, 6800), rng.randint(2, 95) / 10 * rng.choice([1, 10])
+    export = rng.choice(EXPORTS)
+    p = _Paragraph()
+    p.add([f"{country} is a small country in the ", (region, f"Where is {country}?"), "."])
+    p.add(["Its capital is ", (capital, f"What is the capital of {country}?"), ", and its official language is ",
+           (language, f"What is the official language of {country}?"), "."])
+    p.add(["The currency of the country is the ", (currency, f"What is the currency of {country}?"), "."])
+    p.add([f"{country} became independent in ", (str(independence), f"When did {country} become independent?"), "."])
+    p.add(["Its highest peak is Mount ", (mountain, f"What is the highest peak of {country}?"), ", at ",
+           (f"{height} metres", f"How high is the highest peak of {country}?"), "."])
+    p.add(["About ", (f"{people:g} million", f"How many people live in {country}?"),
+           " people live there, and its main export is ", (export, f"What is the main export of {country}?"), "."])
+    return country, p
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, _Paragraph]]] = {
+    "biography": _biography, "country": _country}
+
+
+def generate_items(n: int, seed: int = 0, kinds: tuple[str, ...] = ("biography", "country")) -> list[QAItem]:
+    """n SQuAD-format items, one question per paragraph, alternating between the kinds."""
+    rng = random.Random(f"xmodel-squad-{seed}")
+    items = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        title, para = GENERATORS[kind](rng)
+        question, answer, start = rng.choice(para.facts)
+        assert para.text[start:start + len(answer)] == answer
+        items.append(QAItem(f"gen-{seed}-{i}", para.text, question, (answer,), (start,), f"{kind}: {title}"))
+    return items

@@ -1,0 +1,101 @@
+"""Stages `evaluate@squad`, `evaluate@gsm8k`, `evaluate@similarity`, and `xmodel evaluate sweep`.
+
+Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluate.EvaluateConfig),
+loads both models and the fitted aligners, runs pipeline/evaluate.py, writes:
+  data/evaluate/<task>/predictions.jsonl   every method's output and score per item
+  data/evaluate/<task>/table.md            the Markdown table
+  data/metrics/evaluate-<task>.json        scores with intervals, paired tests, compute (dvc metrics)
+  data/plots/evaluate-<task>.png           bar chart with 95% intervals (similarity: KL per aligner and f;
+                                           sweep: the (k, j) heatmap)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+TASKS = ("squad", "gsm8k", "similarity", "sweep")
+
+
+def evaluate_config(params: Any):
+    from pipeline.evaluate import EvaluateConfig
+
+    cfg = getattr(params, "evaluate", None)
+    return cfg if cfg is not None else EvaluateConfig()
+
+
+def outputs(params: Any, task: str) -> dict[str, Path]:
+    data = Path(params.paths.data)
+    return {"predictions": data / "evaluate" / task / "predictions.jsonl",
+            "table": data / "evaluate" / task / "table.md",
+            "metrics": data / "metrics" / f"evaluate-{task}.json",
+            "plot": data / "plots" / f"evaluate-{task}.png"}
+
+
+def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable[[str], None] | None = None
+        ) -> dict[str, Path]:
+    """Run one evaluation task end to end; returns the paths written."""
+    from pipeline.errors import UserError
+    from pipeline.evaluate import load_aligners, load_pair, resolve_ks
+
+    if task not in TASKS:
+        raise UserError(f"unknown evaluation {task!r}: use one of {', '.join(TASKS)}")
+    cfg = cfg or evaluate_config(params)
+    log = log or (lambda s: None)
+    pair = pair or load_pair(params, cfg)
+    out = outputs(params, task)
+    if task == "sweep":
+        return _sweep(params, cfg, pair, out, log)
+    k, j = resolve_ks(pair, cfg.layer_a, cfg.layer_b)
+    aligners = load_aligners(cfg.aligners, Path(params.paths.data), pair, k, j)
+    if task == "similarity":
+        return _similarity(params, cfg, pair, aligners, k, j, out)
+
+    from pipeline.evaluate import evaluate_task, plot_scores, write_json
+
+    result = evaluate_task(task, pair, cfg, aligners, log)
+    out["predictions"].parent.mkdir(parents=True, exist_ok=True)
+    with out["predictions"].open("w") as f:
+        for row in result.predictions():
+            f.write(json.dumps(row) + "\n")
+    out["table"].write_text(result.table() + "\n")
+    write_json(out["metrics"], result.metrics())
+    plot_scores(result.summary, result.prompts.primary, out["plot"],
+                f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
+    return out
+
+
+def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
+    from pipeline.data import load_corpus
+    from pipeline.evaluate import plot_similarity, similarity_probe, similarity_table, similarity_texts, write_json
+
+    training = load_corpus(params.corpus).texts  # the aligners were fitted on these: hold them out
+    texts = similarity_texts(cfg.similarity, exclude=training)
+    result = similarity_probe(pair, texts, k, j, cfg.modes, aligners, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
+                              aligner_modes=cfg.aligner_modes)
+    result["models"] = {"a": pair.name_a, "b": pair.name_b}
+    out["table"].parent.mkdir(parents=True, exist_ok=True)
+    out["table"].write_text(similarity_table(result) + "\n")
+    write_json(out["metrics"], result)
+    plot_similarity(result, out["plot"])
+    return {k_: v for k_, v in out.items() if k_ in ("table", "metrics", "plot")}
+
+
+def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
+    from dataclasses import replace
+
+    from pipeline.evaluate import layer_sweep, plot_sweep, task_prompts, write_json
+    from pipeline.layers import num_layers, resolve_layers
+
+    s = cfg.sweep
+    prompts, decoding = task_prompts(s.task, cfg, s.n)
+    if s.max_new_tokens:
+        decoding = replace(decoding, max_new_tokens=s.max_new_tokens)
+    layers_a = resolve_layers(list(s.layers_a), num_layers(pair.model_a))
+    layers_b = resolve_layers(list(s.layers_b), num_layers(pair.model_b))
+    result = layer_sweep(pair, prompts, decoding, layers_a, layers_b, s.mode, cfg.batch_size, cfg.chat, log)
+    result.update(task=s.task, models={"a": pair.name_a, "b": pair.name_b})
+    write_json(out["metrics"], result)
+    plot_sweep(result, out["plot"], f"{s.task}: AC {s.mode}, {pair.name_a} → {pair.name_b}, n = {result['n']}")
+    return {k_: v for k_, v in out.items() if k_ in ("metrics", "plot")}

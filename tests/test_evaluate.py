@@ -1,0 +1,176 @@
+"""The evaluation on tiny real models: every method on the same items, the summaries, the probe,
+the layer sweep and the stage's outputs. Scores of random models mean nothing; the plumbing does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.evaluate import (EvaluateConfig, Gsm8kConfig, Pair, SimilarityConfig, SquadConfig, SweepConfig,
+                               config_from_dict, evaluate_task, layer_sweep, load_aligners, similarity_probe,
+                               similarity_texts, task_prompts)
+
+FAST = dict(batch_size=4, n_boot=200, squad=SquadConfig(n=4, max_new_tokens=3),
+            gsm8k=Gsm8kConfig(n=3, max_new_tokens=4), similarity=SimilarityConfig(n=6),
+            sweep=SweepConfig(n=3, layers_a=[0, 3], layers_b=[2, 4], max_new_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models, tmp_path_factory):
+    from pipeline.models import load_model, resolve_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    (ma, ta), (mb, tb) = (load_model(resolve_model(str(tiny_models[n]), cache), device="cpu", dtype="float32")
+                          for n in ("llama", "qwen"))
+    return Pair(ma, ta, mb, tb, "tiny-llama", "tiny-qwen")
+
+
+@pytest.fixture(scope="module")
+def aligner_dir(tmp_path_factory):
+    """data/aligners/procrustes fitted on random rows 64 → 48, recorded as layers (2, 3)."""
+    from pipeline.aligners import get_aligner
+
+    data = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 64)).astype(np.float32)
+    aligner = get_aligner("procrustes")().fit(x, x[:, :48] + 0.1 * rng.normal(size=(100, 48)).astype(np.float32))
+    aligner.meta = {"layer_a": 2, "layer_b": 3}
+    aligner.save(data / "aligners" / "procrustes")
+    return data
+
+
+def test_squad_private_every_method_on_the_same_items(pair, aligner_dir):
+    cfg = EvaluateConfig(layer_a=2, layer_b=3, aligners=["procrustes"], **FAST)
+    aligners = load_aligners(cfg.aligners, aligner_dir, pair, 2, 3)
+    result = evaluate_task("squad", pair, cfg, aligners)
+    names = [r.name for r in result.runs]
+    assert names == ["b_alone", "a_alone", "nl", "ac_replace", "ac_sum", "ac_mean", "ac_procrustes_replace", "skyline"]
+    assert all(len(r.texts) == 4 and len(r.scores["em"]) == 4 and len(r.scores["f1"]) == 4 for r in result.runs)
+    s = result.summary
+    for name in names:
+        assert s[name]["em"]["interval"] == "wilson" and s[name]["f1"]["interval"] == "bootstrap"
+        assert 0 <= s[name]["em"]["lo"] <= s[name]["em"]["mean"] <= s[name]["em"]["hi"] <= 1
+    assert "vs_b_alone" not in s["b_alone"] and "mcnemar" in s["ac_replace"]["vs_b_alone"]["em"]
+    assert "vs_nl" in s["ac_sum"] and "vs_nl" not in s["nl"]
+    # compute: AC charges A's prompt through k blocks only; NL charges A's generation and B's reading
+    comp = {n: s[n]["compute"] for n in names}
+    prompt_a = comp["a_alone"]["a_tokens"] - comp["a_alone"]["a_new_tokens"]
+    assert comp["ac_replace"]["a_tokens"] == prompt_a and comp["ac_replace"]["a_blocks"] == 2
+    assert comp["ac_replace"]["a_new_tokens"] == 0 and comp["a_alone"]["a_blocks"] == 3
+    assert comp["nl"]["a_tokens"] == comp["a_alone"]["a_tokens"] and comp["nl"]["b_tokens"] > comp["b_alone"]["b_tokens"]
+    assert comp["skyline"]["b_tokens"] > comp["b_alone"]["b_tokens"] and comp["b_alone"]["a_tokens"] == 0
+    assert all(c["seconds"] > 0 for c in comp.values())
+    rows = result.predictions()
+    assert len(rows) == 4 and set(names) <= set(rows[0]) and rows[0]["gold"]
+    json.dumps(result.metrics())
+    table = result.table()
+    assert table.count("\n") == len(names) + 1 and "ac_procrustes_replace" in table
+
+
+def test_shared_setting_has_no_skyline_and_gsm8k_scores_accuracy(pair):
+    cfg = EvaluateConfig(layer_a=1.0, layer_b=0.5, methods=["b_alone", "ac", "skyline"], modes=["mean"],
+                         **{**FAST, "squad": replace(FAST["squad"], setting="shared")})
+    result = evaluate_task("squad", pair, cfg)
+    assert [r.name for r in result.runs] == ["b_alone", "ac_mean"] and (result.k, result.j) == (3, 2)
+    result = evaluate_task("gsm8k", pair, cfg)
+    assert result.summary["ac_mean"]["accuracy"]["interval"] == "wilson"
+    assert "accuracy [95% CI]" in result.table()
+
+
+def test_prompts_private_and_shared():
+    cfg = EvaluateConfig(squad=SquadConfig(n=2))
+    prompts, decoding = task_prompts("squad", cfg)
+    assert decoding.sampling == "greedy" and decoding.stop_strings == ("\n",)
+    assert prompts.skyline == prompts.a and prompts.b[0] != prompts.a[0]
+    it_context = prompts.a[0].split("Passage: ")[1].split("\n")[0]
+    assert it_context not in prompts.b[0] and it_context not in prompts.with_message(0, "msg")
+    assert "msg" in prompts.with_message(0, "msg")
+    prompts, decoding = task_prompts("gsm8k", replace(cfg, gsm8k=Gsm8kConfig(n=2)))
+    assert decoding.sampling == "nucleus" and decoding.top_p == 0.9 and prompts.a == prompts.b
+
+
+def test_aligners_are_checked_against_models_and_layers(pair, aligner_dir):
+    assert set(load_aligners(["procrustes"], aligner_dir, pair, 2, 3)) == {"procrustes"}
+    with pytest.raises(UserError, match="fitted on layers"):
+        load_aligners(["procrustes"], aligner_dir, pair, 2, 4)
+    swapped = Pair(pair.model_b, pair.tok_b, pair.model_a, pair.tok_a)
+    with pytest.raises(UserError, match="refit it on these models"):
+        load_aligners(["procrustes"], aligner_dir, swapped, 2, 3)
+    with pytest.raises(UserError, match="no finished aligner"):
+        load_aligners(["missing"], aligner_dir, pair, 2, 3)
+
+
+def test_similarity_probe(pair, aligner_dir):
+    from pipeline.data import pydoc_sentences
+
+    texts = similarity_texts(SimilarityConfig(n=6), exclude=pydoc_sentences()[:50])
+    assert len(texts) == 6 and not set(texts) & set(pydoc_sentences()[:50])
+    aligners = load_aligners(["procrustes"], aligner_dir, pair, 2, 3)
+    result = similarity_probe(pair, texts, 2, 3, ["replace", "sum"], aligners, batch_size=4, n_boot=100)
+    assert set(result["variants"]) == {"none", "procrustes"}
+    for entry in result["variants"].values():
+        for key in ("replace/matched", "replace/shuffled", "sum/matched", "sum/shuffled"):
+            assert entry[key]["kl"]["mean"] >= 0 and -1 <= entry[key]["cosine"]["mean"] <= 1
+    # B's own state grafted back is B's own run: KL 0, cosine 1 (the probe's zero point)
+    own = Pair(pair.model_b, pair.tok_b, pair.model_b, pair.tok_b)
+    zero = similarity_probe(own, texts, 3, 3, ["replace"], batch_size=4, n_boot=100)["variants"]["none"]
+    assert zero["replace/matched"]["kl"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert zero["replace/matched"]["cosine"]["mean"] == pytest.approx(1, abs=1e-5)
+    assert zero["replace/shuffled"]["kl"]["mean"] > 1e-4
+
+
+def test_layer_sweep_grid(pair):
+    cfg = EvaluateConfig(**FAST)
+    prompts, decoding = task_prompts("squad", cfg, 3)
+    result = layer_sweep(pair, prompts, replace(decoding, max_new_tokens=2), [0, 3], [2, 4], batch_size=4)
+    assert np.asarray(result["grid"]).shape == (2, 2) and result["metric"] == "em"
+
+
+def test_config_from_params_mapping():
+    cfg = config_from_dict({"layer_a": 3, "modes": ["replace"], "squad": {"n": 5, "setting": "shared"}})
+    assert cfg.squad.n == 5 and cfg.layer_a == 3 and cfg.gsm8k.n == 100
+    with pytest.raises(UserError, match="unknown key"):
+        config_from_dict({"squad": {"n_items": 5}})
+    with pytest.raises(UserError, match="not one of"):
+        config_from_dict({"modes": ["max"]})
+    with pytest.raises(UserError, match="private or shared"):
+        config_from_dict({"squad": {"setting": "open"}})
+
+
+def test_stage_writes_metrics_table_predictions_and_plots(pair, aligner_dir, tmp_path, tiny_models):
+    from stages import evaluate as stage
+    from tests.helpers import write_params
+
+    from pipeline.config import load_params
+
+    models = {"a": tiny_models["llama"], "b": tiny_models["qwen"]}
+    params = load_params(write_params(tmp_path, models, paths={"data": str(aligner_dir)}))
+    cfg = EvaluateConfig(layer_a=2, layer_b=3, aligners=["procrustes"], methods=["b_alone", "ac"], modes=["replace"],
+                         **FAST)
+    out = stage.run(params, "squad", cfg, pair=pair)
+    metrics = json.loads(out["metrics"].read_text())
+    assert set(metrics["methods"]) == {"b_alone", "ac_replace", "ac_procrustes_replace"}
+    assert len(out["predictions"].read_text().splitlines()) == 4
+    assert out["plot"].stat().st_size > 1000 and "| ac_replace |" in out["table"].read_text()
+    out = stage.run(params, "similarity", cfg, pair=pair)
+    assert "procrustes" in json.loads(out["metrics"].read_text())["variants"]
+    assert out["plot"].stat().st_size > 1000 and "| procrustes | replace |" in out["table"].read_text()
+    out = stage.run(params, "sweep", cfg, pair=pair)
+    assert np.asarray(json.loads(out["metrics"].read_text())["grid"]).shape == (2, 2)
+    assert out["plot"].stat().st_size > 1000
+    with pytest.raises(UserError, match="unknown evaluation"):
+        stage.run(params, "mmlu", cfg, pair=pair)
+
+
+def test_plots_survive_rounding_at_the_interval_edge(tmp_path):
+    from pipeline.evaluate import plot_scores, plot_similarity
+
+    summary = {"m": {"em": {"mean": 0.38, "lo": 0.38 + 1e-17, "hi": 0.4}}, "z": {"em": {"mean": 0, "lo": 0, "hi": 0.04}}}
+    assert plot_scores(summary, "em", tmp_path / "a.png").stat().st_size > 1000
+    kl = {"kl": {"mean": 0.1, "lo": 0.1 + 1e-17, "hi": 0.2}, "cosine": {"mean": 1, "lo": 1, "hi": 1}}
+    result = {"k": 1, "j": 2, "n": 3, "variants": {"none": {"replace/matched": kl, "replace/shuffled": kl}}}
+    assert plot_similarity(result, tmp_path / "b.png").stat().st_size > 1000

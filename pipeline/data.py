@@ -42,10 +42,15 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
         raise UserError(
             f"corpus {cfg.source!r} has no text of {cfg.min_chars}-{cfg.max_chars} characters "
             f"({len(rows)} rows read): give a non-empty corpus or widen corpus.min_chars/max_chars")
-    if len(candidates) > cfg.n:
-        picked = sorted(random.Random(cfg.seed).sample(range(len(candidates)), cfg.n))
-        candidates = [candidates[i] for i in picked]
+    candidates = seeded_sample(candidates, cfg.n, cfg.seed)
     return Corpus(texts=[t for _, t in candidates], index=[i for i, _ in candidates], source=cfg.source)
+
+
+def seeded_sample(items: list, n: int, seed: int) -> list:
+    """n items drawn by seed, kept in their original order (all of them when there are fewer)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def pydoc_sentences() -> list[str]:

@@ -4,11 +4,11 @@ offline GSM-Symbolic problems generated from GSM8K templates by `reasoning-gym` 
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data import seeded_sample
 from pipeline.errors import UserError
 from pipeline.tasks.scoring import parse_number
 
@@ -37,10 +37,7 @@ def load_gsm8k(source: str, n: int, seed: int = 0) -> list[MathItem]:
         if path.suffix != ".jsonl" or not path.is_file():
             raise UserError(f"GSM8K source {source!r}: expected 'reasoning-gym', 'hub', or an existing .jsonl file")
         items = read_jsonl(path)
-    if len(items) > n:
-        picked = sorted(random.Random(seed).sample(range(len(items)), n))
-        items = [items[i] for i in picked]
-    return items
+    return seeded_sample(items, n, seed)
 
 
 def gold_number(answer: str) -> str:

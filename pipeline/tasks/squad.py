@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.data import seeded_sample
 from pipeline.errors import UserError
 
 
@@ -42,10 +43,7 @@ def load_squad(source: str, n: int, seed: int = 0) -> list[QAItem]:
         if path.suffix != ".json" or not path.is_file():
             raise UserError(f"SQuAD source {source!r}: expected 'generate', 'hub', or an existing SQuAD v1.1 .json file")
         items = read_squad_json(path)
-    if len(items) > n:
-        picked = sorted(random.Random(seed).sample(range(len(items)), n))
-        items = [items[i] for i in picked]
-    return items
+    return seeded_sample(items, n, seed)
 
 
 def _hub_items() -> list[QAItem]:

@@ -55,7 +55,8 @@ class Gsm8kConfig:
     source: str = "reasoning-gym"  # reasoning-gym (offline gsm_symbolic) | hub (openai/gsm8k) | path to .jsonl
     n: int = 100
     seed: int = 0
-    max_new_tokens: int = 192
+    prompt: str = "debate"  # debate (Du et al.'s prompts, \\boxed{} answers) | brief (short solutions, for CPUs)
+    max_new_tokens: int = 384
     sampling: str = "nucleus"  # the paper samples its reasoning benchmarks with p = 0.9
     top_p: float = 0.9
     temperature: float = 0.6  # Llama-3 instruct's generation_config default, which p = 0.9 also comes from
@@ -112,6 +113,8 @@ def validate(cfg: EvaluateConfig) -> None:
         raise UserError(f"evaluate.sweep.mode = {cfg.sweep.mode!r} is not one of {', '.join(MODES)}")
     if cfg.sweep.task not in ("squad", "gsm8k"):
         raise UserError(f"evaluate.sweep.task = {cfg.sweep.task!r} is not squad or gsm8k")
+    if cfg.gsm8k.prompt not in GSM8K_STYLES:
+        raise UserError(f"evaluate.gsm8k.prompt = {cfg.gsm8k.prompt!r} is not one of {', '.join(GSM8K_STYLES)}")
     if cfg.squad.setting not in ("private", "shared"):
         raise UserError(f"evaluate.squad.setting = {cfg.squad.setting!r} is not private or shared")
     for name, task in (("squad", cfg.squad), ("gsm8k", cfg.gsm8k)):
@@ -221,8 +224,21 @@ def encode(tokenizer: Any, text: str, chat: bool = True, cue: str = "Answer:") -
 SQUAD_ASK = "Answer the question with a short phrase. Reply with the answer only."
 SQUAD_READ = ("Read the passage, then answer the question with a short phrase copied from the passage. "
               "Reply with the answer only.")
-GSM8K_ASK = ("Solve the math problem. Think step by step, then give the final answer as a number on the last "
-             "line, in the form 'Answer: <number>'.")
+# GSM8K prompts. "debate": the multiagent-debate prompts of Du et al. (2023), the NL baseline the paper
+# compares with (first round, then "solutions from other agents"). "brief": ours, asks for short
+# solutions so that a slow CPU can decode them within a small token budget.
+GSM8K_STYLES = ("debate", "brief")
+GSM8K_DEBATE = ("Can you solve the following math problem? {question} Explain your reasoning. Your final answer "
+                "should be a single numerical number, in the form \\boxed{{answer}}, at the end of your response.")
+GSM8K_DEBATE_READ = ("These are the solutions to the problem from other agents:\n\nOne agent solution: {message}\n\n"
+                     "Using the solutions from other agents as additional information, can you provide your answer "
+                     "to the math problem? The original math problem is {question} Your final answer should be a "
+                     "single numerical number, in the form \\boxed{{answer}}, at the end of your response.")
+GSM8K_BRIEF = ("Solve the math problem. Be brief: write only the calculations needed, one short line each, then "
+               "give the final answer on the last line as 'Answer: <number>'.\n\nProblem: {question}")
+GSM8K_BRIEF_READ = ("Solve the math problem. Be brief: write only the calculations needed, one short line each, then "
+                    "give the final answer on the last line as 'Answer: <number>'.\n\nProblem: {question}\n\n"
+                    "Another assistant's solution:\n{message}")
 
 
 @dataclass
@@ -270,16 +286,18 @@ def squad_prompts(items: Sequence[Any], setting: str = "private") -> TaskPrompts
                        "Answer:", ("\n",), [list(it.answers) for it in items])
 
 
-def gsm8k_prompts(items: Sequence[Any]) -> TaskPrompts:
+def gsm8k_prompts(items: Sequence[Any], style: str = "debate") -> TaskPrompts:
     from pipeline.tasks.scoring import gsm8k_correct
 
+    if style not in GSM8K_STYLES:
+        raise UserError(f"GSM8K prompt style {style!r} is not one of {', '.join(GSM8K_STYLES)}")
+    ask, read = (GSM8K_DEBATE, GSM8K_DEBATE_READ) if style == "debate" else (GSM8K_BRIEF, GSM8K_BRIEF_READ)
+
     def solve(it):
-        return f"{GSM8K_ASK}\n\nProblem: {it.question}"
+        return ask.format(question=it.question)
 
     def with_message(i, message):
-        it = items[i]
-        return (f"{GSM8K_ASK}\n\nProblem: {it.question}\n\nAnother assistant's solution:\n{message.strip()}\n\n"
-                "Check it and give your own solution.")
+        return read.format(question=items[i].question, message=message.strip())
 
     def score(i, text):
         return {"accuracy": gsm8k_correct(text, items[i].answer)}
@@ -302,7 +320,7 @@ def task_prompts(task: str, cfg: EvaluateConfig, n: int | None = None) -> tuple[
 
         t = cfg.gsm8k
         items = load_gsm8k(t.source, n or t.n, t.seed)
-        prompts = gsm8k_prompts(items)
+        prompts = gsm8k_prompts(items, t.prompt)
     else:
         raise UserError(f"unknown task {task!r}: use squad or gsm8k")
     decoding = Decoding(max_new_tokens=t.max_new_tokens, sampling=t.sampling, top_p=t.top_p,

@@ -148,9 +148,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    """The text up to the first stop string that follows some content (leading whitespace, a
+    newline included, is not a stop: models often open an answer with one)."""
+    lead = len(text) - len(text.lstrip())
     for s in stop_strings:
-        if s and s in text:
-            text = text[:text.index(s)]
+        if s and s in text[lead:]:
+            text = text[:lead + text[lead:].index(s)]
     return text
 
 
@@ -221,5 +224,5 @@ def _choose(logits, decoding: Decoding, states: list[_RowState]):
 
 
 def _hits_stop(tokenizer, new: list[int], stop_strings: Sequence[str]) -> bool:
-    tail = tokenizer.decode(new[-8:], skip_special_tokens=True)
-    return any(s in tail for s in stop_strings)
+    text = tokenizer.decode(new, skip_special_tokens=True).lstrip()
+    return any(s in text for s in stop_strings)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.faults import fault_point
 from store.layout import SCHEMA_VERSION, StoreLayout, UnitSpan
 
 UNITS_DIR = "_units"
@@ -55,29 +56,6 @@ def check_existing(path: Path, identity: dict[str, Any], force: bool) -> str:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {identity.get(k)!r}" for k in differ[:3])
         raise UserError(f"{path} was made from other inputs ({shown}): rerun with --force to overwrite it, or write to another path")
     return "complete" if attrs.get("complete") else "resume"
-
-
-_shards_written = 0
-
-
-def _fault_point() -> None:
-    """Fault injection for the crash tests: XMODEL_FAULT=kill_after_shards:N (SIGKILL this process)
-    or ioerror_after_shards:N (fail like a full disk) once N shard regions have been written."""
-    global _shards_written
-    _shards_written += 1
-    fault = os.environ.get("XMODEL_FAULT", "")
-    if not fault:
-        return
-    action, _, count = fault.partition(":")
-    if _shards_written >= int(count):
-        if action == "kill_after_shards":
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "ioerror_after_shards":
-            import errno
-
-            raise OSError(errno.ENOSPC, "No space left on device (injected by XMODEL_FAULT)")
 
 
 class StoreWriter:
@@ -131,7 +109,7 @@ class StoreWriter:
                 lo, hi = span.tok if name.startswith("tokens/") or name in ("token_ids", "char_end") else span.seq
                 if hi > lo:
                     self._array(name)[lo:hi] = data
-                    _fault_point()
+                    fault_point("shards")
         except OSError as e:
             raise UserError(f"writing unit {span.unit} of {self.path} failed ({e.strerror or e}): free space or "
                             "fix the disk, then rerun to resume (finished units are kept)") from None

@@ -73,3 +73,37 @@ def test_unreadable_corpus(tmp_path, tiny_models, capsys):
     params = write_params(tmp_path, {"a": tiny_models["llama"]}, corpus={"source": str(corpus)})
     code, _, err = run_cli(capsys, "--params", str(params), "extract", "--model", "a", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "latin1.txt" in err and "UTF-8" in err, err
+
+
+def test_adapter_training_killed_and_resumed_ends_with_the_same_heldout_metrics(tmp_path_factory, tiny_models):
+    """SIGKILL `xmodel fit linear` mid-epoch; the rerun resumes from its checkpoint and ends exactly
+    where an uninterrupted run with the same seed ends."""
+    from tests.test_pairing import tiny_stores
+
+    fit = {"layers": [0.5, 0.5], "heldout_frac": 0.25, "aligners": {"linear": {"epochs": 4, "batch_size": 8}}}
+    shared = tiny_stores(tmp_path_factory.getbasetemp(), tiny_models, fit=fit)
+    runs = {}
+    for name, fault in (("whole", None), ("killed", "kill_after_steps:17")):
+        tmp = tmp_path_factory.mktemp(name)
+        (tmp / "data").mkdir()
+        (tmp / "data" / "stores").symlink_to(shared.parent / "data" / "stores", target_is_directory=True)
+        params = tmp / "params.yaml"
+        params.write_text(shared.read_text().replace(str(shared.parent / "data"), str(tmp / "data")))
+        if fault:
+            killed = xmodel_process(params, "fit", "linear", "--quiet", env={"XMODEL_FAULT": fault})
+            assert killed.returncode == -9
+            assert (tmp / "data" / "aligners" / "linear" / "ckpt").is_dir()
+            assert not (tmp / "data" / "metrics" / "fit-linear.json").exists()
+        done = xmodel_process(params, "fit", "linear", "--quiet")
+        assert done.returncode == 0, done.stderr
+        metrics = json.loads((tmp / "data" / "metrics" / "fit-linear.json").read_text())
+        runs[name] = {k: v for k, v in metrics.items() if not k.endswith("seconds") and k != "resumed_from_step"}
+        fit_report = json.loads((tmp / "data" / "aligners" / "linear" / "aligner.json").read_text())["fit"]
+        assert (fit_report["resumed_from_step"] > 0) == bool(fault)  # the rerun did resume, not restart
+    assert runs["killed"] == runs["whole"]
+
+
+def test_missing_upstream_stage_output(tmp_path, tiny_models, capsys):
+    params = write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]})
+    code, _, err = run_cli(capsys, "--params", str(params), "fit", "procrustes", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "xmodel extract" in err and "a.zarr" in err, err

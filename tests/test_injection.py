@@ -305,3 +305,11 @@ def test_graft_from_the_skyline_prompt_gives_the_skyline_answer(models):
     assert not torch.allclose(alone.first_logits, skyline.first_logits, atol=1e-2)
     wrong = communicate(mb, tb, own, L, state.roll(1, 0), "replace", d, batch_size=4, keep_first_logits=True)
     assert not torch.allclose(wrong.first_logits, skyline.first_logits, atol=1e-2)
+
+
+def test_stop_strings_cut_after_content_only():
+    from pipeline.generation import _cut
+
+    assert _cut("Paris\nmore", ("\n",)) == "Paris"
+    assert _cut("\n\n Paris\nmore", ("\n",)) == "\n\n Paris"
+    assert _cut("\n", ("\n",)) == "\n" and _cut("abc", ()) == "abc"

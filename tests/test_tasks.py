@@ -140,6 +140,9 @@ def test_squad_scores_take_the_best_gold_and_survive_garbage():
     ("", None),
     ("\ufffd\ufffd<|endoftext|>", None),
     ("Answer: (unknown), but maybe 5", 5),
+    ("Answer: 10 - 4 = 6 liters", 6),
+    ("#### 3 + 4 = 7", 7),
+    ("\\boxed{16630}", 16630),
 ])
 def test_extract_number(text, value):
     got = extract_number(text)

@@ -30,9 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.aligners.base import (Aligner, atomic_write, check_fields, dist_info, hashed_heldout, read_json,
-                                    require)
+from pipeline.aligners.base import (
+    Aligner,
+    atomic_write,
+    check_fields,
+    dist_info,
+    hashed_heldout,
+    read_json,
+    require,
+)
 from pipeline.errors import UserError
+from pipeline.faults import fault_point
 from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
 
 HELDOUT_CACHE_BYTES = 256 << 20  # held-out rows kept in memory between evaluations when this small
@@ -354,8 +362,10 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
     st, best = TrainState(), None
+    resumed_from = 0
     if checkpoint is not None and checkpoint.exists():
         st, best = checkpoint.load(net, opt)
+        resumed_from = st.step
     elif p.epochs:
         st.initial_heldout_loss = heldout_loss(net, split, p)
 
@@ -383,6 +393,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
             st.step += 1
             st.train_loss_sum += loss.item() * len(x)
             st.train_rows += len(x)
+            fault_point("steps")
             if stop_after_steps is not None and st.step >= stop_after_steps:
                 save()
                 return {"interrupted": True, "step": st.step, "epoch": st.epoch}
@@ -397,7 +408,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
 
     if best is not None:
         net.load_state_dict(best)
-    return {"interrupted": False, "steps": st.step, "epochs_run": st.epoch, "best_epoch": st.best_epoch,
+    return {"interrupted": False, "steps": st.step, "resumed_from_step": resumed_from, "epochs_run": st.epoch, "best_epoch": st.best_epoch,
             "stopped_early": st.stopped_early, "initial_heldout_loss": st.initial_heldout_loss,
             "history": st.history, "heldout": heldout_scores(net, split, p)}
 

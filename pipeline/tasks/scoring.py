@@ -83,12 +83,19 @@ def parse_number(text: str) -> Fraction | None:
 
 def extract_number(text: str) -> Fraction | None:
     """The final answer of a GSM8K-style solution: '#### N', then \\boxed{N}, then the last
-    'answer is/Answer: N', then the last number anywhere; None when the text holds no number."""
+    'answer is/Answer: N' (when N starts an equation on its line, 'Answer: 10 - 4 = 6', the number
+    after the line's last '='), then the last number anywhere; None when the text holds no number."""
     for pattern in _MARKERS:
-        found = pattern.findall(text)
+        found = list(pattern.finditer(text))
         if found:
-            sign, digits = found[-1]
-            return _to_fraction(sign, digits)
+            m = found[-1]
+            eol = text.find("\n", m.end())
+            rest = text[m.end():eol if eol >= 0 else len(text)]
+            if "=" in rest:  # "Answer: 10 - 4 = 6": the result of the line's last equation
+                after = _NUMBER.findall(rest.rsplit("=", 1)[1])
+                if after:
+                    return _to_fraction(*after[0])
+            return _to_fraction(*m.groups())
     found = _NUMBER.findall(text)
     if not found:
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.evaluate import EvaluateConfig  # light: evaluation code imports torch only when it runs
+from pipeline.evaluation.config import EvaluateConfig  # light: evaluation code imports torch only when it runs
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -57,6 +57,9 @@ class FitConfig:
     # torch threads while fitting; 0 = torch's default. Speed only. Mini-batch matmuls are small: on
     # a busy CPU extra OpenMP threads spin-wait (4× slower on 2 shared cores); GPUs ignore it.
     threads: int = 1
+    # where trainable aligners train: auto (a GPU if there is one) | cpu | cuda[:N]. Speed only; under
+    # torchrun they train on the CPU.
+    device: str = "auto"
     # per-aligner hyper-parameters: name (or module:Class) -> fields of the aligner's Params dataclass
     aligners: dict[str, dict[str, Any]] = field(default_factory=dict)
 

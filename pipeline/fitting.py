@@ -156,6 +156,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
     import torch
 
     from pipeline.distributed import close_dist, init_dist
+    from pipeline.models import pick_device
 
     cfg = params.fit
     aligner = make_aligner(name, cfg)
@@ -177,7 +178,9 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
             raise refusal or UserError(f"rank 0 refused {directory}: see its error")
         aligner.meta = {**paired.describe(), "inputs": inputs, "store_paths": {"a": str(a.path), "b": str(b.path)}}
         source, target = paired.arrays(paired.train)
-        options = _fit_options(aligner, directory / "ckpt", log)
+        # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
+        device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
+        options = _fit_options(aligner, directory / "ckpt", log, device)
         if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
             # DDP deals row blocks to ranks: cut the rows into enough blocks for every rank
             rows = max(1, len(paired.train) // (4 * dist.world))
@@ -194,7 +197,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         shutil.rmtree(directory / "ckpt", ignore_errors=True)
         scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
         report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
-                  "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), **scores}
+                  "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), "fit_device": str(device), **scores}
         for key in ("epochs_run", "best_epoch", "stopped_early"):
             if key in aligner.fit_info:
                 report[key] = aligner.fit_info[key]
@@ -204,7 +207,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         torch.set_num_threads(threads)
 
 
-def _fit_options(aligner, ckpt: Path, log) -> dict[str, Any]:
+def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
     """Checkpointing and progress for the aligners whose fit takes them (custom ones may not)."""
     accepted = inspect.signature(aligner.fit).parameters
     options: dict[str, Any] = {}
@@ -215,6 +218,8 @@ def _fit_options(aligner, ckpt: Path, log) -> dict[str, Any]:
             (ckpt / INPUTS).write_text(json.dumps(_json(aligner.meta["inputs"]), indent=1, sort_keys=True))
     if "log" in accepted and log is not None:
         options["log"] = log
+    if "device" in accepted and device.type != "cpu":
+        options["device"] = device
     return options
 
 

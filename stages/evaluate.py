@@ -1,7 +1,7 @@
 """Stages `evaluate@squad`, `evaluate@gsm8k`, `evaluate@similarity`, and `xmodel evaluate sweep`.
 
-Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluate.EvaluateConfig),
-loads both models and the fitted aligners, runs pipeline/evaluate.py, writes:
+Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluation.config.EvaluateConfig),
+loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
   data/evaluate/<task>/predictions.jsonl   every method's output and score per item
   data/evaluate/<task>/table.md            the Markdown table
   data/metrics/evaluate-<task>.json        scores with intervals, paired tests, compute (dvc metrics)
@@ -19,7 +19,7 @@ TASKS = ("squad", "gsm8k", "similarity", "sweep")
 
 
 def evaluate_config(params: Any):
-    from pipeline.evaluate import EvaluateConfig
+    from pipeline.evaluation.config import EvaluateConfig
 
     cfg = getattr(params, "evaluate", None)
     return cfg if cfg is not None else EvaluateConfig()
@@ -37,7 +37,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         ) -> dict[str, Path]:
     """Run one evaluation task end to end; returns the paths written."""
     from pipeline.errors import UserError
-    from pipeline.evaluate import load_aligners, load_pair, resolve_ks
+    from pipeline.evaluation.pair import load_aligners, load_pair, resolve_ks
 
     if task not in TASKS:
         raise UserError(f"unknown evaluation {task!r}: use one of {', '.join(TASKS)}")
@@ -52,7 +52,8 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     if task == "similarity":
         return _similarity(params, cfg, pair, aligners, k, j, out)
 
-    from pipeline.evaluate import evaluate_task, plot_scores, write_json
+    from pipeline.evaluation.methods import evaluate_task
+    from pipeline.evaluation.results import plot_scores, write_json
 
     result = evaluate_task(task, pair, cfg, aligners, log)
     out["predictions"].parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,8 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
 
 def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     from pipeline.data import load_corpus
-    from pipeline.evaluate import plot_similarity, similarity_probe, similarity_table, similarity_texts, write_json
+    from pipeline.evaluation.results import write_json
+    from pipeline.evaluation.similarity import plot_similarity, similarity_probe, similarity_table, similarity_texts
 
     training = load_corpus(params.corpus).texts  # the aligners were fitted on these: hold them out
     texts = similarity_texts(cfg.similarity, exclude=training)
@@ -85,7 +87,9 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
 def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     from dataclasses import replace
 
-    from pipeline.evaluate import layer_sweep, plot_sweep, task_prompts, write_json
+    from pipeline.evaluation.prompts import task_prompts
+    from pipeline.evaluation.results import write_json
+    from pipeline.evaluation.sweep import layer_sweep, plot_sweep
     from pipeline.layers import num_layers, resolve_layers
 
     s = cfg.sweep

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.evaluate import (EvaluateConfig, Gsm8kConfig, Pair, SimilarityConfig, SquadConfig, SweepConfig,
-                               config_from_dict, evaluate_task, layer_sweep, load_aligners, similarity_probe,
-                               similarity_texts, task_prompts)
+from pipeline.evaluation.config import (EvaluateConfig, Gsm8kConfig, SimilarityConfig, SquadConfig, SweepConfig,
+                                        config_from_dict)
+from pipeline.evaluation.methods import evaluate_task
+from pipeline.evaluation.pair import Pair, load_aligners
+from pipeline.evaluation.prompts import task_prompts
+from pipeline.evaluation.similarity import similarity_probe, similarity_texts
+from pipeline.evaluation.sweep import layer_sweep
 
 FAST = dict(batch_size=4, n_boot=200, squad=SquadConfig(n=4, max_new_tokens=3),
             gsm8k=Gsm8kConfig(n=3, max_new_tokens=4), similarity=SimilarityConfig(n=6),
@@ -167,7 +171,8 @@ def test_stage_writes_metrics_table_predictions_and_plots(pair, aligner_dir, tmp
 
 
 def test_plots_survive_rounding_at_the_interval_edge(tmp_path):
-    from pipeline.evaluate import plot_scores, plot_similarity
+    from pipeline.evaluation.results import plot_scores
+    from pipeline.evaluation.similarity import plot_similarity
 
     summary = {"m": {"em": {"mean": 0.38, "lo": 0.38 + 1e-17, "hi": 0.4}}, "z": {"em": {"mean": 0, "lo": 0, "hi": 0.04}}}
     assert plot_scores(summary, "em", tmp_path / "a.png").stat().st_size > 1000

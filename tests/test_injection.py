@@ -287,7 +287,7 @@ def test_graft_from_the_skyline_prompt_gives_the_skyline_answer(models):
     last-token state replaced by its own state from the prompt that holds the passage, predicts
     exactly the skyline's next-token distribution, so it starts the skyline's answer. Grafting the
     state of another item's passage does not."""
-    from pipeline.evaluate import squad_prompts
+    from pipeline.evaluation.prompts import squad_prompts
     from pipeline.tasks.squad import generate_items
 
     mb, tb = models["llama"]

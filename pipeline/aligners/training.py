@@ -11,6 +11,12 @@ needs only the weights, the optimizer state, the best weights so far and a few c
 skips the batches already taken (reading only the windows still needed) and reproduces the
 uninterrupted run exactly.
 
+Devices. On a GPU the training rows are copied to device memory once when they fit in half of
+what is free (`RowSplit.to_device`); every epoch's batches are then gathered there in the same
+order as the streamed path, so the GPU never waits on store reads after the first pass. Rows that
+do not fit are streamed as above and copied per batch. The loss is summed on the device, so no
+step waits for the host.
+
 DDP. When torch.distributed is initialized, each epoch's blocks are dealt round-robin to the ranks,
 every rank takes the same number of steps (the smallest rank's count), gradients are averaged
 with all_reduce, held-out sums are all-reduced (so every rank takes the same early-stopping
@@ -109,6 +115,22 @@ class RowSplit:
         if self.n_train < 1:
             raise UserError(f"no training rows: {self.n} rows with heldout_frac = {heldout_frac}")
         self._heldout_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None  # training rows on the device
+
+    def fits_on(self, device: torch.device, budget: float = 0.5) -> bool:
+        """Whether the training rows (float32) take at most `budget` of the GPU's free memory. Never
+        on the CPU, whose path keeps memory bounded by the shuffle buffer."""
+        need = self.n_train * (self.d_source + self.d_target) * 4
+        return device.type == "cuda" and need <= budget * torch.cuda.mem_get_info(device)[0]
+
+    def to_device(self, device: torch.device) -> None:
+        """Copy every training row to `device` (float32, row-id order); train_batches then gathers
+        batches there, in the same order as the streamed path."""
+        xs, ys = [], []
+        for x, y in self.iter_train_blocks():
+            xs.append(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device))
+            ys.append(torch.from_numpy(np.ascontiguousarray(y, np.float32)).to(device))
+        self._resident = (torch.cat(xs), torch.cat(ys))
 
     def _train_ids(self, block: int) -> np.ndarray:
         start, stop = self.blocks.bounds[block]
@@ -152,6 +174,13 @@ class RowSplit:
         seq = np.concatenate([w.order for w in windows])
         ends = np.cumsum([len(w.order) for w in windows])
         steps = math.ceil(len(seq) / batch_size) if steps is None else steps
+        if self._resident is not None:  # the same rows in the same order, gathered on the device
+            x_all, y_all = self._resident
+            pos = torch.from_numpy(np.searchsorted(np.flatnonzero(~self.heldout), seq)).to(x_all.device)
+            for k in range(skip, steps):
+                rows = pos[k * batch_size:(k + 1) * batch_size]
+                yield x_all.index_select(0, rows), y_all.index_select(0, rows)
+            return
         loaded: dict[int, Any] = {}  # window index → future of its (x, y)
         with ThreadPoolExecutor(max_workers=1) as pool:
             for k in range(skip, steps):
@@ -316,6 +345,10 @@ def _all_reduce_sum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 @torch.no_grad()
 def heldout_loss(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> float | None:
     """Mean training loss over the held-out rows (batches dealt round-robin to ranks)."""
@@ -323,9 +356,10 @@ def heldout_loss(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> float
         return None
     rank, world = dist_info()
     total, rows = 0.0, 0
+    dev = _device_of(net)
     for k, (x, y) in enumerate(split.heldout_batches(p.batch_size)):
         if k % world == rank:
-            total += float(batch_loss(net(x), y, p)) * len(x)
+            total += float(batch_loss(net(x.to(dev)), y.to(dev), p)) * len(x)
             rows += len(x)
     total, rows = _all_reduce_sum([total, float(rows)], world)
     return total / rows
@@ -337,8 +371,9 @@ def heldout_scores(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> dic
     if split.n_heldout == 0:
         return {}
     reg, preds, targets = RegressionScores(), [], []
+    dev = _device_of(net)
     for x, y in split.heldout_batches(p.batch_size):
-        pred = net(x)
+        pred = net(x.to(dev)).cpu()
         reg.update(pred.numpy(), y.numpy())
         if sum(len(t) for t in targets) < RETRIEVAL_ROWS:
             preds.append(pred.numpy())
@@ -353,14 +388,20 @@ def heldout_scores(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> dic
 
 def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Checkpoint | None = None,
           checkpoint_every: int = 0, stop_after_steps: int | None = None,
-          log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train `net` in place with Adam; at the end it holds the weights of the best held-out epoch.
+          log: Callable[[dict[str, Any]], None] | None = None, device: Any = None) -> dict[str, Any]:
+    """Train `net` in place with Adam on `device` (default: where net is); at the end it holds the
+    weights of the best held-out epoch.
     Returns the fit report (history, held-out scores). With `stop_after_steps` it checkpoints and
     returns early, marked interrupted (to test or to split a long run); a later call with the same
     checkpoint resumes."""
     rank, world = dist_info()
+    dev = torch.device(device) if device is not None else _device_of(net)
+    net.to(dev)
+    if split.fits_on(dev):
+        split.to_device(dev)
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # this epoch's, not yet in st
     st, best = TrainState(), None
     resumed_from = 0
     if checkpoint is not None and checkpoint.exists():
@@ -370,6 +411,8 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
         st.initial_heldout_loss = heldout_loss(net, split, p)
 
     def save() -> None:
+        st.train_loss_sum += float(loss_sum)  # the one host sync, at checkpoints and epoch ends
+        loss_sum.zero_()
         if checkpoint is not None and rank == 0:
             checkpoint.save(net, best, opt, st)
         if checkpoint is not None and world > 1:
@@ -381,6 +424,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
             raise UserError(f"{world} ranks but only {len(split.blocks)} row blocks: some rank gets no "
                             "training rows; use fewer ranks or smaller blocks (block_rows)")
         for x, y in split.train_batches(st.epoch, p.batch_size, rank, world, skip=st.step_in_epoch, steps=steps):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = batch_loss(net(x), y, p)
             loss.backward()
@@ -391,7 +435,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
             opt.step()
             st.step_in_epoch += 1
             st.step += 1
-            st.train_loss_sum += loss.item() * len(x)
+            loss_sum += loss.detach() * len(x)
             st.train_rows += len(x)
             fault_point("steps")
             if stop_after_steps is not None and st.step >= stop_after_steps:
@@ -399,6 +443,8 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
                 return {"interrupted": True, "step": st.step, "epoch": st.epoch}
             if checkpoint_every and st.step % checkpoint_every == 0:
                 save()
+        st.train_loss_sum += float(loss_sum)
+        loss_sum.zero_()
         _end_epoch(net, split, p, st, world)
         if st.best_epoch == st.epoch:  # this epoch improved (always true for the first)
             best = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -442,9 +488,10 @@ class TrainableAligner(Aligner):
 
     def fit(self, source: Any, target: Any, *, checkpoint_dir: str | Path | None = None,
             checkpoint_every: int = 0, stop_after_steps: int | None = None, block_rows: int | None = None,
-            log: Callable[[dict[str, Any]], None] | None = None) -> TrainableAligner:
-        """Train on (source, target). With `checkpoint_dir`, checkpoints at each epoch end (and
-        every `checkpoint_every` steps) and resumes from a checkpoint found there."""
+            log: Callable[[dict[str, Any]], None] | None = None, device: Any = None) -> TrainableAligner:
+        """Train on (source, target), on `device` (default CPU). With `checkpoint_dir`, checkpoints at
+        each epoch end (and every `checkpoint_every` steps) and resumes from a checkpoint found there.
+        The fitted module is returned to the CPU, where transform and save expect it."""
         p = self.params
         split = RowSplit(source, target, p.seed, p.heldout_frac, max(p.shuffle_buffer, p.batch_size), block_rows)
         self.d_source, self.d_target = split.d_source, split.d_target
@@ -456,8 +503,8 @@ class TrainableAligner(Aligner):
                 torch.manual_seed(p.seed)
                 self.net = self.init_net(split, torch.Generator().manual_seed(p.seed))
         self.net.train()
-        self.fit_info = train(self.net, split, p, ckpt, checkpoint_every, stop_after_steps, log)
-        self.net.eval()
+        self.fit_info = train(self.net, split, p, ckpt, checkpoint_every, stop_after_steps, log, device)
+        self.net.cpu().eval()
         return self
 
     def _fingerprint(self, split: RowSplit) -> str:

@@ -1,0 +1,112 @@
+"""Scores with 95% intervals, paired comparisons, the Markdown table, the bar chart and JSON output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.methods import MethodRun
+    from pipeline.evaluation.prompts import TaskPrompts
+
+
+def summarize(prompts: TaskPrompts, runs: Sequence[MethodRun], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Per method: each score with a 95% interval, the compute, and paired comparisons against
+    b_alone and nl (McNemar on binary scores, paired bootstrap on every score)."""
+    from pipeline.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson_interval
+
+    by_name = {r.name: r for r in runs}
+    out: dict[str, Any] = {}
+    for r in runs:
+        entry: dict[str, Any] = {"n": len(r.texts)}
+        for key, values in r.scores.items():
+            mean = sum(values) / len(values) if values else float("nan")
+            if key in prompts.binary:
+                lo, hi = wilson_interval(int(round(sum(values))), len(values))
+                how = "wilson"
+            else:
+                lo, hi = bootstrap_mean(values, n_boot=n_boot, seed=seed)
+                how = "bootstrap"
+            entry[key] = {"mean": mean, "lo": lo, "hi": hi, "interval": how}
+        entry["compute"] = asdict(r.compute)
+        for ref in ("b_alone", "nl"):
+            if ref == r.name or ref not in by_name:
+                continue
+            cmp: dict[str, Any] = {}
+            for key, values in r.scores.items():
+                other = by_name[ref].scores[key]
+                c = {"paired_bootstrap": paired_bootstrap(values, other, n_boot=n_boot, seed=seed).to_json()}
+                if key in prompts.binary:
+                    c["mcnemar"] = mcnemar_exact(values, other).to_json()
+                cmp[key] = c
+            entry[f"vs_{ref}"] = cmp
+        out[r.name] = entry
+    return out
+
+
+def format_table(summary: dict[str, Any], primary: str, secondary: str | None = None) -> str:
+    """A Markdown table: score [95% interval], the secondary score, p vs B alone and vs NL, compute."""
+    head = f"| method | {primary} [95% CI] |" + (f" {secondary} [95% CI] |" if secondary else "")
+    head += " Δ vs B alone (p) | Δ vs NL (p) | A tokens | B tokens | GFLOP | seconds |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, e in summary.items():
+        s = e[primary]
+        row = f"| {name} | {100 * s['mean']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] |"
+        if secondary:
+            s2 = e[secondary]
+            row += f" {100 * s2['mean']:.1f} [{100 * s2['lo']:.1f}, {100 * s2['hi']:.1f}] |"
+        for ref in ("vs_b_alone", "vs_nl"):
+            c = e.get(ref, {}).get(primary)
+            if c is None:
+                row += " — |"
+                continue
+            p = c.get("mcnemar", c["paired_bootstrap"])["p_value"]
+            row += f" {100 * c['paired_bootstrap']['diff']:+.1f} ({p:.3g}) |"
+        comp = e["compute"]
+        row += f" {comp['a_tokens']} | {comp['b_tokens']} | {comp['flops'] / 1e9:.1f} | {comp['seconds']:.1f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [100 * summary[m][key]["mean"] for m in names]
+    # Wilson intervals always hold the mean; max() only absorbs rounding (matplotlib refuses a -1e-17)
+    lo = [max(0.0, 100 * (summary[m][key]["mean"] - summary[m][key]["lo"])) for m in names]
+    hi = [max(0.0, 100 * (summary[m][key]["hi"] - summary[m][key]["mean"])) for m in names]
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+    ax.set_ylabel(f"{key} (%) with 95% CI")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)

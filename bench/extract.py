@@ -8,6 +8,10 @@ tokens) of the same random-weight model of a real shape, in one process, one aft
   xmodel   extract_model into a Zarr store on local disk (pooled + last + per-token states)
 Prints tokens/s, ratios and achieved TFLOP/s. Example (GPU):
   python bench/extract.py --shape llama-3.2-3b --batch 32 --seq 512 --batches 24
+Under torchrun only xmodel runs (every rank writes its units into one store; the time is from a
+barrier before to a barrier after), for comparison with a one-GPU run of the same arguments:
+  torchrun --nproc-per-node 2 bench/extract.py --shape llama-3.2-3b --batch 32 --seq 512 --batches 64 \\
+      --store-dir /tmp/bench-store
 """
 
 from __future__ import annotations
@@ -63,12 +67,15 @@ def main() -> None:
 
     from pipeline.config import ExtractConfig
     from pipeline.data import Corpus
-    from pipeline.distributed import Dist
+    from pipeline.distributed import close_dist, init_dist
     from pipeline.extract import extract_model, tokenize
     from pipeline.layers import resolve_layers
     from pipeline.models import pick_device, pick_dtype
     from pipeline.synthetic import random_model, train_tokenizer
 
+    dist = init_dist(args.device)
+    if dist.world > 1 and not args.store_dir:
+        raise SystemExit("under torchrun pass --store-dir: every rank must write into the same store")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tokenizer = train_tokenizer(4096, bos=True)
@@ -119,31 +126,38 @@ def main() -> None:
                             unit_size=args.unit_size or 8 * args.batch, batch_tokens=args.batch * args.seq)
         runs.append(work / f"store-{len(runs)}.zarr")  # a fresh path: deleting the last store is not timed
         phases[:] = [extract_model(model, tokenizer, {"model_id": args.shape, "revision": None, "model_sha": "random"}, corpus,
-                      cfg, runs[-1], Dist(), quiet=True).phases]
+                      cfg, runs[-1], dist, quiet=True).phases]
 
     with torch.inference_mode():  # warm-up: kernels, allocator
         x = batches[0].to(device)
         model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
     methods = {"bare": bare, "xmodel": ours} | ({} if args.skip_hf else {"hf-loop": hf_loop})
+    if dist.world > 1:  # the baselines are one-GPU loops: compare with a one-GPU run instead
+        methods = {"xmodel": ours}
     best: dict[str, float] = {}
     for _ in range(args.repeat):  # interleaved repeats, best of each: order and warm-up effects cancel
         for name, fn in methods.items():
+            dist.barrier()
             best[name] = min(best.get(name, float("inf")), timed(fn))
+            dist.barrier()
+    close_dist(dist)
+    if not dist.is_main:
+        return
     results = {name: tokens / best[name] for name in ("bare", "hf-loop", "xmodel") if name in best}
     fpt = flops_per_token(model, args.seq)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.shape}  {card}  {dtype}  batch {args.batch} x {args.seq}  {n} seqs  layers {layers}  "
+    print(f"\n{args.shape}  {card} x {dist.world}  {dtype}  batch {args.batch} x {args.seq}  {n} seqs  layers {layers}  "
           f"tokens/seq kept {args.tokens_per_seq}")
     print(f"{'method':<10}{'tokens/s':>12}{'TFLOP/s':>10}{'vs bare':>9}{'vs hf-loop':>12}")
     for name, rate in results.items():
         hf = results.get("hf-loop")
-        print(f"{name:<10}{rate:>12,.0f}{rate * fpt / 1e12:>10.2f}{rate / results['bare']:>9.2f}"
+        print(f"{name:<10}{rate:>12,.0f}{rate * fpt / 1e12:>10.2f}{rate / results.get('bare', float('nan')):>9.2f}"
               f"{(rate / hf if hf else float('nan')):>12.2f}")
     print("xmodel phases (s, last run): " + ", ".join(f"{k} {v:.2f}" for k, v in phases[0].items()))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"extract-{args.shape}-b{args.batch}x{args.seq}.json").write_text(json.dumps(
+        Path(os.environ["OUT"], f"extract-{args.shape}-b{args.batch}x{args.seq}-g{dist.world}.json").write_text(json.dumps(
             {"shape": args.shape, "card": card, "dtype": str(dtype), "batch": args.batch, "seq": args.seq,
-             "tokens": tokens, "layers": layers, "tokens_per_seq": args.tokens_per_seq, "tokens_per_s": results,
+             "tokens": tokens, "gpus": dist.world, "layers": layers, "tokens_per_seq": args.tokens_per_seq, "tokens_per_s": results,
              "flops_per_token": fpt}, indent=2))
     if not args.store_dir:
         shutil.rmtree(work, ignore_errors=True)

@@ -45,19 +45,24 @@ def identity(n: int, d: int, seed: int, dtype: str, role: str) -> dict:
             "seed": seed, "store_dtype": dtype, "relation": "y = Q (s * x) + 0.1 noise"}
 
 
-def build_stores(directory: Path, n: int, d: int, seed: int, dtype: str) -> None:
+def build_stores(directory: Path, n: int, d: int, seed: int, dtype: str, d_b: int | None = None) -> None:
+    """Stores a (n x d) and b (n x d_b, default d) with y = W x + noise: W = Q diag(s), Q a random
+    rotation, when the widths are equal; a random Gaussian map otherwise."""
     import numpy as np
 
     from store.layout import StoreLayout
     from store.writer import StoreWriter, check_existing
 
-    layout = StoreLayout(np.zeros(n, dtype=np.int64), UNIT, [0], d)  # no per-token rows
-    writers = {r: StoreWriter(directory / f"{r}.zarr", layout, dtype, identity(n, d, seed, dtype, r)) for r in "ab"}
+    d_b = d_b or d
+    widths = {"a": d, "b": d_b}
+    writers = {r: StoreWriter(directory / f"{r}.zarr", StoreLayout(np.zeros(n, dtype=np.int64), UNIT, [0], widths[r]),
+                              dtype, identity(n, widths[r], seed, dtype, r)) for r in "ab"}
+    layout = writers["a"].layout
     status = {r: check_existing(w.path, w.identity, force=True) for r, w in writers.items()}
     if all(s == "complete" for s in status.values()):
         print(f"reusing the stores in {directory}")
         return
-    need = 2 * n * d * np.dtype(dtype).itemsize * 1.1
+    need = n * (d + d_b) * np.dtype(dtype).itemsize * 1.1
     free = shutil.disk_usage(directory).free
     if free < need:
         sys.exit(f"{directory}: {free / 2**30:.1f} GiB free, the stores need {need / 2**30:.1f} GiB: use --dir elsewhere or lower --n")
@@ -65,9 +70,11 @@ def build_stores(directory: Path, n: int, d: int, seed: int, dtype: str) -> None
         if status[r] != "resume":
             w.create({"num_layers": 1, "role": r})
     rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    scale = rng.uniform(0.5, 2.0, d)
-    w_true = (q * scale).astype(np.float32)  # y = W x + noise, W = Q diag(s)
+    if d_b == d:
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        w_true = (q * rng.uniform(0.5, 2.0, d)).astype(np.float32)  # y = W x + noise, W = Q diag(s)
+    else:
+        w_true = (rng.standard_normal((d_b, d)) / np.sqrt(d)).astype(np.float32)
     t0 = time.perf_counter()
     pending = {r: {u.unit for u in w.pending_units(0, 1)} for r, w in writers.items()}
     for span in layout.units:
@@ -76,7 +83,7 @@ def build_stores(directory: Path, n: int, d: int, seed: int, dtype: str) -> None
         lo, hi = span.seq
         g = np.random.default_rng([seed, span.unit])
         x = g.standard_normal((hi - lo, d), dtype=np.float32) + 0.5
-        y = x @ w_true.T + 0.1 * g.standard_normal((hi - lo, d), dtype=np.float32)
+        y = x @ w_true.T + 0.1 * g.standard_normal((hi - lo, d_b), dtype=np.float32)
         index = {"seq_start": np.zeros(hi - lo, np.int64), "seq_len": np.zeros(hi - lo, np.int64),
                  "text_index": np.arange(lo, hi, dtype=np.int64)}
         for r, values in (("a", x), ("b", y)):

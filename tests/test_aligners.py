@@ -213,6 +213,8 @@ def test_rows_held_on_the_device_give_the_same_batches_and_fit(monkeypatch):
         a = list(streamed.train_batches(epoch, 32, skip=skip))
         b = list(resident.train_batches(epoch, 32, skip=skip))
         assert len(a) == len(b) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b))
+    a, b = list(streamed.heldout_batches(50)), list(resident.heldout_batches(50))
+    assert len(a) == len(b) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b))
     # a whole fit through the resident path equals the streamed fit
     full = Linear(**RESUME_HP).fit(x, y)
     monkeypatch.setattr(RowSplit, "fits_on", lambda self, device, budget=0.5: True)

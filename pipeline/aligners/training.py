@@ -116,21 +116,27 @@ class RowSplit:
             raise UserError(f"no training rows: {self.n} rows with heldout_frac = {heldout_frac}")
         self._heldout_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None  # training rows on the device
+        self._resident_heldout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fits_on(self, device: torch.device, budget: float = 0.5) -> bool:
-        """Whether the training rows (float32) take at most `budget` of the GPU's free memory. Never
-        on the CPU, whose path keeps memory bounded by the shuffle buffer."""
-        need = self.n_train * (self.d_source + self.d_target) * 4
+        """Whether all rows (float32) take at most `budget` of the GPU's free memory. Never on the
+        CPU, whose path keeps memory bounded by the shuffle buffer."""
+        need = self.n * (self.d_source + self.d_target) * 4
         return device.type == "cuda" and need <= budget * torch.cuda.mem_get_info(device)[0]
 
     def to_device(self, device: torch.device) -> None:
-        """Copy every training row to `device` (float32, row-id order); train_batches then gathers
-        batches there, in the same order as the streamed path."""
-        xs, ys = [], []
-        for x, y in self.iter_train_blocks():
-            xs.append(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device))
-            ys.append(torch.from_numpy(np.ascontiguousarray(y, np.float32)).to(device))
-        self._resident = (torch.cat(xs), torch.cat(ys))
+        """Copy every row to `device` (float32, row-id order) in one pass over the store;
+        train_batches then gathers batches there, in the same order as the streamed path, and
+        heldout_batches slices the held-out rows there."""
+        parts: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {False: [], True: []}
+        for start, stop, (x, y) in self.blocks.iter():
+            held = self.heldout[start:stop]
+            for which in (False, True):
+                rows = held == which
+                parts[which].append(tuple(torch.from_numpy(np.ascontiguousarray(a[rows], np.float32)).to(device)
+                                          for a in (x, y)))
+        self._resident, self._resident_heldout = (
+            (torch.cat([p[0] for p in parts[w]]), torch.cat([p[1] for p in parts[w]])) for w in (False, True))
 
     def _train_ids(self, block: int) -> np.ndarray:
         start, stop = self.blocks.bounds[block]
@@ -209,6 +215,11 @@ class RowSplit:
 
     def heldout_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Held-out rows in row order, in batches of `batch_size` (the same on every rank and run)."""
+        if self._resident_heldout is not None:
+            x, y = self._resident_heldout
+            for s in range(0, len(x), batch_size):
+                yield x[s:s + batch_size], y[s:s + batch_size]
+            return
         if self._heldout_cache is not None:
             x, y = self._heldout_cache
             for s in range(0, len(x), batch_size):
@@ -373,7 +384,7 @@ def heldout_scores(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> dic
     reg, preds, targets = RegressionScores(), [], []
     dev = _device_of(net)
     for x, y in split.heldout_batches(p.batch_size):
-        pred = net(x.to(dev)).cpu()
+        pred, y = net(x.to(dev)).cpu(), y.cpu()
         reg.update(pred.numpy(), y.numpy())
         if sum(len(t) for t in targets) < RETRIEVAL_ROWS:
             preds.append(pred.numpy())

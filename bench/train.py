@@ -1,0 +1,160 @@
+"""Adapter training throughput from an activation store, against the same training loop fed from
+tensors already in GPU memory.
+
+Builds two synthetic stores (n rows of last-token states, widths of the named model shapes, float16
+on local disk, y = W x + noise) through the store's own writer, then for each adapter trains E
+epochs through the library (`pipeline.aligners` fit, the path `xmodel fit` takes):
+  store, on device   the default on a GPU: the training rows are read from the store once and held
+                     in device memory; batches are gathered there
+  store, streamed    the path for rows that do not fit: shuffled windows read from the store on a
+                     thread, each batch copied to the device
+  ceiling            the same module, optimizer and number of steps on random batches already on the
+                     device (nothing read, no held-out passes): what the GPU can do alone
+Prints samples/s, the ratio to the ceiling (the fraction of time the GPU is not waiting on data or
+on our bookkeeping), and the GPU's busy fraction in the store runs (CUDA kernel time / wall time,
+from torch.profiler). Example (GPU):
+  python bench/train.py --dir /tmp/bench-train --n 131072 --shape-a llama-3.2-3b --shape-b llama-3.1-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fit import build_stores  # noqa: E402  (the synthetic stores of the fitting bench)
+
+ADAPTERS = {  # name -> constructor arguments beyond the common ones
+    "linear": {},
+    "affine": {},
+    "lora": {"rank": 32, "base": "identity"},
+}
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def busy_fraction(fn) -> tuple[float, float]:
+    """(wall seconds, CUDA kernel seconds / wall) of fn() under torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t0
+    kernels = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return wall, kernels / 1e6 / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", required=True, help="where the synthetic stores are built (reused if complete)")
+    ap.add_argument("--n", type=int, default=131072, help="rows (texts)")
+    ap.add_argument("--shape-a", default="llama-3.2-3b")
+    ap.add_argument("--shape-b", default="llama-3.1-8b")
+    ap.add_argument("--adapters", default="linear,lora")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--profile", action="store_true", help="also measure the GPU busy fraction (slower)")
+    args = ap.parse_args()
+
+    import torch
+
+    from pipeline.aligners import get_aligner
+    from pipeline.aligners.training import RowSplit, batch_loss
+    from pipeline.models import pick_device
+    from pipeline.synthetic import SHAPES
+    from store.reader import ActivationStore
+
+    device = pick_device(args.device)
+    make_aligner = lambda name, hp: get_aligner(name)(**hp)  # noqa: E731
+    d_a, d_b = SHAPES[args.shape_a]["hidden_size"], SHAPES[args.shape_b]["hidden_size"]
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    build_stores(directory, args.n, d_a, seed=0, dtype="float16", d_b=d_b)
+    build_s = time.perf_counter() - t0
+    x, y = ActivationStore(directory / "a.zarr").dask("last", 0), ActivationStore(directory / "b.zarr").dask("last", 0)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    common = dict(loss="mse", batch_size=args.batch, epochs=args.epochs, patience=0, lr=1e-3)
+
+    rows = []
+    for name in args.adapters.split(","):
+        hp = {**common, **ADAPTERS[name]}
+        make_aligner(name, {**hp, "epochs": 1}).fit(x[:8192], y[:8192], device=device)  # warm-up
+        results = {}
+        feeds = (("store, on device", True),) if device.type == "cuda" else ()
+        for label, resident in feeds + (("store, streamed", False),):
+            fits = RowSplit.fits_on
+            if not resident:
+                RowSplit.fits_on = lambda self, dev, budget=0.5: False
+            try:
+                aligner = make_aligner(name, hp)
+
+                def run():
+                    aligner.fit(x, y, device=device)
+
+                sync()
+                t = time.perf_counter()
+                run()
+                sync()
+                wall = time.perf_counter() - t
+                busy = busy_fraction(lambda: make_aligner(name, hp).fit(x, y, device=device))[1] if args.profile else None
+            finally:
+                RowSplit.fits_on = fits
+            steps = aligner.fit_info["steps"]
+            results[label] = (wall, steps, busy)
+        # the ceiling: the same net and optimizer, the same steps, on batches already on the device
+        split = RowSplit(x[:4096], y[:4096])
+        net = make_aligner(name, hp).init_net(split, torch.Generator().manual_seed(0)).to(device)
+        opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=1e-3)
+        p = make_aligner(name, hp).params
+        bx, by = torch.randn(args.batch, d_a, device=device), torch.randn(args.batch, d_b, device=device)
+
+        def ceiling(steps):
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss = batch_loss(net(bx), by, p)
+                loss.backward()
+                opt.step()
+
+        ceiling(20)  # warm-up
+        steps = next(iter(results.values()))[1]
+        sync()
+        t = time.perf_counter()
+        ceiling(steps)
+        sync()
+        ceil_s = time.perf_counter() - t
+        ceil_rate = steps * args.batch / ceil_s
+        for label, (wall, steps, busy) in results.items():
+            rate = steps * args.batch / wall
+            rows.append((name, label, steps, wall, rate, rate / ceil_rate, busy))
+        rows.append((name, "ceiling (batches on device)", steps, ceil_s, ceil_rate, 1.0, None))
+
+    print(f"\n{card}  rows {args.n:,} ({d_a} -> {d_b}, float16 store, built/reused in {build_s:.0f} s)  "
+          f"batch {args.batch}  epochs {args.epochs}  (fit time includes held-out passes and scores)")
+    print(f"{'adapter':<8}{'feed':<30}{'steps':>7}{'seconds':>9}{'samples/s':>12}{'vs ceiling':>12}{'GPU busy':>10}")
+    for name, label, steps, wall, rate, ratio, busy in rows:
+        b = f"{busy:.2f}" if busy is not None else "-"
+        print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{rate:>12,.0f}{ratio:>12.2f}{b:>10}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"train-{args.shape_a}-{args.shape_b}-b{args.batch}.json").write_text(json.dumps(
+            {"card": card, "n": args.n, "d": [d_a, d_b], "batch": args.batch, "epochs": args.epochs,
+             "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "samples_per_s", "vs_ceiling", "gpu_busy"), r))
+                      for r in rows]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -139,6 +139,18 @@ def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
         click.echo("wrote " + ", ".join(str(p) for p in out.values()))
 
 
+@cli.command()
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.pass_context
+def report(ctx: click.Context, quiet: bool) -> None:
+    """One Markdown report (data/report/report.md, and .html) from the metrics and plots the stages wrote."""
+    from stages import report as stage
+
+    out = stage.run(_params(ctx))
+    if not quiet:
+        click.echo("wrote " + ", ".join(str(p) for p in out.values()))
+
+
 def _silence_libraries() -> None:
     """--quiet: no progress bars from transformers / the hub either, so stderr holds only errors."""
     import os

@@ -1,0 +1,353 @@
+"""One Markdown report of a pipeline run, built only from the files the stages wrote.
+
+Reads data/models/*.json, the stores' zarr.json attributes, data/metrics/*.json and links
+data/plots/*.png; it never imports model or evaluation code and never loads a model, so it takes
+well under a second and works on a copy of data/ without the stores' arrays. An upstream output
+that is missing (a task that was not run) makes its section say "not run"; no metrics at all is a
+UserError, since a report of nothing is a mistake (wrong data dir, or `dvc repro` not run yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+# The evaluate stages in dvc.yaml; `sweep` is `xmodel evaluate sweep` only. Kept here (not imported
+# from the evaluation package) so the report stays independent of evaluation code.
+ACCURACY_TASKS = ("squad", "gsm8k")
+ROLES = ("a", "b")
+NOT_RUN = "_not run_"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    data: Path  # the pipeline's data dir (params paths.data)
+    aligners: tuple[str, ...]  # params fit.aligners, in params order
+    facts: dict[str, Any]  # params shown under "What was run" (corpus, layers, split, ...)
+    fingerprint: str  # of every params section that decides the results
+    html: bool = True  # also report.html when a Markdown renderer is installed
+
+    @property
+    def out_dir(self) -> Path:
+        return self.data / "report"
+
+    def metrics(self, name: str) -> Path:
+        return self.data / "metrics" / f"{name.replace(':', '.')}.json"
+
+    def plot(self, name: str) -> Path:
+        return self.data / "plots" / f"{name}.png"
+
+
+def config_from_params(params: Any) -> ReportConfig:
+    from dataclasses import asdict
+
+    from pipeline.config import fingerprint
+
+    sections = {s: getattr(params, s) for s in ("models", "corpus", "extract", "fit", "grid", "evaluate")}
+    ev = params.evaluate
+    facts = {"corpus": asdict(params.corpus), "extract_layers": list(params.extract.layers),
+             "max_tokens": params.extract.max_tokens, "fit_kind": params.fit.kind,
+             "fit_layers": list(params.fit.layers), "heldout_frac": params.fit.heldout_frac,
+             "split_seed": params.fit.seed, "evaluate_layers": [ev.layer_a, ev.layer_b]}
+    return ReportConfig(data=Path(params.paths.data), aligners=tuple(params.fit.aligners), facts=facts,
+                        fingerprint=fingerprint({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
+                                                 for k, v in sections.items()}))
+
+
+def write_report(cfg: ReportConfig) -> dict[str, Path]:
+    """Write report.md (and report.html if possible) under <data>/report; returns the paths written."""
+    text = build_report(cfg)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    out = {"markdown": cfg.out_dir / "report.md"}
+    out["markdown"].write_text(text)
+    html = _html(text) if cfg.html else None
+    if html is not None:
+        out["html"] = cfg.out_dir / "report.html"
+        out["html"].write_text(html)
+    elif (cfg.out_dir / "report.html").exists():  # never leave an HTML of an older run beside the new Markdown
+        (cfg.out_dir / "report.html").unlink()
+    return out
+
+
+def build_report(cfg: ReportConfig) -> str:
+    _check_inputs(cfg)
+    parts = [_header(cfg), _run_section(cfg), _cka_section(cfg), _aligner_section(cfg)]
+    parts += [_task_section(cfg, task) for task in ACCURACY_TASKS]
+    parts += [_similarity_section(cfg), _sweep_section(cfg)]
+    return "\n\n".join(p.rstrip() for p in parts) + "\n"
+
+
+def _check_inputs(cfg: ReportConfig) -> None:
+    metrics = cfg.data / "metrics"
+    if not cfg.data.is_dir():
+        raise UserError(f"report: data dir {cfg.data} does not exist: run `dvc repro` first, or set paths.data")
+    if not metrics.is_dir() or not any(metrics.glob("*.json")):
+        raise UserError(f"report: no metrics in {metrics}: run `dvc repro` (or the stages) first")
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None if the file does not exist (its stage was not run)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"report: {path} is not valid JSON ({e}): rerun the stage that writes it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"report: {path} holds a {type(data).__name__}, expected a JSON object: rerun its stage")
+    return data
+
+
+def _store_attrs(cfg: ReportConfig, role: str) -> dict[str, Any]:
+    # zarr.json is plain JSON: width and depth without opening the store (or importing zarr)
+    meta = _read(cfg.data / "stores" / f"{role}.zarr" / "zarr.json") or {}
+    return meta.get("attributes", {})
+
+
+# --- formatting -----------------------------------------------------------------------------------------
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "—"
+    if fmt == "d" and isinstance(value, float):
+        fmt = ".0f"
+    return format(value, fmt)
+
+
+def _pct_ci(s: dict[str, Any] | None) -> str:
+    """A mean and its 95% interval, in percent."""
+    if not s:
+        return "—"
+    return f"{_num(_scaled(s.get('mean')), '.1f')} [{_num(_scaled(s.get('lo')), '.1f')}, {_num(_scaled(s.get('hi')), '.1f')}]"
+
+
+def _ci(s: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    if not s:
+        return "—"
+    return f"{_num(s.get('mean'), fmt)} [{_num(s.get('lo'), fmt)}, {_num(s.get('hi'), fmt)}]"
+
+
+def _scaled(v: Any) -> Any:
+    return 100 * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plot_link(cfg: ReportConfig, name: str, alt: str) -> str:
+    # relative to data/report/, so the report and its HTML render anywhere data/ is copied
+    return f"![{alt}](../plots/{name}.png)" if cfg.plot(name).exists() else f"(plot {cfg.plot(name)}: {NOT_RUN})"
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+def _header(cfg: ReportConfig) -> str:
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = _git_commit()
+    return "\n".join([
+        "# xmodel report", "",
+        f"Generated {when}" + (f" at git commit `{commit}`" if commit else "")
+        + f"; params fingerprint `{cfg.fingerprint}` (models, corpus, extract, fit, grid, evaluate)."])
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:  # not a git checkout (e.g. a copied data dir's report)
+        return None
+    return done.stdout.strip() or None
+
+
+def _run_section(cfg: ReportConfig) -> str:
+    f = cfg.facts
+    rows = []
+    for role in ROLES:
+        manifest = _read(cfg.data / "models" / f"{role}.json") or {}
+        extract = _read(cfg.metrics(f"extract-{role}")) or {}
+        attrs = _store_attrs(cfg, role)
+        layers = extract.get("layers") or attrs.get("layers")
+        depth = attrs.get("num_layers")
+        rows.append([role.upper(), f"`{manifest.get('spec', attrs.get('model_spec', '—'))}`",
+                     str(manifest.get("model_id") or attrs.get("identity", {}).get("model_id") or "—"),
+                     f"`{str(manifest['sha'])[:12]}`" if manifest.get("sha") else "—",
+                     _num(attrs.get("width"), "d"), _num(depth, "d"),
+                     ", ".join(str(x) for x in layers) if layers else NOT_RUN,
+                     _num(extract.get("n_seq"), "d") if extract else NOT_RUN,
+                     _num(extract.get("n_tok"), "d") if extract else "—",
+                     _num(extract["bytes_on_disk"] / 2**20, ".1f") if extract.get("bytes_on_disk") else "—"])
+    corpus = f["corpus"]
+    fit_a, fit_b = f["fit_layers"]
+    lines = ["## What was run", "",
+             _table(["model", "spec", "id", "sha", "width", "layers", "stored layers", "texts", "token rows", "store MiB"],
+                    rows), "",
+             f"- corpus: `{corpus['source']}`, {corpus['n']} texts asked for (seed {corpus['seed']}, "
+             f"{corpus['min_chars']}–{corpus['max_chars']} characters), truncated to {f['max_tokens']} tokens",
+             f"- extracted layers (params): {f['extract_layers']}",
+             f"- aligners fitted on `{f['fit_kind']}` states of layers A {fit_a} → B {fit_b}; "
+             f"{f['heldout_frac']:.0%} of the texts held out (seed {f['split_seed']}) for every score below",
+             f"- evaluation grafts A's layer {f['evaluate_layers'][0]} into B's layer {f['evaluate_layers'][1]}"]
+    return "\n".join(lines)
+
+
+def _cka_section(cfg: ReportConfig) -> str:
+    grid = _read(cfg.metrics("grid"))
+    head = ["## Layer similarity (CKA)", ""]
+    if grid is None:
+        return "\n".join(head + [f"Grid {NOT_RUN} (`xmodel grid`)."])
+    la, lb = grid.get("layers_a", []), grid.get("layers_b", [])
+    out = head + [f"Debiased linear CKA of A's and B's `{grid.get('activation_kind')}` states on "
+                  f"{grid.get('rows')} held-out texts; rows are A's layers, columns B's.", "",
+                  _plot_link(cfg, "cka", "CKA heatmap"), ""]
+    for key, title in (("cka", "CKA"), ("mutual_knn", f"mutual {grid.get('knn_k')}-NN overlap")):
+        if key not in grid:
+            continue
+        rows = [[f"A L{a}"] + [_num(grid[key].get(f"a{a}", {}).get(f"b{b}")) for b in lb] for a in la]
+        out += [f"{title}:", "", _table([""] + [f"B L{b}" for b in lb], rows), ""]
+    return "\n".join(out)
+
+
+ALIGNER_COLUMNS = (("retrieval_top1", "top-1", ".3f"), ("retrieval_top5", "top-5", ".3f"), ("mse", "MSE", ".4g"),
+                   ("r2", "R²", ".3f"), ("cka", "CKA", ".3f"), ("infonce", "InfoNCE", ".3f"),
+                   ("alignment", "alignment", ".3f"), ("uniformity", "uniformity", ".3f"))
+
+
+def _aligner_section(cfg: ReportConfig) -> str:
+    rows, scored = [], {}
+    for name in cfg.aligners:
+        m = _read(cfg.metrics(f"fit-{name}"))
+        if m is None:
+            rows.append([f"`{name}`", NOT_RUN] + ["—"] * (len(ALIGNER_COLUMNS) + 3))
+            continue
+        scored[name] = m
+        epochs = f"{m['epochs_run']} (best {m.get('best_epoch')})" if "epochs_run" in m else "—"
+        rows.append([f"`{name}`", f"{m.get('d_source')}→{m.get('d_target')}, L{m.get('layer_a')}→L{m.get('layer_b')}",
+                     f"{m.get('train_rows')} / {m.get('heldout_rows')}"]
+                    + [_num(m.get(key), fmt) for key, _, fmt in ALIGNER_COLUMNS]
+                    + [epochs, _num(m.get("fit_seconds"), ".1f")])
+    out = ["## Aligners", "",
+           "Held-out scores from `data/metrics/fit-NAME.json`: retrieval of each mapped A vector among the "
+           "held-out B vectors (top-1, top-5), MSE and R² of the map, CKA of mapped vs target, InfoNCE, "
+           "alignment and uniformity (Wang & Isola).", ""]
+    if not cfg.aligners:
+        return "\n".join(out + ["No aligners in params fit.aligners."])
+    out.append(_table(["aligner", "dims, layers", "train / held-out rows"] + [c[1] for c in ALIGNER_COLUMNS]
+                      + ["epochs", "fit s"], rows))
+    best = _best(scored, "retrieval_top1", max), _best(scored, "mse", min)
+    if best[0] and best[1]:
+        out += ["", f"Best held-out top-1: `{best[0][0]}` ({best[0][1]:.3f}); lowest MSE: `{best[1][0]}` ({best[1][1]:.4g})."]
+    return "\n".join(out)
+
+
+def _best(scored: dict[str, dict], key: str, pick) -> tuple[str, float] | None:
+    values = [(n, m[key]) for n, m in scored.items() if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+    return pick(values, key=lambda nv: nv[1]) if values else None
+
+
+def _task_section(cfg: ReportConfig, task: str) -> str:
+    m = _read(cfg.metrics(f"evaluate-{task}"))
+    head = [f"## Evaluation: {task}", ""]
+    if m is None:
+        return "\n".join(head + [f"{NOT_RUN} (`dvc repro evaluate@{task}` or `xmodel evaluate {task}`)."])
+    methods: dict[str, Any] = m.get("methods", {})
+    primary = m.get("primary")
+    first = next(iter(methods.values()), {})
+    # every score of the task (em, f1, accuracy, ...): entries carrying an interval
+    keys = [primary] + [k for k, v in first.items() if k != primary and isinstance(v, dict) and "lo" in v]
+    rows = []
+    for name, e in methods.items():
+        row = [f"`{name}`", _num(e.get("n"), "d")] + [_pct_ci(e.get(k)) for k in keys]
+        cmp = e.get("vs_b_alone", {}).get(primary)
+        if cmp:
+            test = cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})
+            row.append(f"{_num(_scaled(cmp.get('paired_bootstrap', {}).get('diff')), '+.1f')} "
+                       f"(p {_num(test.get('p_value'), '.3g')})")
+        else:
+            row.append("—")
+        c = e.get("compute", {})
+        row += [_num(c.get("a_tokens"), "d"), _num(c.get("b_tokens"), "d"),
+                _num(c["flops"] / 1e9, ".2f") if isinstance(c.get("flops"), (int, float)) else "—",
+                _num(c.get("seconds"), ".1f")]
+        rows.append(row)
+    layers, models = m.get("layers", {}), m.get("models", {})
+    decoding = ", ".join(f"{k} {v}" for k, v in (m.get("decoding") or {}).items())
+    out = head + [f"{m.get('n_items')} items, setting `{m.get('setting')}`, A `{models.get('a')}` layer k = "
+                  f"{layers.get('k')} → B `{models.get('b')}` layer j = {layers.get('j')}"
+                  + (f"; decoding: {decoding}" if decoding else "") + ".",
+                  f"Scores in percent with 95% intervals (Wilson for binary scores, bootstrap otherwise); "
+                  f"Δ vs B alone in points on `{primary}`, p from McNemar (binary) or a paired bootstrap.", "",
+                  _table(["method", "n"] + [f"{k} [95% CI]" for k in keys]
+                         + ["Δ vs B alone (p)", "A tokens", "B tokens", "GFLOP", "seconds"], rows), "",
+                  _plot_link(cfg, f"evaluate-{task}", f"{task} accuracy per method")]
+    return "\n".join(out)
+
+
+def _similarity_section(cfg: ReportConfig) -> str:
+    m = _read(cfg.metrics("evaluate-similarity"))
+    head = ["## Similarity probe", ""]
+    if m is None:
+        return "\n".join(head + [f"{NOT_RUN} (`dvc repro evaluate@similarity` or `xmodel evaluate similarity`)."])
+    rows = []
+    for name, e in m.get("variants", {}).items():
+        for key in e:
+            if not key.endswith("/matched"):
+                continue
+            f = key.split("/")[0]
+            matched, shuffled = e[key], e.get(f"{f}/shuffled", {})
+            rows.append([f"`{name}`", f, _ci(matched.get("kl")), _num(shuffled.get("kl", {}).get("mean")),
+                         _ci(matched.get("cosine")), _num(shuffled.get("cosine", {}).get("mean")),
+                         _ci(e.get("vector_cosine")), _ci(e.get("vector_rel_sq_error"))])
+    out = head + [f"On {m.get('n')} held-out sentences, A's layer-{m.get('k')} state grafted into B's layer "
+                  f"{m.get('j')} (raw, or through each aligner): KL(B's own next-token distribution ‖ B with the "
+                  "graft) and cosine of B's last hidden state with and without it, against the same with another "
+                  "sentence's vector (shuffled); vector cos/error compare the mapped vector with B's own layer-j "
+                  "state. Lower KL, higher cosine = closer to B's own run; 95% bootstrap intervals.", "",
+                  _table(["aligner", "f", "KL matched", "KL shuffled", "cos matched", "cos shuffled",
+                          "vector cos", "vector rel. sq. error"], rows), "",
+                  _plot_link(cfg, "evaluate-similarity", "similarity probe")]
+    return "\n".join(out)
+
+
+def _sweep_section(cfg: ReportConfig) -> str:
+    m = _read(cfg.metrics("evaluate-sweep"))
+    head = ["## Layer sweep (k, j)", ""]
+    if m is None:
+        return "\n".join(head + [f"{NOT_RUN} (`xmodel evaluate sweep`; not a DVC stage)."])
+    grid = m.get("grid", [])
+    rows = [[f"k = {k}"] + [_num(_scaled(v), ".1f") for v in row] for k, row in zip(m.get("layers_a", []), grid)]
+    out = head + [f"`{m.get('task')}` {m.get('metric')} (%) of plain AC ({m.get('mode')}) on {m.get('n')} items; "
+                  f"B alone: {_num(_scaled(m.get('b_alone')), '.1f')}.", "",
+                  _table([""] + [f"j = {j}" for j in m.get("layers_b", [])], rows), "",
+                  _plot_link(cfg, "evaluate-sweep", "layer sweep")]
+    return "\n".join(out)
+
+
+def _html(markdown_text: str) -> str | None:
+    """report.html via markdown-it-py when it is installed (it usually is, through dvc's rich); else None."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        return None
+    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+    style = ("body{font-family:sans-serif;max-width:80em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>xmodel report</title>"
+            f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")

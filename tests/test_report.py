@@ -1,0 +1,154 @@
+"""`xmodel report`: one Markdown file from the files the stages wrote; nothing is loaded or recomputed.
+
+The inputs are written here in the stages' formats (the keys of extract-*.json, fit-*.json,
+grid.json, evaluate-*.json and the stores' zarr.json attributes), so the report is checked
+against known numbers without running the pipeline (tests/test_dvc.py runs it for real).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, run_cli, write_params
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _interval(mean, lo, hi, how=None):
+    return {"mean": mean, "lo": lo, "hi": hi, **({"interval": how} if how else {})}
+
+
+def _method(n, em, f1, seconds):
+    return {"n": n, "em": _interval(*em, "wilson"), "f1": _interval(*f1, "bootstrap"),
+            "compute": {"a_tokens": 120, "a_blocks": 2, "b_tokens": 340, "a_new_tokens": 0, "b_new_tokens": 16,
+                        "flops": 2.5e9, "seconds": seconds}}
+
+
+@pytest.fixture
+def outputs(tmp_path) -> Path:
+    """params.yaml plus a data dir as `dvc repro` leaves it, without evaluate@gsm8k and the sweep."""
+    data = tmp_path / "data"
+    for role, (spec, width, depth, layers) in {"a": ("synthetic:tiny-llama", 64, 3, [0, 2, 3]),
+                                               "b": ("synthetic:tiny-qwen", 48, 4, [0, 2, 4])}.items():
+        _write(data / "models" / f"{role}.json", {"spec": spec, "model_id": spec, "revision": None,
+                                                  "path": "/nowhere", "sha": "ab" * 32, "source": "synthetic"})
+        _write(data / "stores" / f"{role}.zarr" / "zarr.json",
+               {"zarr_format": 3, "node_type": "group",
+                "attributes": {"width": width, "num_layers": depth, "layers": layers, "model_spec": spec}})
+        _write(data / "metrics" / f"extract-{role}.json",
+               {"n_seq": 160, "n_tok": 2560, "layers": layers, "bytes_on_disk": 3 * 2**20, "tokens_per_s": 900.0})
+    _write(data / "metrics" / "fit-procrustes.json",
+           {"aligner": "procrustes", "activation_kind": "last", "layer_a": 2, "layer_b": 2, "train_rows": 120,
+            "heldout_rows": 40, "d_source": 64, "d_target": 48, "fit_seconds": 0.1, "mse": 0.1937, "r2": -2.991,
+            "cka": 0.0362, "alignment": 1.458, "retrieval_top1": 0.175, "retrieval_top5": 0.275, "infonce": 4.267,
+            "uniformity": -3.168, "uniformity_target": -1.2, "pairwise_rows": 40})
+    _write(data / "metrics" / "fit-linear.json",
+           {"aligner": "linear", "activation_kind": "last", "layer_a": 2, "layer_b": 2, "train_rows": 120,
+            "heldout_rows": 40, "d_source": 64, "d_target": 48, "fit_seconds": 1.4, "mse": 0.05842, "r2": None,
+            "cka": -0.004, "alignment": 1.903, "retrieval_top1": 0.025, "retrieval_top5": 0.175, "infonce": 4.94,
+            "uniformity": -3.367, "uniformity_target": -1.2, "pairwise_rows": 40, "epochs_run": 5, "best_epoch": 4,
+            "stopped_early": False})
+    _write(data / "metrics" / "grid.json",
+           {"activation_kind": "last", "rows": 40, "knn_k": 10, "layers_a": [0, 2], "layers_b": [0, 4],
+            "cka": {"a0": {"b0": 0.3612, "b4": 0.0701}, "a2": {"b0": 0.2451, "b4": None}},
+            "mutual_knn": {"a0": {"b0": 0.335, "b4": 0.305}, "a2": {"b0": 0.302, "b4": 0.275}}, "aligners": {}})
+    b_alone = _method(8, (0.125, 0.0224, 0.4709), (0.25, 0.05, 0.5), 1.1)
+    ac = _method(8, (0.5, 0.2152, 0.7848), (0.6, 0.3, 0.9), 0.7)
+    ac["vs_b_alone"] = {"em": {"paired_bootstrap": {"diff": 0.375, "lo": 0.0, "hi": 0.75, "p_value": 0.04},
+                               "mcnemar": {"only_x": 3, "only_y": 0, "p_value": 0.25}}}
+    _write(data / "metrics" / "evaluate-squad.json",
+           {"task": "squad", "setting": "private", "layers": {"k": 2, "j": 2}, "primary": "em",
+            "methods": {"b_alone": b_alone, "ac_procrustes_replace": ac}, "n_items": 8,
+            "models": {"a": "synthetic:tiny-llama", "b": "synthetic:tiny-qwen"},
+            "decoding": {"max_new_tokens": 6, "sampling": "greedy"}})
+    kl = {"kl": _interval(0.099, 0.088, 0.108), "cosine": _interval(0.668, 0.634, 0.707)}
+    _write(data / "metrics" / "evaluate-similarity.json",
+           {"k": 2, "j": 2, "n": 16, "variants": {"procrustes": {
+               "vector_cosine": _interval(0.538, 0.491, 0.579), "vector_rel_sq_error": _interval(1.684, 1.487, 1.879),
+               "replace/matched": kl, "replace/shuffled": {"kl": _interval(0.112, 0.1, 0.12),
+                                                           "cosine": _interval(0.629, 0.6, 0.66)}}}})
+    (data / "plots").mkdir()
+    (data / "plots" / "cka.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # only linked, never read
+    write_params(tmp_path, {"a": "synthetic:tiny-llama", "b": "synthetic:tiny-qwen"},
+                 fit={"aligners": {"procrustes": {}, "linear": {"lr": 0.001}, "lora": {}}})
+    return tmp_path
+
+
+def test_report_sections_and_numbers(outputs, capsys):
+    code, out, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
+    assert code == 0, err
+    md = (outputs / "data" / "report" / "report.md").read_text()
+    assert "data/report/report.md" in out
+    for header in ("# xmodel report", "## What was run", "## Layer similarity (CKA)", "## Aligners",
+                   "## Evaluation: squad", "## Evaluation: gsm8k", "## Similarity probe", "## Layer sweep (k, j)"):
+        assert f"\n{header}\n" in f"\n{md}", header
+    sections = {s.split("\n", 1)[0]: s for s in md.split("\n## ")}
+    run = sections["What was run"]
+    assert "| A | `synthetic:tiny-llama` |" in run and "| 64 | 3 | 0, 2, 3 | 160 | 2560 | 3.0 |" in run
+    assert "| 48 | 4 | 0, 2, 4 |" in run
+    cka = sections["Layer similarity (CKA)"]
+    assert "![CKA heatmap](../plots/cka.png)" in cka
+    assert "| A L0 | 0.361 | 0.070 |" in cka and "| A L2 | 0.245 | — |" in cka  # null (undefined) CKA is a dash
+    aligners = sections["Aligners"]
+    assert "| `procrustes` | 64→48, L2→L2 | 120 / 40 | 0.175 | 0.275 | 0.1937 | -2.991 |" in aligners
+    assert "| `linear` |" in aligners and "| 5 (best 4) | 1.4 |" in aligners
+    assert "| `lora` | _not run_ |" in aligners  # in params, never fitted
+    assert "Best held-out top-1: `procrustes` (0.175); lowest MSE: `linear` (0.05842)." in aligners
+    squad = sections["Evaluation: squad"]
+    assert "| `b_alone` | 8 | 12.5 [2.2, 47.1] | 25.0 [5.0, 50.0] | — |" in squad
+    assert "| `ac_procrustes_replace` | 8 | 50.0 [21.5, 78.5] | 60.0 [30.0, 90.0] | +37.5 (p 0.25) | 120 | 340 | 2.50 |" in squad
+    assert "evaluate-squad.png" in squad and "_not run_" in squad  # the plot file is missing, the table is not
+    assert "_not run_ (`dvc repro evaluate@gsm8k`" in sections["Evaluation: gsm8k"]
+    sim = sections["Similarity probe"]
+    assert "| `procrustes` | replace | 0.099 [0.088, 0.108] | 0.112 | 0.668 [0.634, 0.707] | 0.629 |" in sim
+    assert "_not run_" in sections["Layer sweep (k, j)"]
+
+
+def test_report_html_when_a_renderer_is_installed(outputs, capsys):
+    code, _, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
+    assert code == 0, err
+    html = outputs / "data" / "report" / "report.html"
+    try:
+        import markdown_it  # noqa: F401
+    except ImportError:
+        assert not html.exists()
+        return
+    text = html.read_text()
+    assert "<table>" in text and '<img src="../plots/cka.png"' in text
+
+
+def test_report_without_outputs_is_one_line(tmp_path, capsys):
+    params = write_params(tmp_path, {"a": "synthetic:tiny-llama", "b": "synthetic:tiny-qwen"})
+    code, out, err = run_cli(capsys, "--params", str(params), "report")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "does not exist" in err and "dvc repro" in err
+    (tmp_path / "data" / "metrics").mkdir(parents=True)  # a data dir, but no stage has written metrics
+    code, _, err = run_cli(capsys, "--params", str(params), "report")
+    assert code == 2 and err.count("\n") == 1 and "no metrics" in err
+
+
+def test_report_names_a_corrupt_metrics_file(outputs, capsys):
+    bad = outputs / "data" / "metrics" / "grid.json"
+    bad.write_text('{"cka": ')
+    code, _, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
+    assert code == 2 and err.count("\n") == 1 and str(bad) in err and "rerun the stage" in err
+
+
+def test_report_loads_no_model_code(outputs):
+    """The report only reads files: a whole run imports neither torch, transformers nor zarr."""
+    code = ("import sys; from pipeline.cli import cli; "
+            f"cli.main(['--params', {str(outputs / 'params.yaml')!r}, 'report', '--quiet'], standalone_mode=False); "
+            "print([m for m in ('torch', 'transformers', 'zarr') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=outputs, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert (outputs / "data" / "report" / "report.md").exists()

@@ -22,6 +22,16 @@ class Dist:
 
             dist.barrier()
 
+    def gather_all(self, obj):
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_ok(self, ok: bool) -> bool:
         """True on every rank only if every rank passes ok=True (so one rank's error stops all)."""
         if self.world == 1:

@@ -56,6 +56,18 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int) -> Tokenized:
     return Tokenized(ids, ends)
 
 
+def tokenize_shared(tokenizer, texts: list[str], max_tokens: int, dist) -> Tokenized:
+    """`tokenize` with the texts dealt round-robin to the ranks and the results exchanged: every rank
+    needs every length to lay out the store, and tokenizing is the one part of the work that would
+    otherwise not shrink with more GPUs."""
+    parts = dist.gather_all(tokenize(tokenizer, texts[dist.rank::dist.world], max_tokens))
+    ids: list = [None] * len(texts)
+    ends: list = [None] * len(texts)
+    for r, part in enumerate(parts):
+        ids[r::dist.world], ends[r::dist.world] = part.ids, part.char_end
+    return Tokenized(ids, ends)
+
+
 def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     """Indices grouped longest first so that batch size x longest length stays within batch_tokens."""
     order = np.argsort(-lengths, kind="stable")
@@ -120,7 +132,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
         raise UserError(f"extract.max_tokens = {cfg.max_tokens} exceeds the model's context ({context} tokens): lower it")
     compute_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     store_dtype = compute_dtype if cfg.store_dtype == "auto" else cfg.store_dtype
-    tok = tokenize(tokenizer, corpus.texts, cfg.max_tokens)
+    tok = tokenize_shared(tokenizer, corpus.texts, cfg.max_tokens, dist)
     if (tok.lengths == 0).any():
         bad = int(np.flatnonzero(tok.lengths == 0)[0])
         raise UserError(f"text {corpus.index[bad]} of corpus {corpus.source!r} gives no tokens: remove it from the corpus")

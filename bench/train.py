@@ -10,9 +10,10 @@ epochs through the library (`pipeline.aligners` fit, the path `xmodel fit` takes
                      thread, each batch copied to the device
   ceiling            the same module, optimizer and number of steps on random batches already on the
                      device (nothing read, no held-out passes): what the GPU can do alone
-Prints samples/s, the ratio to the ceiling (the fraction of time the GPU is not waiting on data or
-on our bookkeeping), and the GPU's busy fraction in the store runs (CUDA kernel time / wall time,
-from torch.profiler). Example (GPU):
+Prints samples/s over the whole fit and over the epochs after the rows reached the device, the
+ratio to the ceiling (the fraction of time the GPU is not waiting on data or on our bookkeeping),
+and with --profile the GPU's busy fraction in the store runs (CUDA kernel time / wall time, from
+torch.profiler). Example (GPU):
   python bench/train.py --dir /tmp/bench-train --n 131072 --shape-a llama-3.2-3b --shape-b llama-3.1-8b
 """
 
@@ -115,7 +116,7 @@ def main() -> None:
             finally:
                 RowSplit.fits_on = fits
             steps = aligner.fit_info["steps"]
-            results[label] = (wall, steps, busy)
+            results[label] = (wall, steps, busy, aligner.fit_info.get("rows_to_device_seconds", 0.0))
         # the ceiling: the same net and optimizer, the same steps, on batches already on the device
         split = RowSplit(x[:4096], y[:4096])
         net = make_aligner(name, hp).init_net(split, torch.Generator().manual_seed(0)).to(device)
@@ -138,21 +139,23 @@ def main() -> None:
         sync()
         ceil_s = time.perf_counter() - t
         ceil_rate = steps * args.batch / ceil_s
-        for label, (wall, steps, busy) in results.items():
-            rate = steps * args.batch / wall
-            rows.append((name, label, steps, wall, rate, rate / ceil_rate, busy))
-        rows.append((name, "ceiling (batches on device)", steps, ceil_s, ceil_rate, 1.0, None))
+        for label, (wall, steps, busy, load_s) in results.items():
+            rate, after = steps * args.batch / wall, steps * args.batch / (wall - load_s)
+            rows.append((name, label, steps, wall, load_s, rate, after, after / ceil_rate, busy))
+        rows.append((name, "ceiling (batches on device)", steps, ceil_s, 0.0, ceil_rate, ceil_rate, 1.0, None))
 
     print(f"\n{card}  rows {args.n:,} ({d_a} -> {d_b}, float16 store, built/reused in {build_s:.0f} s)  "
           f"batch {args.batch}  epochs {args.epochs}  (fit time includes held-out passes and scores)")
-    print(f"{'adapter':<8}{'feed':<30}{'steps':>7}{'seconds':>9}{'samples/s':>12}{'vs ceiling':>12}{'GPU busy':>10}")
-    for name, label, steps, wall, rate, ratio, busy in rows:
+    print(f"{'adapter':<8}{'feed':<30}{'steps':>7}{'seconds':>9}{'to device':>10}{'samples/s':>12}"
+          f"{'after load':>12}{'vs ceiling':>12}{'GPU busy':>10}")
+    for name, label, steps, wall, load_s, rate, after, ratio, busy in rows:
         b = f"{busy:.2f}" if busy is not None else "-"
-        print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{rate:>12,.0f}{ratio:>12.2f}{b:>10}")
+        print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{load_s:>10.2f}{rate:>12,.0f}{after:>12,.0f}{ratio:>12.2f}{b:>10}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train-{args.shape_a}-{args.shape_b}-b{args.batch}.json").write_text(json.dumps(
             {"card": card, "n": args.n, "d": [d_a, d_b], "batch": args.batch, "epochs": args.epochs,
-             "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "samples_per_s", "vs_ceiling", "gpu_busy"), r))
+             "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "to_device_seconds", "samples_per_s",
+                                "samples_per_s_after_load", "vs_ceiling_after_load", "gpu_busy"), r))
                       for r in rows]}, indent=2))
 
 

@@ -143,6 +143,8 @@ def test_config_from_params_mapping():
         config_from_dict({"modes": ["max"]})
     with pytest.raises(UserError, match="private or shared"):
         config_from_dict({"squad": {"setting": "open"}})
+    with pytest.raises(UserError, match="evaluate.tasks: 'mmlu' is not one of squad, gsm8k, similarity"):
+        config_from_dict({"tasks": ["squad", "mmlu"]})
 
 
 def test_stage_writes_metrics_table_predictions_and_plots(pair, aligner_dir, tmp_path, tiny_models):

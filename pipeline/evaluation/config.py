@@ -10,6 +10,7 @@ from pipeline.evaluation.prompts import GSM8K_STYLES
 from pipeline.generation import SAMPLING
 from pipeline.injection import MODES
 
+TASKS = ("squad", "gsm8k", "similarity")  # the evaluate@<task> stages; `xmodel evaluate sweep` runs by hand
 METHODS = ("b_alone", "a_alone", "nl", "ac", "skyline")  # "ac" = every f and every aligner
 
 
@@ -58,6 +59,7 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # which evaluate@<task> stages dvc.yaml has
     layer_a: int | float = 0.75  # k: A's layer (int index, or relative depth in [0, 1]); 0 = embeddings
     layer_b: int | float = 0.75  # j: B's layer, same convention; the graft edits the output of block j
     modes: list[str] = field(default_factory=lambda: list(MODES))  # f for plain AC
@@ -80,7 +82,7 @@ class EvaluateConfig:
 
 def validate(cfg: EvaluateConfig) -> None:
     for key, values, allowed in (("modes", cfg.modes, MODES), ("aligner_modes", cfg.aligner_modes, MODES),
-                                 ("methods", cfg.methods, METHODS)):
+                                 ("methods", cfg.methods, METHODS), ("tasks", cfg.tasks, TASKS)):
         for v in values:
             if v not in allowed:
                 raise UserError(f"evaluate.{key}: {v!r} is not one of {', '.join(allowed)}")

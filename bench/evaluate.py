@@ -62,6 +62,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from pipeline.evaluation.methods import Compute
     from pipeline.generation import Decoding, generate
     from pipeline.injection import communicate, sender_states
     from pipeline.layers import num_layers, resolve_layers
@@ -88,11 +89,18 @@ def main() -> None:
         vectors = (sent.vectors.to(device) @ w.T).to(dtype) if d_a != d_b else sent.vectors
         gen = communicate(model_b, tokenizer, items, j, vectors, args.mode, decoding, batch_size=batch)
         gen.extra["a_seconds"] = sent.seconds
+        work = Compute()  # the same FLOP estimate the evaluation reports (matmuls: 2 x parameters)
+        work.add_run(model_a, "a", sent, blocks=k)
+        work.add_run(model_b, "b", gen)
+        gen.extra["flops"] = work.flops
         return gen
 
     def plain(batch: int):
         gen = generate(model_b, tokenizer, items, decoding, batch_size=batch)
         gen.extra["a_seconds"] = 0.0
+        work = Compute()
+        work.add_run(model_b, "b", gen)
+        gen.extra["flops"] = work.flops
         return gen
 
     runs = [("AC, one at a time", lambda: ac(1)), (f"AC, batched x{args.batch}", lambda: ac(args.batch)),
@@ -118,11 +126,11 @@ def main() -> None:
           f"{args.prompt_tokens // 2}-{args.prompt_tokens} tokens ({prompt_tokens} in all), {args.new_tokens} new each")
     base = results[runs[0][0]][0]
     print(f"{'method':<40} {'A pass s':>9} {'B gen s':>9} {'total s':>9} {'new tok/s':>10} {'all tok/s':>10} "
-          f"{'speed-up':>9}")
+          f"{'speed-up':>9}{'TFLOP/s':>9}")
     for name, (sec, gen) in results.items():
         new, a_s = sum(gen.new_tokens), gen.extra["a_seconds"]
         print(f"{name:<40} {a_s:>9.2f} {gen.seconds:>9.2f} {sec:>9.2f} {new / sec:>10.1f} "
-              f"{(new + prompt_tokens) / sec:>10.1f} {base / sec:>8.2f}x")
+              f"{(new + prompt_tokens) / sec:>10.1f} {base / sec:>8.2f}x{gen.extra['flops'] / sec / 1e12:>9.2f}")
     same = results[runs[0][0]][1].tokens == results[runs[1][0]][1].tokens
     agree = sum(a == b for a, b in zip(results[runs[0][0]][1].tokens, results[runs[1][0]][1].tokens))
     print(f"batched tokens equal one-at-a-time tokens: {same} ({agree}/{args.n} items identical)")

@@ -139,23 +139,32 @@ def main() -> None:
         sync()
         ceil_s = time.perf_counter() - t
         ceil_rate = steps * args.batch / ceil_s
+        # FLOPs per sample (an upper estimate): forward 2 per weight; backward 4 per trained weight (its
+        # gradient and its input's); frozen weights have no backward, as the store rows need no gradient
+        every = sum(q.numel() for q in net.parameters())
+        trained = sum(q.numel() for q in net.parameters() if q.requires_grad)
+        flops_per_sample = 2 * every + 4 * trained
         for label, (wall, steps, busy, load_s) in results.items():
             rate, after = steps * args.batch / wall, steps * args.batch / (wall - load_s)
-            rows.append((name, label, steps, wall, load_s, rate, after, after / ceil_rate, busy))
-        rows.append((name, "ceiling (batches on device)", steps, ceil_s, 0.0, ceil_rate, ceil_rate, 1.0, None))
+            rows.append((name, label, steps, wall, load_s, rate, after, after / ceil_rate, busy,
+                         after * flops_per_sample / 1e12))
+        rows.append((name, "ceiling (batches on device)", steps, ceil_s, 0.0, ceil_rate, ceil_rate, 1.0, None,
+                     ceil_rate * flops_per_sample / 1e12))
 
     print(f"\n{card}  rows {args.n:,} ({d_a} -> {d_b}, float16 store, built/reused in {build_s:.0f} s)  "
           f"batch {args.batch}  epochs {args.epochs}  (fit time includes held-out passes and scores)")
     print(f"{'adapter':<8}{'feed':<30}{'steps':>7}{'seconds':>9}{'to device':>10}{'samples/s':>12}"
-          f"{'after load':>12}{'vs ceiling':>12}{'GPU busy':>10}")
-    for name, label, steps, wall, load_s, rate, after, ratio, busy in rows:
+          f"{'after load':>12}{'vs ceiling':>12}{'GPU busy':>10}{'TFLOP/s':>9}")
+    for name, label, steps, wall, load_s, rate, after, ratio, busy, tflops in rows:
         b = f"{busy:.2f}" if busy is not None else "-"
-        print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{load_s:>10.2f}{rate:>12,.0f}{after:>12,.0f}{ratio:>12.2f}{b:>10}")
+        print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{load_s:>10.2f}{rate:>12,.0f}{after:>12,.0f}{ratio:>12.2f}"
+              f"{b:>10}{tflops:>9.2f}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train-{args.shape_a}-{args.shape_b}-b{args.batch}.json").write_text(json.dumps(
             {"card": card, "n": args.n, "d": [d_a, d_b], "batch": args.batch, "epochs": args.epochs,
              "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "to_device_seconds", "samples_per_s",
-                                "samples_per_s_after_load", "vs_ceiling_after_load", "gpu_busy"), r))
+                                "samples_per_s_after_load", "vs_ceiling_after_load", "gpu_busy", "tflops_after_load"),
+                               r))
                       for r in rows]}, indent=2))
 
 

@@ -17,12 +17,14 @@ def run(params: Params, role: str, out: Path | None = None, force: bool = False,
     from store.verify import store_info
 
     result = run_extract(params, role, out=out, force=force, quiet=quiet)
-    if result.status == "written" and out is None and _is_main():
+    path = metrics_path(params, role)
+    # a store found complete (e.g. built earlier under torchrun) still gets its metrics file, which
+    # the DVC stage declares; its speed is known only to the run that wrote it
+    if out is None and _is_main() and (result.status == "written" or not path.exists()):
         info = store_info(result.path)
         metrics = {"n_seq": info["attrs"]["n_seq"], "n_tok": info["attrs"]["n_tok"],
                    "layers": info["attrs"]["layers"], "bytes_on_disk": info["bytes_on_disk"],
                    "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None}
-        path = metrics_path(params, role)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2) + "\n")
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,22 @@ def test_float16_overflow_is_refused_with_one_line(tmp_path, tiny_models, capsys
     assert code == 2 and err.count("\n") == 1 and "non-finite" in err and "float32" in err, err
     store = tmp_path / "data" / "stores" / "a.zarr"
     assert not list((store / "_units").glob("*.json"))  # no unit was taken as done
+
+
+def test_complete_store_still_gets_its_metrics_file(tmp_path, tiny_models, capsys):
+    """DVC declares data/metrics/extract-<role>.json: a rerun that finds the store complete (built
+    earlier, e.g. under torchrun) writes it when it is missing and keeps the measured speed otherwise."""
+    from tests.helpers import run_cli
+
+    params_file = write_params(tmp_path, {"a": tiny_models["llama"]}, corpus={"n": 12})
+    metrics = tmp_path / "data" / "metrics" / "extract-a.json"
+    args = ("--params", str(params_file), "extract", "--model", "a", "--quiet")
+    assert run_cli(capsys, *args)[0] == 0
+    first = json.loads(metrics.read_text())
+    assert first["n_seq"] == 12 and first["tokens_per_s"] > 0
+    assert run_cli(capsys, *args)[0] == 0 and json.loads(metrics.read_text()) == first  # kept
+    metrics.unlink()
+    assert run_cli(capsys, *args)[0] == 0
+    again = json.loads(metrics.read_text())
+    assert again["tokens_per_s"] is None and {k: v for k, v in again.items() if k != "tokens_per_s"} == {
+        k: v for k, v in first.items() if k != "tokens_per_s"}

@@ -168,6 +168,9 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
     torch.set_num_threads(cfg.threads or threads)
     dist = init_dist("cpu")  # aligners train on the CPU copies the store readers give
     try:
+        # resolved before anything is claimed: a bad fit.device leaves the aligner directory untouched.
+        # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
+        device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
         refusal = None
         if dist.is_main:
             try:
@@ -178,8 +181,6 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
             raise refusal or UserError(f"rank 0 refused {directory}: see its error")
         aligner.meta = {**paired.describe(), "inputs": inputs, "store_paths": {"a": str(a.path), "b": str(b.path)}}
         source, target = paired.arrays(paired.train)
-        # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
-        device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
         options = _fit_options(aligner, directory / "ckpt", log, device)
         if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
             # DDP deals row blocks to ranks: cut the rows into enough blocks for every rank

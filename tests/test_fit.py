@@ -188,6 +188,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, params_path, tmp_path_factory, 
     refused("-S", "fit.aligners.linear.learning_rate=0.1", "fit", "linear",
             match="params fit.aligners.linear: linear: unknown hyper-parameter(s) ['learning_rate']")
     refused("-S", "fit.layers=[2, 3]", "fit", "procrustes", match="layer 3 of")  # B layer 3 is not stored
+    refused("-S", "fit.device=tpu", "fit", "linear", match="device 'tpu' is not valid")
 
     # an aligner directory fitted on another store pair: refused, replaced with --force
     assert fit(capsys, params_path, "linear")[0] == 0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import CorpusConfig
 from pipeline.errors import UserError
+from pipeline.sampling import seeded_sample  # noqa: F401  (re-exported: corpus sampling)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
@@ -44,13 +44,6 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
             f"({len(rows)} rows read): give a non-empty corpus or widen corpus.min_chars/max_chars")
     candidates = seeded_sample(candidates, cfg.n, cfg.seed)
     return Corpus(texts=[t for _, t in candidates], index=[i for i, _ in candidates], source=cfg.source)
-
-
-def seeded_sample(items: list, n: int, seed: int) -> list:
-    """n items drawn by seed, kept in their original order (all of them when there are fewer)."""
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def pydoc_sentences() -> list[str]:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data import seeded_sample
+from pipeline.sampling import seeded_sample
 from pipeline.errors import UserError
 from pipeline.tasks.scoring import parse_number
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data import seeded_sample
+from pipeline.sampling import seeded_sample
 from pipeline.errors import UserError
 
 

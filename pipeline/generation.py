@@ -10,6 +10,12 @@ The prefill step is the only forward pass that runs inside `prefill_hook` (a con
 factory given the batch's row indices): that is where activation communication edits B's hidden
 state (pipeline/injection.py). Decoding steps never see the hook.
 
+Two generic extensions serve key-value communication (pipeline/evaluation/kv.py): `prefix(rows)`
+gives a batch a past to continue from (a cache already holding keys/values, its 2D mask and each
+row's past length), so the prompt's tokens take the positions after it and attend to it; and
+`session_hook(rows)` is a context manager entered around the batch's whole generation, prefill and
+every decoding step (where per-layer attention edits must stay on).
+
 Heavy imports stay inside functions.
 """
 
@@ -63,6 +69,17 @@ class Generation:
         return [len(t) for t in self.tokens]
 
 
+@dataclass
+class Prefix:
+    """A past that a batch continues from: `cache` (an HF Cache already holding its keys/values),
+    `mask` (rows, P) 1 where a past column is real, `offsets` (rows,) each row's real past length
+    (the position of its first prompt token)."""
+
+    cache: Any
+    mask: Any
+    offsets: Any
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[Any, Any, Any]:
     """(input_ids, attention_mask, position_ids), left-padded; positions count real tokens from 0."""
     import torch
@@ -113,11 +130,14 @@ def nucleus_filter(logits: Any, top_p: float, temperature: float) -> Any:
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: Decoding, *,
              batch_size: int = 8, seeds: Sequence[int] | None = None,
              prefill_hook: Callable[[list[int]], Any] | None = None, keep_first_logits: bool = False,
-             progress: Callable[[int], None] | None = None) -> Generation:
+             progress: Callable[[int], None] | None = None, prefix: Callable[[list[int]], Prefix] | None = None,
+             session_hook: Callable[[list[int]], Any] | None = None) -> Generation:
     """Generate for every prompt (token-id lists), batched by length with left padding.
 
     prefill_hook(rows) returns a context manager entered around the prefill forward pass of the
     batch holding items `rows` (indices into prompts); decoding steps run outside it.
+    prefix(rows) gives the batch a past to continue from; session_hook(rows) returns a context
+    manager entered around the batch's prefill and all its decoding steps.
     """
     import torch
 
@@ -132,9 +152,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     first_logits: list[Any] = [None] * n
     start = time.perf_counter()
     for rows in length_batches([len(p) for p in prompts], batch_size):
-        new, logits0 = _generate_batch(model, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops,
-                                       [seeds[i] for i in rows], device,
-                                       prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits)
+        with session_hook(rows) if session_hook else nullcontext():
+            new, logits0 = _generate_batch(model, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops,
+                                           [seeds[i] for i in rows], device,
+                                           prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits,
+                                           prefix(rows) if prefix else None)
         for i, t, l0 in zip(rows, new, logits0):
             tokens[i] = t
             if keep_first_logits:
@@ -163,12 +185,17 @@ class _RowState:
     done: bool = False
 
 
-def _generate_batch(model, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first):
+def _generate_batch(model, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,
+                    past: Prefix | None = None):
     import torch
     from transformers import DynamicCache
 
     ids, mask, positions = left_pad(rows, pad_id, device)
-    cache = DynamicCache(config=model.config)
+    if past is None:
+        cache = DynamicCache(config=model.config)
+    else:  # the prompt continues the past: its tokens come after it in the mask and in position
+        cache, mask = past.cache, torch.cat([past.mask.to(mask), mask], dim=1)
+        positions = positions + past.offsets.to(positions)[:, None]
     with torch.no_grad():
         with hook_ctx:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,

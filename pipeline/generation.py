@@ -4,17 +4,22 @@ Prompts are token-id lists, left-padded into batches so the last prompt token si
 of every row; position ids follow the attention mask, so a padded row computes what it computes
 alone (to float rounding). Decoding is greedy or nucleus (top-p) sampling. Sampling draws from one
 generator per item, seeded by the item's own seed, so an item's sample does not depend on which
-other items share its batch: batched and one-at-a-time runs agree for sampling too.
+other items share its batch: batched and one-at-a-time runs agree for sampling too. The draws are
+made up front (one uniform per item and step) and turned into tokens on the device by inverting
+the nucleus CDF, so choosing a token never waits for the host.
 
 The prefill step is the only forward pass that runs inside `prefill_hook` (a context manager
 factory given the batch's row indices): that is where activation communication edits B's hidden
 state (pipeline/injection.py). Decoding steps never see the hook.
 
-Two generic extensions serve key-value communication (pipeline/evaluation/kv.py): `prefix(rows)`
-gives a batch a past to continue from (a cache already holding keys/values, its 2D mask and each
-row's past length), so the prompt's tokens take the positions after it and attend to it; and
-`session_hook(rows)` is a context manager entered around the batch's whole generation, prefill and
-every decoding step (where per-layer attention edits must stay on).
+Two decoders share one device-side state (`_State`: the fed token, positions, chosen tokens, done
+flags, all updated in place):
+- dynamic: HF's DynamicCache and a growing 2-D mask, one eager forward per step (CPU, and any run
+  with a `prefix` or `session_hook`);
+- static: a pre-allocated StaticCache and a 4-D boolean mask over its whole length, so every
+  decoding step has the same shapes and addresses; on CUDA the step (forward + token choice +
+  state update) is captured once as a CUDA graph and replayed. Stop conditions are read back only
+  every `check_every` steps (16 on CUDA), so the GPU runs steps back to back.
 
 Heavy imports stay inside functions.
 """
@@ -29,6 +34,7 @@ from typing import Any, Callable, Sequence
 from pipeline.errors import UserError
 
 SAMPLING = ("greedy", "nucleus")
+CACHES = ("auto", "dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -130,14 +136,20 @@ def nucleus_filter(logits: Any, top_p: float, temperature: float) -> Any:
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: Decoding, *,
              batch_size: int = 8, seeds: Sequence[int] | None = None,
              prefill_hook: Callable[[list[int]], Any] | None = None, keep_first_logits: bool = False,
-             progress: Callable[[int], None] | None = None, prefix: Callable[[list[int]], Prefix] | None = None,
-             session_hook: Callable[[list[int]], Any] | None = None) -> Generation:
+             progress: Callable[[int], None] | None = None, cache: str = "auto",
+             prefix: Callable[[list[int]], tuple[Any, Any, Any]] | None = None,
+             session_hook: Callable[[list[int]], Any] | None = None,
+             check_every: int | None = None) -> Generation:
     """Generate for every prompt (token-id lists), batched by length with left padding.
 
     prefill_hook(rows) returns a context manager entered around the prefill forward pass of the
     batch holding items `rows` (indices into prompts); decoding steps run outside it.
-    prefix(rows) gives the batch a past to continue from; session_hook(rows) returns a context
-    manager entered around the batch's prefill and all its decoding steps.
+    cache: "static" (pre-allocated cache; CUDA graphs on CUDA), "dynamic" (eager), or "auto"
+    (static on CUDA, dynamic elsewhere). The eager dynamic decoder also takes
+    prefix(rows) -> (a cache already holding a prefix, that prefix's (rows, P) attention-mask
+    columns, a position offset: int or (rows,)) and session_hook(rows), a context manager entered
+    around the prefill and every decoding step of the batch.
+    check_every: decoding steps between reads of the stop conditions (default 16 on CUDA, 1 elsewhere).
     """
     import torch
 
@@ -146,27 +158,54 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = next(model.parameters()).device
+    static = _use_static(model, device, cache, prefix is not None or session_hook is not None)
+    every = check_every or (16 if device.type == "cuda" else 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = eos_ids(model, tokenizer)
+    length = max((len(p) for p in prompts), default=0) + decoding.max_new_tokens
+    runners: dict[int, _StaticRunner] = {}  # one cache, state and graph per batch size, reused by its batches
     tokens: list[list[int]] = [[] for _ in range(n)]
     first_logits: list[Any] = [None] * n
     start = time.perf_counter()
     for rows in length_batches([len(p) for p in prompts], batch_size):
+        if static:
+            if len(rows) not in runners:
+                runners[len(rows)] = _StaticRunner(model, len(rows), length, decoding, stops, device)
+            runner = runners[len(rows)]
+        else:
+            runner = _DynamicRunner(model, _State(len(rows), decoding, stops, device), prefix(rows) if prefix else None)
         with session_hook(rows) if session_hook else nullcontext():
-            new, logits0 = _generate_batch(model, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops,
+            new, logits0 = _generate_batch(runner, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops,
                                            [seeds[i] for i in rows], device,
                                            prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits,
-                                           prefix(rows) if prefix else None)
-        for i, t, l0 in zip(rows, new, logits0):
-            tokens[i] = t
+                                           every)
+        for r, i in enumerate(rows):
+            tokens[i] = new[r]
             if keep_first_logits:
-                first_logits[i] = l0
+                first_logits[i] = logits0[r]
         if progress:
             progress(len(rows))
     texts = [_cut(tokenizer.decode(t, skip_special_tokens=True), decoding.stop_strings) for t in tokens]
+    graphed = any(r.graph is not None for r in runners.values())
     return Generation(tokens=tokens, texts=texts, prompt_tokens=[len(p) for p in prompts],
                       seconds=time.perf_counter() - start,
-                      first_logits=torch.stack(first_logits) if keep_first_logits and n else None)
+                      first_logits=torch.stack(first_logits) if keep_first_logits and n else None,
+                      extra={"decoder": "static+cuda-graph" if graphed else "static" if static else "dynamic"})
+
+
+def _use_static(model: Any, device: Any, cache: str, eager_only: bool) -> bool:
+    if cache not in CACHES:
+        raise UserError(f"cache {cache!r} is not one of {', '.join(CACHES)}")
+    # the static cache's 4-D mask assumes every layer attends to the whole past (no sliding window)
+    full = all(t == "full_attention" for t in (getattr(model.config, "layer_types", None) or ["full_attention"]))
+    if cache == "static":
+        if eager_only:
+            raise ValueError("a prefix or session_hook needs cache='dynamic' (the eager decoder)")
+        if not full:
+            raise UserError(f"cache 'static' needs full attention in every layer; {model.config.model_type} has "
+                            "sliding-window layers: use cache 'dynamic'")
+        return True
+    return cache == "auto" and device.type == "cuda" and full and not eager_only
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:
@@ -179,75 +218,243 @@ def _cut(text: str, stop_strings: Sequence[str]) -> str:
     return text
 
 
-@dataclass
-class _RowState:
-    generator: Any
-    done: bool = False
+class _State:
+    """One batch's decoding state on the device, only ever updated in place: a captured CUDA
+    graph replays on these very tensors."""
+
+    def __init__(self, rows: int, decoding: Decoding, stops: set[int], device: Any):
+        import torch
+
+        self.decoding = decoding
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # the token fed next
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # position of the last token fed
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # tokens chosen so far
+        self.out = torch.zeros(rows, decoding.max_new_tokens, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)  # chose an EOS
+        self.eos = torch.tensor(sorted(stops), dtype=torch.long, device=device)
+        self.u = (None if decoding.sampling == "greedy" else
+                  torch.zeros(rows, decoding.max_new_tokens, dtype=torch.float32, device=device))
+
+    def reset(self, last_positions: Any, uniforms: Any) -> None:
+        self.pos.copy_(last_positions)
+        self.step.zero_()
+        self.out.zero_()
+        self.done.zero_()
+        if self.u is not None:
+            self.u.copy_(uniforms)
+
+    def advance(self, logits: Any) -> None:
+        """Choose this step's tokens from (rows, vocab) logits and record them."""
+        import torch
+
+        at = self.step.view(1, 1).expand(self.out.shape[0], 1)
+        u = None if self.u is None else self.u.gather(1, at)[:, 0]
+        chosen = _choose(logits.float(), u, self.decoding)
+        self.out.scatter_(1, at, chosen[:, None])
+        if self.eos.numel():
+            self.done.logical_or_(torch.isin(chosen, self.eos))
+        self.tok.copy_(chosen)
+        self.step.add_(1)
 
 
-def _generate_batch(model, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,
-                    past: Prefix | None = None):
+class _DynamicRunner:
+    """Eager decoding on HF's DynamicCache (or a prefix cache handed in), the mask growing a column a step."""
+
+    graph = None
+
+    def __init__(self, model: Any, state: _State, prefix: tuple[Any, Any, Any] | None):
+        self.model, self.state, self.prefix = model, state, prefix
+        self.cache = self.mask = None
+
+    def start(self, ids, mask, positions, hook_ctx, uniforms):
+        import torch
+        from transformers import DynamicCache
+
+        cache, prefix_mask, offset = self.prefix or (DynamicCache(config=self.model.config), None, 0)
+        if prefix_mask is not None:
+            mask = torch.cat([prefix_mask.to(device=mask.device, dtype=mask.dtype), mask], dim=1)
+        if not isinstance(offset, int):
+            offset = torch.as_tensor(offset, device=positions.device).view(-1, 1)
+        positions = positions + offset
+        with hook_ctx:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+        self.cache, self.mask = cache, mask
+        self.state.reset(positions[:, -1:], uniforms)
+        return out.logits[:, -1].float()
+
+    def step(self) -> None:
+        import torch
+
+        st = self.state
+        st.pos.add_(1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self.model(input_ids=st.tok[:, None], attention_mask=self.mask, position_ids=st.pos, cache=self.cache,
+                         use_cache=True)
+        st.advance(out.logits[:, -1])
+
+
+class _StaticRunner:
+    """Decoding on a pre-allocated StaticCache with a 4-D boolean mask over its whole length: every
+    step has the same shapes and tensor addresses, so on CUDA it is captured once as a graph (after
+    WARM eager steps) and replayed; batches of the same size reuse the cache, state and graph."""
+
+    WARM = 2  # eager steps before capture: cuBLAS handles and the allocator settle first
+
+    def __init__(self, model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any):
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.device = model, device
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.kv = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)  # key columns a query may see
+        self.cur = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token goes to
+        self.state = _State(rows, decoding, stops, device)
+        self.use_graph = device.type == "cuda"
+        self.graph: Any = None
+        self.eager_steps = 0
+
+    def start(self, ids, mask, positions, hook_ctx, uniforms):
+        import torch
+
+        self.cache.reset()  # also rewinds its write position to column 0
+        rows, width = ids.shape
+        real = mask.bool()
+        q = torch.arange(width, device=ids.device)
+        causal = q[None, :] <= q[:, None]
+        # a padding query sees itself, so no row of the mask is empty (an empty row gives NaN)
+        allowed = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=ids.device)[None])
+        full = torch.zeros(rows, 1, width, self.kv.shape[-1], dtype=torch.bool, device=ids.device)
+        full[:, 0, :, :width] = allowed
+        with hook_ctx:
+            out = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        self.kv.zero_()
+        self.kv[:, 0, 0, :width] = real
+        self.cur.fill_(width)
+        self.state.reset(positions[:, -1:], uniforms)
+        return out.logits[:, -1].float()
+
+    def _step(self) -> None:
+        st = self.state
+        st.pos.add_(1)
+        self.kv.index_fill_(3, self.cur, True)
+        out = self.model(input_ids=st.tok[:, None], attention_mask=self.kv, position_ids=st.pos, cache=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.cur.add_(1)
+        st.advance(out.logits[:, -1])
+
+    def step(self) -> None:
+        import torch
+
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.use_graph:
+            self._step()
+            return
+        with torch.cuda.device(self.device):
+            if self.eager_steps < self.WARM:  # on a side stream, as graph capture wants its warm-up
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                self.eager_steps += 1
+                return
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._step()  # recorded, not run
+            except RuntimeError as e:  # an op that cannot be captured: stay correct, decode eagerly
+                import warnings
+
+                warnings.warn(f"decoding step could not be captured as a CUDA graph ({e}); decoding eagerly")
+                self.use_graph = False
+                self._step()
+                return
+            self.graph = graph
+            graph.replay()
+
+
+def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,
+                    every: int):
     import torch
-    from transformers import DynamicCache
 
     ids, mask, positions = left_pad(rows, pad_id, device)
-    if past is None:
-        cache = DynamicCache(config=model.config)
-    else:  # the prompt continues the past: its tokens come after it in the mask and in position
-        cache, mask = past.cache, torch.cat([past.mask.to(mask), mask], dim=1)
-        positions = positions + past.offsets.to(positions)[:, None]
     with torch.no_grad():
-        with hook_ctx:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                        logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        first = logits.detach().cpu() if keep_first else [None] * len(rows)
-        states = [_RowState(_row_generator(decoding, s)) for s in seeds]
-        new: list[list[int]] = [[] for _ in rows]
-        pos = positions[:, -1:]
-        for step in range(decoding.max_new_tokens):
-            chosen = _choose(logits, decoding, states)
-            for r, st in enumerate(states):
-                if st.done:
-                    chosen[r] = pad_id
-                    continue
-                tok = int(chosen[r])
-                if tok in stops:
-                    st.done = True
-                    continue
-                new[r].append(tok)
-                if decoding.stop_strings and _hits_stop(tokenizer, new[r], decoding.stop_strings):
-                    st.done = True
-            if all(st.done for st in states) or step == decoding.max_new_tokens - 1:
+        logits = runner.start(ids, mask, positions, hook_ctx, _uniforms(decoding, seeds, device))
+        first = logits.cpu() if keep_first else None
+        runner.state.advance(logits)
+        chosen, stopped = 1, set()
+        while chosen < decoding.max_new_tokens:
+            if chosen % every == 0 and _finished(runner.state, chosen, tokenizer, decoding, stops, stopped):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            out = model(input_ids=chosen[:, None].to(device), attention_mask=mask, position_ids=pos, cache=cache,
-                        use_cache=True)
-            logits = out.logits[:, -1].float()
-    return new, list(first)
+            runner.step()
+            chosen += 1
+        out = runner.state.out[:, :chosen].cpu().tolist()
+    return [_row_tokens(o, stops, tokenizer, decoding.stop_strings) for o in out], first
+
+
+def _finished(state: _State, chosen: int, tokenizer, decoding: Decoding, stops: set[int], stopped: set[int]) -> bool:
+    """Whether every row has chosen EOS or (host side) hit a stop string; the one host sync of decoding."""
+    done = state.done.cpu().tolist()
+    if all(done):
+        return True
+    if not decoding.stop_strings:
+        return False
+    out = state.out[:, :chosen].cpu().tolist()
+    for r, row in enumerate(out):
+        if not done[r] and r not in stopped and _hits_stop(tokenizer, _until_eos(row, stops), decoding.stop_strings):
+            stopped.add(r)
+    return all(d or r in stopped for r, d in enumerate(done))
+
+
+def _until_eos(row: list[int], stops: set[int]) -> list[int]:
+    for k, t in enumerate(row):
+        if t in stops:
+            return row[:k]
+    return row
+
+
+def _row_tokens(row: list[int], stops: set[int], tokenizer, stop_strings: Sequence[str]) -> list[int]:
+    """A row's tokens up to its first EOS (excluded) or through the token that completed a stop
+    string, as if decoding had stopped there: later steps only ran because the check is periodic."""
+    row = _until_eos(row, stops)
+    if stop_strings and _hits_stop(tokenizer, row, stop_strings):
+        for k in range(1, len(row) + 1):
+            if _hits_stop(tokenizer, row[:k], stop_strings):
+                return row[:k]
+    return row
 
 
 def _row_generator(decoding: Decoding, seed: int):
     import torch
 
-    if decoding.sampling == "greedy":
-        return None
     g = torch.Generator(device="cpu")
     g.manual_seed((decoding.seed * 1_000_003 + int(seed)) % (2**63 - 1))
     return g
 
 
-def _choose(logits, decoding: Decoding, states: list[_RowState]):
+def _uniforms(decoding: Decoding, seeds: Sequence[int], device: Any) -> Any:
+    """(rows, max_new_tokens) draws in (0, 1], each row from its own item's generator; None for greedy."""
     import torch
 
     if decoding.sampling == "greedy":
-        return logits.argmax(-1).cpu()
-    probs = nucleus_filter(logits, decoding.top_p, decoding.temperature).cpu()
-    out = torch.empty(len(states), dtype=torch.long)
-    for r, st in enumerate(states):  # one generator per item: its draws do not depend on the batch
-        out[r] = torch.multinomial(probs[r], 1, generator=st.generator)[0]
-    return out
+        return None
+    draws = [1.0 - torch.rand(decoding.max_new_tokens, generator=_row_generator(decoding, s)) for s in seeds]
+    return torch.stack(draws).to(device)
+
+
+def _choose(logits, u, decoding: Decoding):
+    """Greedy: argmax. Nucleus: the token where the row's draw u falls in the filtered CDF (u in
+    (0, 1], so a token of zero probability is never chosen). All on the logits' device."""
+    if decoding.sampling == "greedy":
+        return logits.argmax(-1)
+    probs = nucleus_filter(logits, decoding.top_p, decoding.temperature)
+    cdf = probs.cumsum(-1)
+    index = (cdf < u[:, None] * cdf[:, -1:]).sum(-1)
+    return index.clamp_(max=probs.shape[-1] - 1)
 
 
 def _hits_stop(tokenizer, new: list[int], stop_strings: Sequence[str]) -> bool:

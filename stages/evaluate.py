@@ -22,6 +22,14 @@ def evaluate_config(params: Any):
     return cfg if cfg is not None else EvaluateConfig()
 
 
+def evaluations() -> tuple[str, ...]:
+    """What `xmodel evaluate` runs: every registered task, the probes (each an evaluate@<name> stage
+    when listed in evaluate.tasks), and the (k, j) sweep, run by hand."""
+    from pipeline.tasks.registry import PROBES, TASKS
+
+    return (*TASKS, *PROBES, "sweep")
+
+
 def outputs(params: Any, task: str) -> dict[str, Path]:
     data = Path(params.paths.data)
     return {"predictions": data / "evaluate" / task / "predictions.jsonl",
@@ -34,10 +42,9 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         ) -> dict[str, Path]:
     """Run one evaluation task end to end; returns the paths written."""
     from pipeline.errors import UserError
-    from pipeline.evaluation.config import TASKS
     from pipeline.evaluation.pair import load_aligners, load_pair, resolve_ks
 
-    tasks = (*TASKS, "sweep")  # the DVC stages' tasks, and the sweep, run by hand
+    tasks = evaluations()
     if task not in tasks:
         raise UserError(f"unknown evaluation {task!r}: use one of {', '.join(tasks)}")
     cfg = cfg or evaluate_config(params)

@@ -10,16 +10,20 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.evaluation.config import (EvaluateConfig, Gsm8kConfig, SimilarityConfig, SquadConfig, SweepConfig,
+from pipeline.evaluation.config import (EvaluateConfig, SimilarityConfig, SweepConfig,
                                         config_from_dict)
 from pipeline.evaluation.methods import evaluate_task
 from pipeline.evaluation.pair import Pair, load_aligners
 from pipeline.evaluation.prompts import task_prompts
 from pipeline.evaluation.similarity import similarity_probe, similarity_texts
 from pipeline.evaluation.sweep import layer_sweep
+from pipeline.tasks.games import GameConfig
+from pipeline.tasks.gsm8k import Gsm8kConfig
+from pipeline.tasks.squad import SquadConfig
 
 FAST = dict(batch_size=4, n_boot=200, squad=SquadConfig(n=4, max_new_tokens=3),
-            gsm8k=Gsm8kConfig(n=3, max_new_tokens=4), similarity=SimilarityConfig(n=6),
+            gsm8k=Gsm8kConfig(n=3, max_new_tokens=4), countries=GameConfig(n=4, max_new_tokens=3),
+            tipsheets=GameConfig(n=3, max_new_tokens=3), similarity=SimilarityConfig(n=6),
             sweep=SweepConfig(n=3, layers_a=[0, 3], layers_b=[2, 4], max_new_tokens=2))
 
 
@@ -143,7 +147,7 @@ def test_config_from_params_mapping():
         config_from_dict({"modes": ["max"]})
     with pytest.raises(UserError, match="private or shared"):
         config_from_dict({"squad": {"setting": "open"}})
-    with pytest.raises(UserError, match="evaluate.tasks: 'mmlu' is not one of squad, gsm8k, similarity"):
+    with pytest.raises(UserError, match="evaluate.tasks: 'mmlu' is not one of squad, gsm8k, countries, tipsheets, similarity"):
         config_from_dict({"tasks": ["squad", "mmlu"]})
 
 

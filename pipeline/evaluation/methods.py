@@ -4,15 +4,17 @@ the compute each one used."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.diagnostics import graft_geometry, skyline_closeness
 from pipeline.evaluation.pair import Pair, resolve_ks
-from pipeline.evaluation.prompts import TaskPrompts, encode, task_prompts
+from pipeline.evaluation.prompts import encode, task_prompts
 from pipeline.evaluation.results import format_table, summarize
 from pipeline.generation import Decoding, Generation, generate
-from pipeline.injection import communicate, map_vectors, sender_states
+from pipeline.injection import Graft, communicate, map_vectors, sender_states
+from pipeline.tasks.base import TaskPrompts
 
 
 def block_flops(model: Any) -> tuple[float, float]:
@@ -63,6 +65,7 @@ class MethodRun:
     texts: list[str]
     scores: dict[str, list[float]]
     compute: Compute
+    diagnostics: dict[str, list[float]] = field(default_factory=dict)  # per item (pipeline/evaluation/diagnostics.py)
 
 
 def _score_all(prompts: TaskPrompts, texts: Sequence[str]) -> dict[str, list[float]]:
@@ -76,28 +79,44 @@ def _score_all(prompts: TaskPrompts, texts: Sequence[str]) -> dict[str, list[flo
 def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: EvaluateConfig, k: int, j: int,
                 aligners: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> list[MethodRun]:
     """Every configured method on the same items; A's answer and A's layer-k states are computed
-    once and reused (each method is still charged for them)."""
+    once and reused (each method is still charged for them). The skyline runs first when the task
+    has one, so that every B run can be compared with its first-token distribution."""
     aligners = aligners or {}
     log = log or (lambda s: None)
     bs, chat, n = cfg.batch_size, cfg.chat, len(prompts.ids)
     seeds = list(range(n))
     enc_a = [encode(pair.tok_a, t, chat, prompts.cue) for t in prompts.a]
     enc_b = [encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.b]
-    runs: list[MethodRun] = []
+    runs: dict[str, MethodRun] = {}
+    sky_logits = None
 
-    def gen_b(ids) -> Generation:
-        return generate(pair.model_b, pair.tok_b, ids, decoding, batch_size=bs, seeds=seeds)
+    def gen_b(ids, keep_first_logits: bool = False) -> Generation:
+        return generate(pair.model_b, pair.tok_b, ids, decoding, batch_size=bs, seeds=seeds,
+                        keep_first_logits=keep_first_logits or sky_logits is not None)
 
-    def add(name, gen, compute):
-        runs.append(MethodRun(name, gen.texts, _score_all(prompts, gen.texts), compute))
-        primary = runs[-1].scores[prompts.primary]
-        log(f"{name}: {prompts.primary} {sum(primary) / max(1, n):.3f} ({compute.seconds:.1f}s)")
+    def closeness(gen: Generation) -> dict[str, list[float]]:
+        return skyline_closeness(gen.first_logits, sky_logits) if sky_logits is not None else {}
+
+    def add(name, gen, compute, diagnostics=None):
+        runs[name] = MethodRun(name, gen.texts, _score_all(prompts, gen.texts), compute, diagnostics or {})
+        primary = runs[name].scores[prompts.primary]
+        agree = runs[name].diagnostics.get("agree_skyline")
+        log(f"{name}: {prompts.primary} {sum(primary) / max(1, n):.3f}"
+            + (f", first token = skyline's {sum(agree) / max(1, n):.2f}" if agree else "")
+            + f" ({compute.seconds:.1f}s)")
+
+    if "skyline" in cfg.methods and prompts.skyline is not None:
+        gen = gen_b([encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.skyline], keep_first_logits=True)
+        sky_logits = gen.first_logits
+        c = Compute()
+        c.add_run(pair.model_b, "b", gen)
+        add("skyline", gen, c)
 
     if "b_alone" in cfg.methods:
         gen = gen_b(enc_b)
         c = Compute()
         c.add_run(pair.model_b, "b", gen)
-        add("b_alone", gen, c)
+        add("b_alone", gen, c, closeness(gen))
 
     a_gen = None
     if "a_alone" in cfg.methods or "nl" in cfg.methods:
@@ -112,7 +131,7 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
         c = Compute()
         c.add_run(pair.model_a, "a", a_gen)
         c.add_run(pair.model_b, "b", gen)
-        add("nl", gen, c)
+        add("nl", gen, c, closeness(gen))
 
     if "ac" in cfg.methods:
         sent = sender_states(pair.model_a, pair.tok_a, enc_a, k, batch_size=bs)
@@ -122,27 +141,24 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
             t0 = time.perf_counter()
             vectors = map_vectors(sent.vectors, aligner, pair.width_b)
             map_s = time.perf_counter() - t0
-            gen = communicate(pair.model_b, pair.tok_b, enc_b, j, vectors, f, decoding, batch_size=bs, seeds=seeds)
+            records: list[Graft] = []
+            gen = communicate(pair.model_b, pair.tok_b, enc_b, j, vectors, f, decoding, batch_size=bs, seeds=seeds,
+                              keep_first_logits=sky_logits is not None, records=records)
             c = Compute()
             c.add_run(pair.model_a, "a", sent, blocks=k)
             c.add_run(pair.model_b, "b", gen)
             c.seconds += map_s
             if aligner is not None:
                 c.flops += 2.0 * n * pair.width_a * pair.width_b  # one matrix-vector product per item
-            add(name, gen, c)
+            add(name, gen, c, {**graft_geometry(vectors, records), **closeness(gen)})
         del sent
-    if "skyline" in cfg.methods and prompts.skyline is not None:
-        gen = gen_b([encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.skyline])
-        c = Compute()
-        c.add_run(pair.model_b, "b", gen)
-        add("skyline", gen, c)
-    return runs
+    order = ["b_alone", "a_alone", "nl"] + [r for r in runs if r.startswith("ac_")] + ["skyline"]
+    return [runs[name] for name in order if name in runs]
 
 
 @dataclass
 class TaskResult:
     task: str
-    setting: str
     k: int
     j: int
     summary: dict[str, Any]
@@ -150,21 +166,27 @@ class TaskResult:
     prompts: TaskPrompts
     info: dict[str, Any]
 
+    @property
+    def setting(self) -> str:
+        return self.prompts.setting
+
     def metrics(self) -> dict[str, Any]:
         return {"task": self.task, "setting": self.setting, "layers": {"k": self.k, "j": self.j},
-                "primary": self.prompts.primary, "methods": self.summary, **self.info}
+                "primary": self.prompts.primary, "columns": list(self.prompts.columns), "methods": self.summary,
+                **self.info}
 
     def predictions(self) -> list[dict[str, Any]]:
         rows = []
         for i, item_id in enumerate(self.prompts.ids):
             row = {"id": item_id, "gold": self.prompts.golds[i]}
             for r in self.runs:
-                row[r.name] = {"text": r.texts[i], **{k: v[i] for k, v in r.scores.items()}}
+                row[r.name] = {"text": r.texts[i], **{k: v[i] for k, v in r.scores.items()},
+                               **{k: v[i] for k, v in r.diagnostics.items()}}
             rows.append(row)
         return rows
 
     def table(self) -> str:
-        return format_table(self.summary, self.prompts.primary, "f1" if self.task == "squad" else None)
+        return format_table(self.summary, self.prompts.columns)
 
 
 def evaluate_task(task: str, pair: Pair, cfg: EvaluateConfig, aligners: dict[str, Any] | None = None,
@@ -174,7 +196,6 @@ def evaluate_task(task: str, pair: Pair, cfg: EvaluateConfig, aligners: dict[str
     start = time.perf_counter()
     runs = run_methods(pair, prompts, decoding, cfg, k, j, aligners, log)
     summary = summarize(prompts, runs, n_boot=cfg.n_boot)
-    setting = cfg.squad.setting if task == "squad" else "shared"
     info = {"n_items": len(prompts.ids), "models": {"a": pair.name_a, "b": pair.name_b},
             "decoding": asdict(decoding), "wall_seconds": time.perf_counter() - start}
-    return TaskResult(task, setting, k, j, summary, runs, prompts, info)
+    return TaskResult(task, k, j, summary, runs, prompts, info)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-if TYPE_CHECKING:
-    from pipeline.evaluation.methods import MethodRun
-    from pipeline.evaluation.prompts import TaskPrompts
+from pipeline.tasks.base import TaskPrompts
 
 
-def summarize(prompts: TaskPrompts, runs: Sequence[MethodRun], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """Per method: each score with a 95% interval, the compute, and paired comparisons against
-    b_alone and nl (McNemar on binary scores, paired bootstrap on every score)."""
+def summarize(prompts: TaskPrompts, runs: Sequence[Any], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Per method (runs: pipeline.evaluation.methods.MethodRun): each score with a 95% interval, the
+    compute, the graft diagnostics, and paired comparisons against b_alone and nl (McNemar on binary
+    scores, paired bootstrap on every score)."""
+    from pipeline.evaluation.diagnostics import summarize_diagnostics
     from pipeline.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson_interval
 
     by_name = {r.name: r for r in runs}
@@ -31,6 +31,8 @@ def summarize(prompts: TaskPrompts, runs: Sequence[MethodRun], n_boot: int = 10_
                 how = "bootstrap"
             entry[key] = {"mean": mean, "lo": lo, "hi": hi, "interval": how}
         entry["compute"] = asdict(r.compute)
+        if r.diagnostics:
+            entry["diagnostics"] = summarize_diagnostics(r.diagnostics, n_boot=n_boot, seed=seed)
         for ref in ("b_alone", "nl"):
             if ref == r.name or ref not in by_name:
                 continue
@@ -46,17 +48,18 @@ def summarize(prompts: TaskPrompts, runs: Sequence[MethodRun], n_boot: int = 10_
     return out
 
 
-def format_table(summary: dict[str, Any], primary: str, secondary: str | None = None) -> str:
-    """A Markdown table: score [95% interval], the secondary score, p vs B alone and vs NL, compute."""
-    head = f"| method | {primary} [95% CI] |" + (f" {secondary} [95% CI] |" if secondary else "")
-    head += " Δ vs B alone (p) | Δ vs NL (p) | A tokens | B tokens | GFLOP | seconds |"
+def format_table(summary: dict[str, Any], columns: Sequence[str]) -> str:
+    """A Markdown table: each score [95% interval] (columns, primary first), p vs B alone and vs NL
+    on the primary score, first-token agreement with the skyline, compute."""
+    primary = columns[0]
+    head = "| method | n |" + "".join(f" {c} [95% CI] |" for c in columns)
+    head += " Δ vs B alone (p) | Δ vs NL (p) | first token = skyline's | A tokens | B tokens | GFLOP | seconds |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, e in summary.items():
-        s = e[primary]
-        row = f"| {name} | {100 * s['mean']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] |"
-        if secondary:
-            s2 = e[secondary]
-            row += f" {100 * s2['mean']:.1f} [{100 * s2['lo']:.1f}, {100 * s2['hi']:.1f}] |"
+        row = f"| {name} | {e['n']} |"
+        for c in columns:
+            s = e[c]
+            row += f" {100 * s['mean']:.1f} [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] |"
         for ref in ("vs_b_alone", "vs_nl"):
             c = e.get(ref, {}).get(primary)
             if c is None:
@@ -64,6 +67,8 @@ def format_table(summary: dict[str, Any], primary: str, secondary: str | None = 
                 continue
             p = c.get("mcnemar", c["paired_bootstrap"])["p_value"]
             row += f" {100 * c['paired_bootstrap']['diff']:+.1f} ({p:.3g}) |"
+        agree = e.get("diagnostics", {}).get("agree_skyline", {})
+        row += f" {100 * agree['mean']:.0f}% |" if "mean" in agree else " — |"
         comp = e["compute"]
         row += f" {comp['a_tokens']} | {comp['b_tokens']} | {comp['flops'] / 1e9:.1f} | {comp['seconds']:.1f} |"
         lines.append(row)

@@ -7,9 +7,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from pipeline.sampling import seeded_sample
 from pipeline.errors import UserError
+from pipeline.sampling import seeded_sample
+from pipeline.tasks.base import Task, TaskConfig, TaskPrompts
 from pipeline.tasks.scoring import parse_number
 
 # reasoning-gym appends this instruction to every question; our prompt states the format itself
@@ -96,3 +98,62 @@ def reasoning_gym_items(n: int, seed: int = 0) -> list[MathItem]:
     data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
     return [MathItem(f"gsm-symbolic-{seed}-{i}", _RG_SUFFIX.sub("", row["question"]).strip(), gold_number(row["answer"]))
             for i, row in enumerate(data)]
+
+
+# --- as an evaluation task --------------------------------------------------------------------------
+
+# "debate": the multiagent-debate prompts of Du et al. (2023), the NL baseline the paper compares with
+# (first round, then "solutions from other agents"). "brief": ours, asks for short solutions so that a
+# slow CPU can decode them within a small token budget.
+STYLES = ("debate", "brief")
+DEBATE = ("Can you solve the following math problem? {question} Explain your reasoning. Your final answer "
+          "should be a single numerical number, in the form \\boxed{{answer}}, at the end of your response.")
+DEBATE_READ = ("These are the solutions to the problem from other agents:\n\nOne agent solution: {message}\n\n"
+               "Using the solutions from other agents as additional information, can you provide your answer "
+               "to the math problem? The original math problem is {question} Your final answer should be a "
+               "single numerical number, in the form \\boxed{{answer}}, at the end of your response.")
+BRIEF = ("Solve the math problem. Be brief: write only the calculations needed, one short line each, then "
+         "give the final answer on the last line as 'Answer: <number>'.\n\nProblem: {question}")
+BRIEF_READ = BRIEF + "\n\nAnother assistant's solution:\n{message}"
+
+
+@dataclass(frozen=True)
+class Gsm8kConfig(TaskConfig):
+    source: str = "reasoning-gym"  # reasoning-gym (offline gsm_symbolic) | hub (openai/gsm8k) | path to .jsonl
+    prompt: str = "debate"  # debate (Du et al.'s prompts, \\boxed{} answers) | brief (short solutions, for CPUs)
+    max_new_tokens: int = 384
+    sampling: str = "nucleus"  # the paper samples its reasoning benchmarks with p = 0.9
+    temperature: float = 0.6  # Llama-3 instruct's generation_config default, which p = 0.9 also comes from
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        if self.prompt not in STYLES:
+            raise UserError(f"evaluate.{name}.prompt = {self.prompt!r} is not one of {', '.join(STYLES)}")
+
+
+def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate") -> TaskPrompts:
+    from pipeline.tasks.scoring import gsm8k_correct
+
+    if style not in STYLES:
+        raise UserError(f"GSM8K prompt style {style!r} is not one of {', '.join(STYLES)}")
+    ask, read = (DEBATE, DEBATE_READ) if style == "debate" else (BRIEF, BRIEF_READ)
+
+    def with_message(i, message):
+        return read.format(question=items[i].question, message=message.strip())
+
+    def score(i, text):
+        return {"accuracy": gsm8k_correct(text, items[i].answer)}
+
+    texts = [ask.format(question=it.question) for it in items]
+    return TaskPrompts("gsm8k", [it.id for it in items], texts, list(texts), None, with_message, score, "accuracy",
+                       ("accuracy",), "Solution:", (), [it.answer for it in items])
+
+
+def _build(cfg: Gsm8kConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
+    ask = DEBATE if cfg.prompt == "debate" else BRIEF
+    items = [it for it in load_gsm8k(cfg.source, (n or cfg.n) + len(exclude), cfg.seed)
+             if ask.format(question=it.question) not in exclude]
+    return gsm8k_prompts(items[:n or cfg.n], cfg.prompt)
+
+
+TASK = Task("gsm8k", Gsm8kConfig, _build, "grade-school maths; both agents see the question")

@@ -12,10 +12,11 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from pipeline.sampling import seeded_sample
 from pipeline.errors import UserError
+from pipeline.sampling import seeded_sample
+from pipeline.tasks.base import Task, TaskConfig, TaskPrompts
 
 
 @dataclass(frozen=True)
@@ -196,3 +197,59 @@ def generate_items(n: int, seed: int = 0, kinds: tuple[str, ...] = ("biography",
         assert para.text[start:start + len(answer)] == answer
         items.append(QAItem(f"gen-{seed}-{i}", para.text, question, (answer,), (start,), f"{kind}: {title}"))
     return items
+
+
+# --- as an evaluation task --------------------------------------------------------------------------
+
+SQUAD_ASK = "Answer the question with a short phrase. Reply with the answer only."
+SQUAD_READ = ("Read the passage, then answer the question with a short phrase copied from the passage. "
+              "Reply with the answer only.")
+
+
+@dataclass(frozen=True)
+class SquadConfig(TaskConfig):
+    source: str = "generate"  # generate (offline, ours) | hub (rajpurkar/squad) | path to a SQuAD v1.1 .json
+    setting: str = "private"  # private: only A sees the context | shared: both see it
+    max_new_tokens: int = 16  # answers are short; generation also stops at the first newline
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        if self.setting not in ("private", "shared"):
+            raise UserError(f"evaluate.{name}.setting = {self.setting!r} is not private or shared")
+
+
+def _read(it: QAItem) -> str:
+    return f"{SQUAD_READ}\n\nPassage: {it.context}\n\nQuestion: {it.question}"
+
+
+def squad_prompts(items: Sequence[QAItem], setting: str = "private") -> TaskPrompts:
+    read = _read
+
+    def ask(it):
+        return f"{SQUAD_ASK}\n\nQuestion: {it.question}"
+
+    def with_message(i, message):
+        it = items[i]
+        note = f"Another assistant, who read a passage about this, answered: {message.strip()}\n\n"
+        return note + (read(it) if setting == "shared" else ask(it))
+
+    def score(i, text):
+        from pipeline.tasks.scoring import squad_scores
+
+        em, f1 = squad_scores(text, items[i].answers)
+        return {"em": em, "f1": f1}
+
+    private = setting == "private"
+    return TaskPrompts("squad", [it.id for it in items], [read(it) for it in items],
+                       [ask(it) if private else read(it) for it in items],
+                       [read(it) for it in items] if private else None, with_message, score, "em", ("em",),
+                       "Answer:", ("\n",), [list(it.answers) for it in items], columns=("em", "f1"),
+                       setting=setting)
+
+
+def _build(cfg: SquadConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
+    items = [it for it in load_squad(cfg.source, (n or cfg.n) + len(exclude), cfg.seed) if _read(it) not in exclude]
+    return squad_prompts(items[:n or cfg.n], cfg.setting)
+
+
+TASK = Task("squad", SquadConfig, _build, "SQuAD-format reading comprehension (private: only A reads the passage)")

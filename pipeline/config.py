@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.errors import UserError
 from pipeline.evaluation.config import EvaluateConfig  # light: evaluation code imports torch only when it runs
@@ -75,18 +75,24 @@ class PathsConfig:
     data: str = "data"  # stores in data/stores/<role>.zarr, model manifests in data/models/<role>.json
     cache: str = ""  # converted-model cache; "" = $XMODEL_CACHE or ~/.cache/xmodel
 
+    # the data dir's layout has one owner, pipeline.artifacts.Layout; these are shorthands for it
+    @property
+    def layout(self):
+        from pipeline.artifacts import Layout
+
+        return Layout(Path(self.data))
+
     def store(self, role: str) -> Path:
-        return Path(self.data) / "stores" / f"{role}.zarr"
+        return self.layout.store(role)
 
     def aligner(self, name: str) -> Path:
-        # `module:Class` names become `module.Class` (no colon in file names)
-        return Path(self.data) / "aligners" / name.replace(":", ".")
+        return self.layout.aligner(name)
 
     def metrics(self, name: str) -> Path:
-        return Path(self.data) / "metrics" / f"{name.replace(':', '.')}.json"
+        return self.layout.metrics(name)
 
     def manifest(self, role: str) -> Path:
-        return Path(self.data) / "models" / f"{role}.json"
+        return self.layout.manifest(role)
 
     def cache_dir(self) -> Path:
         import os
@@ -127,26 +133,58 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return params
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """Read params.yaml (a missing file means all defaults) and apply dotted overrides."""
-    import yaml
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
+                overlays: Sequence[Path | str] = ()) -> Params:
+    """The params of `path` (params.yaml; a missing file means all defaults, which are params.yaml's),
+    with each overlay file merged over it in order (see merge_params), then the dotted overrides."""
+    return params_from_dict(merged_params(path, overrides, overlays))
 
+
+def merged_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
+                  overlays: Sequence[Path | str] = ()) -> dict[str, Any]:
+    """The raw mapping load_params validates: base file, overlays (each must exist), overrides."""
     path = Path(path)
-    raw: dict[str, Any] = {}
-    if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_params_file(path) if path.exists() else {}
+    for overlay in overlays:
+        overlay = Path(overlay)
+        if not overlay.is_file():
+            raise UserError(f"params file {str(overlay)!r} does not exist: check the path (profiles are "
+                            f"profiles/<name>.yaml, e.g. --params profiles/tiny.yaml)")
+        raw = merge_params(raw, read_params_file(overlay))
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return params_from_dict(raw)
+    return raw
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def merge_params(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` deep-merged over `base` (neither is changed): mappings merge key by key, any other
+    value (a list too) replaces the base's, and `null` removes the key, so its default applies (how a
+    profile drops an entry of a mapping, e.g. `fit: {aligners: {lora: null}}`)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_params(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _type_name(t: Any) -> str:

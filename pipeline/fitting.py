@@ -16,6 +16,7 @@ import inspect
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -150,23 +151,33 @@ def identity(aligner, paired: Paired) -> dict[str, Any]:
 
 def fit_from_stores(params: Params, name: str, force: bool = False,
                     log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
-    """Fit aligner `name` on the configured rows of stores a and b, save it to
-    data/aligners/<name>/, and score it on the held-out texts (rank 0). Under torchrun the
-    trainable aligners train with DDP; the checkpoint of an interrupted run (<dir>/ckpt) is resumed."""
+    """Fit aligner `name` on the configured rows of stores a and b and score it on the held-out
+    texts; data/aligners/<name>/ and data/metrics/fit-<name>.json then appear together (rank 0), or,
+    if anything fails (too few rows, a diverged training, a full disk), neither changes. Under
+    torchrun the trainable aligners train with DDP; the checkpoint of an interrupted run
+    (<dir>/ckpt) is resumed. One process at a time fits a given aligner directory."""
     import torch
 
+    from pipeline.artifacts import Outputs, exclusive, layout
     from pipeline.distributed import close_dist, init_dist
     from pipeline.models import pick_device
 
     cfg = params.fit
+    if cfg.pairwise_rows < 2:  # retrieval of one row against itself is a sure hit: not a score
+        raise UserError(f"fit.pairwise_rows = {cfg.pairwise_rows}: the pairwise scores need at least 2 rows")
     aligner = make_aligner(name, cfg)
     a, b = open_stores(params)
     paired = paired_for_fit(a, b, cfg)
-    directory = params.paths.aligner(name)
+    if len(paired.heldout) < 2:
+        raise UserError(f"{len(paired.heldout)} held-out row(s) cannot score an aligner (at least 2 are needed): "
+                        "use more texts (corpus.n) or a larger fit.heldout_frac")
+    paths = layout(params)
+    directory, metrics_path = paths.aligner(name), paths.metrics(f"fit-{name}")
     inputs = identity(aligner, paired)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     dist = init_dist("cpu")  # aligners train on the CPU copies the store readers give
+    held = ExitStack()
     try:
         # resolved before anything is claimed: a bad fit.device leaves the aligner directory untouched.
         # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
@@ -174,12 +185,14 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         refusal = None
         if dist.is_main:
             try:
+                held.enter_context(exclusive(paths.lock(f"aligners/{directory.name}"), directory))
                 _claim(directory, inputs, force)
             except UserError as e:
                 refusal = e
         if not dist.all_ok(refusal is None):  # every rank stops, none waits at a barrier forever
             raise refusal or UserError(f"rank 0 refused {directory}: see its error")
-        aligner.meta = {**paired.describe(), "inputs": inputs, "store_paths": {"a": str(a.path), "b": str(b.path)}}
+        aligner.meta = {**paired.describe(), "inputs": inputs, "models": provenance(a, b),
+                        "store_paths": {"a": str(a.path), "b": str(b.path)}}
         source, target = paired.arrays(paired.train)
         options = _fit_options(aligner, directory / "ckpt", log, device)
         if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
@@ -190,22 +203,37 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         t0 = time.perf_counter()
         aligner.fit(source, target, **options)
         seconds = time.perf_counter() - t0
-        aligner.save(directory)
-        if not dist.is_main:
-            return FitResult(directory, aligner, {})
-        # the checkpoint only serves an interrupted run: a finished one kept would let a rerun
-        # after a code change (DVC reruns with the same inputs) skip training
-        shutil.rmtree(directory / "ckpt", ignore_errors=True)
-        scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
-        report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
-                  "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), "fit_device": str(device), **scores}
-        for key in ("epochs_run", "best_epoch", "stopped_early"):
-            if key in aligner.fit_info:
-                report[key] = aligner.fit_info[key]
+        report, failure = {}, None
+        if dist.is_main:
+            try:
+                # scored before anything is written: a fit that cannot be scored leaves no aligner
+                scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
+                report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
+                          "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), "fit_device": str(device),
+                          **scores}
+                for key in ("epochs_run", "best_epoch", "stopped_early"):
+                    if key in aligner.fit_info:
+                        report[key] = aligner.fit_info[key]
+                # the folder replaces the old one (and with it the checkpoint, which only serves an
+                # interrupted run: one kept would let a rerun after a code change skip training)
+                with Outputs() as out:
+                    aligner.stage_save(out, directory)
+                    out.json(metrics_path, report)
+            except UserError as e:
+                failure = e
+        if not dist.all_ok(failure is None):
+            raise failure or UserError(f"rank 0 could not save {directory}: see its error")
         return FitResult(directory, aligner, report)
     finally:
+        held.close()
         close_dist(dist)
         torch.set_num_threads(threads)
+
+
+def provenance(a, b) -> dict[str, Any]:
+    """The models the stores were extracted from, as evaluate checks them against the models it loads."""
+    keys = ("model_id", "revision", "model_sha", "tokenizer_hash")
+    return {role: {k: s.identity.get(k) for k in keys} for role, s in (("a", a), ("b", b))}
 
 
 def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
@@ -215,8 +243,9 @@ def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
     if "checkpoint_dir" in accepted:
         options["checkpoint_dir"] = ckpt
         if _is_rank0():
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / INPUTS).write_text(json.dumps(_json(aligner.meta["inputs"]), indent=1, sort_keys=True))
+            from pipeline.artifacts import write_json
+
+            write_json(ckpt / INPUTS, _json(aligner.meta["inputs"]), sort_keys=True)
     if "log" in accepted and log is not None:
         options["log"] = log
     if "device" in accepted and device.type != "cpu":
@@ -231,7 +260,13 @@ def _is_rank0() -> bool:
 
 
 def _claim(directory: Path, inputs: dict[str, Any], force: bool) -> None:
-    """Refuse (or with force, clear) an aligner directory or checkpoint made from other inputs."""
+    """Refuse (or with force, clear) an aligner directory or checkpoint made from other inputs; a
+    folder that is not an aligner xmodel wrote is refused even with force."""
+    from pipeline.aligners.base import is_aligner_dir
+    from pipeline.artifacts import check_ours, recover
+
+    check_ours(directory, is_aligner_dir, "aligner directory")
+    recover(directory)  # an earlier save killed between its two renames
     ckpt = directory / "ckpt"
     theirs = _saved_inputs(directory)
     if theirs is not None and _json(theirs) != _json(inputs):

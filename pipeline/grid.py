@@ -85,6 +85,8 @@ def heatmap(result: dict[str, Any], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from pipeline.artifacts import save_figure
+
     m = cka_matrix(result)
     la, lb = result["layers_a"], result["layers_b"]
     fig = Figure(figsize=(2.0 + 0.9 * len(lb), 1.6 + 0.6 * len(la)))
@@ -104,6 +106,4 @@ def heatmap(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"A layer ({models.get('a')})")
     ax.set_title(f"debiased linear CKA, {result['activation_kind']} states, {result['rows']} held-out texts", fontsize=9)
     fig.colorbar(image, ax=ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

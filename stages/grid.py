@@ -1,4 +1,6 @@
-"""Stage `grid`: raw similarity of every stored layer pair, and each fitted aligner's held-out scores."""
+"""Stage `grid`: raw similarity of every stored layer pair, and each fitted aligner's held-out scores.
+
+Writes data/metrics/grid.json and data/plots/cka.png together, or neither (pipeline.artifacts)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ def metrics_path(params: Params) -> Path:
 
 
 def plot_path(params: Params) -> Path:
-    return Path(params.paths.data) / "plots" / "cka.png"
+    from pipeline.artifacts import layout
+
+    return layout(params).plot("cka")
 
 
 def run(params: Params, warn=None) -> dict:
+    from pipeline.artifacts import Outputs
     from pipeline.grid import heatmap, layer_grid
-    from stages.fit import write_metrics
 
     result = layer_grid(params, warn=warn)
-    write_metrics(metrics_path(params), result)
-    heatmap(result, plot_path(params))
+    with Outputs() as out:
+        out.json(metrics_path(params), result)
+        heatmap(result, plot_path(params))  # joins `out`
     return result

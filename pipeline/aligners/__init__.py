@@ -82,6 +82,8 @@ def _import(path: str) -> type[Aligner]:
     return obj
 
 
-def load_aligner(directory: Any) -> Aligner:
-    """Restore any saved aligner; its class comes from the kind recorded in aligner.json."""
-    return Aligner.load(directory)
+def load_aligner(directory: Any, trust: str | None = None) -> Aligner:
+    """Restore any saved aligner; its class comes from the kind recorded in aligner.json, which must be
+    a registered name, a class already imported, or `trust` (a name from params or the command line):
+    a user-editable file never makes xmodel import a module."""
+    return Aligner.load(directory, trust=trust)

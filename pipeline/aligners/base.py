@@ -2,13 +2,16 @@
 
 Every aligner keeps its map as a torch module (`self.net`, float32) so one code path serves numpy
 arrays (fit stage, metrics), dask arrays (lazily, block by block) and torch tensors on any device
-(injection hooks). Saved as `weights.safetensors` + `aligner.json`; the JSON is written last, so a
-directory without it is an unfinished save and is refused on load.
+(injection hooks). Saved as the folder `weights.safetensors` + `aligner.json`, built under a
+temporary name and swapped in whole (`pipeline.artifacts`): an aligner folder is either the old one
+or the new one, never half of each; one without aligner.json (a fit's checkpoint only) is refused
+on load, as are damaged or non-finite weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,6 +38,8 @@ def check_fields(params: Any) -> None:
         bad_bool = isinstance(value, bool) and f.type in ("int", "float", int, float)
         if want is not None and (bad_bool or not isinstance(value, want)):
             raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected {f.type}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's 1e400 is inf, and .nan is NaN
+            raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected a finite number")
 
 
 def require(ok: bool, message: str) -> None:
@@ -132,33 +137,54 @@ class Aligner:
                 "fit": self.fit_info, "created_with": __version__}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write weights then aligner.json into `directory`. Under torch.distributed only rank 0
-        writes; every rank must call save (they meet at a barrier)."""
-        from safetensors.torch import save_file
+        """Write the aligner as the folder `directory` (weights.safetensors + aligner.json), whole or
+        not at all: it replaces an aligner folder (never anything else) only once complete. Under
+        torch.distributed only rank 0 writes; every rank must call save (they meet at a barrier)."""
+        from pipeline.artifacts import Outputs
 
-        if not self.fitted:
-            raise UserError(f"nothing to save: the {self.kind_name()} aligner is not fitted")
         directory = Path(directory)
         rank, world = dist_info()
         if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / CONFIG).unlink(missing_ok=True)  # the directory reads as unfinished until done
-            atomic_write(directory / WEIGHTS, lambda p: save_file(self.state_dict(), str(p)))
-            text = json.dumps(self.config(), indent=2, sort_keys=True, default=_json_default)
-            atomic_write(directory / CONFIG, lambda p: p.write_text(text + "\n"))
+            with Outputs() as out:
+                self.stage_save(out, directory)
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
         return directory
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> Aligner:
-        """Restore an aligner saved by `save`. Called on a subclass, the saved kind must match it;
-        called on Aligner, the class is resolved from the saved kind."""
-        from safetensors.torch import load_file
+    def stage_save(self, out: Any, directory: Path) -> None:
+        """Add this aligner's folder to a stage's pending `artifacts.Outputs` (committed with the rest)."""
+        from safetensors.torch import save
 
-        from pipeline.aligners import get_aligner
+        if not self.fitted:
+            raise UserError(f"nothing to save: the {self.kind_name()} aligner is not fitted")
+        state = self.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # NaN weights map every row to NaN: never written, so nothing can load them
+            raise UserError(f"the fitted {self.kind_name()} aligner has non-finite weights ({', '.join(bad)}); "
+                            f"nothing was saved to {directory}: lower the learning rate, or check the stores "
+                            "with `xmodel store verify`")
+        weights = save(state)
+        text = json.dumps(self.config(), indent=2, sort_keys=True, default=_json_default) + "\n"
+
+        def build(tmp: Path) -> None:
+            from pipeline.artifacts import raw_write
+
+            raw_write(tmp / WEIGHTS, weights)
+            raw_write(tmp / CONFIG, text)
+
+        out.directory(directory, build, is_aligner_dir, "aligner directory")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, trust: str | None = None) -> Aligner:
+        """Restore an aligner saved by `save`. Called on a subclass, the saved kind must match it;
+        called on Aligner, the class is resolved from the saved kind: a registered name, a class
+        whose module is already imported, or `trust` (a `module:Class` the caller was told to use,
+        e.g. a name in params fit.aligners). aligner.json is user-editable: it never chooses which
+        module gets imported."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         directory = Path(directory)
         cfg = read_json(directory / CONFIG, f"{directory} holds no finished aligner (no {CONFIG}): fit one first")
@@ -166,14 +192,26 @@ class Aligner:
         if cfg.get("format") != FORMAT:
             raise UserError(f"{directory / CONFIG}: format {cfg.get('format')!r} is not {FORMAT}: refit the aligner")
         if cls is Aligner:
-            cls = get_aligner(kind)
+            cls = resolve_saved_kind(kind, directory, trust)
         elif kind != cls.kind_name():
             raise UserError(f"{directory} holds a {kind!r} aligner, not {cls.kind_name()!r}")
-        obj = cls(params_from_dict(cls.Params, cfg["params"], kind))
-        obj.d_source, obj.d_target = int(cfg["d_source"]), int(cfg["d_target"])
+        try:
+            obj = cls(params_from_dict(cls.Params, cfg["params"], kind))
+            obj.d_source, obj.d_target = int(cfg["d_source"]), int(cfg["d_target"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{directory / CONFIG} is malformed ({type(e).__name__}: {e}): refit the aligner") from None
         obj.meta, obj.fit_info = cfg.get("meta", {}), cfg.get("fit", {})
         obj.net = obj.build_net(obj.d_source, obj.d_target)
-        obj.load_state_dict(load_file(str(directory / WEIGHTS)))
+        try:
+            state = load_file(str(directory / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{directory / WEIGHTS} is damaged or missing ({e}): refit the aligner "
+                            f"(`xmodel fit {directory.name} --force`)") from None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:
+            raise UserError(f"{directory / WEIGHTS} holds non-finite weights ({', '.join(bad)}): refit the aligner "
+                            "with a lower learning rate")
+        obj.load_state_dict(state)
         obj.net.eval()
         return obj
 
@@ -225,19 +263,51 @@ def dist_info() -> tuple[int, int]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new, never half
+    (`pipeline.artifacts`, which also turns a full disk into one line)."""
+    from pipeline.artifacts import write_file
+
+    write_file(path, write)
+
+
+def is_aligner_dir(path: Path) -> bool:
+    """Whether `path` is a folder xmodel wrote as an aligner (or began to: a fit's checkpoint), so it
+    may be replaced: only the files save and fit write, and an aligner.json of ours or a ckpt/."""
+    names = {p.name for p in path.iterdir()}
+    if not names <= {WEIGHTS, CONFIG, "ckpt"} | {n for n in names if n.endswith(".tmp")}:
+        return False
+    if not names or "ckpt" in names:
+        return True
+    try:
+        return "format" in json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_saved_kind(kind: str, directory: Path, trust: str | None = None) -> type[Aligner]:
+    """The class of a saved `kind`, without importing anything aligner.json alone names."""
+    from pipeline.aligners import _REGISTRY, get_aligner
+
+    if kind in _REGISTRY or kind == trust:
+        return get_aligner(kind)
+    module, _, _ = kind.partition(":")
+    if ":" in kind and module in sys.modules:  # the caller imported it: the class is already there
+        return get_aligner(kind)
+    raise UserError(f"{directory / CONFIG} names kind {kind!r}, which is neither a registered aligner nor a class "
+                    "already imported, and aligner.json alone never decides what is imported: name it in "
+                    f"fit.aligners (or pass it to xmodel fit), or register it")
 
 
 def read_json(path: Path, missing: str) -> dict[str, Any]:
     if not path.exists():
         raise UserError(missing)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}): delete it and refit") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a JSON object: delete it and refit")
+    return data
 
 
 def _json_default(value: Any) -> Any:

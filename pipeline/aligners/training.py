@@ -305,7 +305,9 @@ class Checkpoint:
 
     def save(self, net: torch.nn.Module, best: dict[str, torch.Tensor] | None,
              opt: torch.optim.Optimizer, st: TrainState) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from pipeline.artifacts import raw_write
 
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
@@ -320,22 +322,27 @@ class Checkpoint:
                     scalars[f"{i}.{name}"] = v
         tensors["rng"] = torch.get_rng_state()
         name = f"ckpt-{st.step}.safetensors"
-        atomic_write(self.dir / name, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(p)))
+        blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write(self.dir / name, lambda p: raw_write(p, blob))
         state = {"fingerprint": self.fingerprint, "tensors": name, "state": asdict(st),
                  "param_groups": opt_state["param_groups"], "opt_scalars": scalars}
-        atomic_write(self.dir / self.STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        atomic_write(self.dir / self.STATE, lambda p: raw_write(p, json.dumps(state, indent=1)))
         for old in self.dir.glob("ckpt-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
     def load(self, net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         raw = read_json(self.dir / self.STATE, f"{self.dir}: no checkpoint")
         if raw.get("fingerprint") != self.fingerprint:
             raise UserError(f"{self.dir} holds a checkpoint of another run (other hyper-parameters or data): "
                             "delete it or use another checkpoint directory")
-        tensors = load_file(str(self.dir / raw["tensors"]))
+        try:
+            tensors = load_file(str(self.dir / raw["tensors"]))
+        except (SafetensorError, OSError, KeyError, TypeError) as e:
+            raise UserError(f"{self.dir}: checkpoint damaged ({e}): delete {self.dir} and rerun") from None
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
         slots: dict[int, dict[str, Any]] = {}
@@ -434,6 +441,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
     def save() -> None:
         st.train_loss_sum += float(loss_sum)  # the one host sync, at checkpoints and epoch ends
         loss_sum.zero_()
+        check_finite(net, st, p)  # NaN weights are never checkpointed (the same on every rank)
         if checkpoint is not None and rank == 0:
             checkpoint.save(net, best, opt, st)
         if checkpoint is not None and world > 1:
@@ -467,6 +475,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
         st.train_loss_sum += float(loss_sum)
         loss_sum.zero_()
         _end_epoch(net, split, p, st, world)
+        check_finite(net, st, p, st.history[-1]["train_loss"], st.history[-1]["heldout_loss"])
         if st.best_epoch == st.epoch:  # this epoch improved (always true for the first)
             best = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if log is not None and rank == 0:
@@ -482,6 +491,22 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
     if rows_on_device_s is not None:
         report["rows_to_device_seconds"] = rows_on_device_s
     return report
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or weights: stopped, nothing saved."""
+
+
+def check_finite(net: torch.nn.Module, st: TrainState, p: TrainParams, *losses: float | None) -> None:
+    """Stop training at the first non-finite weight or loss (every rank decides alike: the weights
+    are the same on all ranks, and the epoch losses are all-reduced)."""
+    bad = [v for v in losses if v is not None and not math.isfinite(v)]
+    if not bad and all(bool(q.isfinite().all()) for q in net.parameters()):
+        return
+    what = f"the loss became {bad[0]}" if bad else "the weights became non-finite"
+    raise Diverged(f"training diverged: {what} in epoch {st.epoch + (0 if bad else 1)} (step {st.step}) with "
+                   f"lr = {p.lr:g}: lower lr in this aligner's fit.aligners entry (or check the stores with "
+                   "`xmodel store verify`); nothing was saved")
 
 
 def _end_epoch(net: torch.nn.Module, split: RowSplit, p: TrainParams, st: TrainState, world: int) -> None:

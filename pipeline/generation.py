@@ -29,12 +29,13 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from pipeline.errors import UserError
 
 SAMPLING = ("greedy", "nucleus")
 CACHES = ("auto", "dynamic", "static")
+CUDA_GRAPHS = True  # the static decoder replays a captured step on CUDA; bench/evaluate.py turns it off to compare
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,10 @@ class Generation:
         return [len(t) for t in self.tokens]
 
 
-@dataclass
-class Prefix:
-    """A past that a batch continues from: `cache` (an HF Cache already holding its keys/values),
-    `mask` (rows, P) 1 where a past column is real, `offsets` (rows,) each row's real past length
-    (the position of its first prompt token)."""
+class Prefix(NamedTuple):
+    """What prefix(rows) returns, a past that a batch continues from: `cache` (an HF Cache already
+    holding its keys/values), `mask` (rows, P) 1 where a past column is real, `offsets` (rows,)
+    each row's real past length (the position of its first prompt token)."""
 
     cache: Any
     mask: Any
@@ -166,6 +166,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     runners: dict[int, _StaticRunner] = {}  # one cache, state and graph per batch size, reused by its batches
     tokens: list[list[int]] = [[] for _ in range(n)]
     first_logits: list[Any] = [None] * n
+    timing = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "steps": 0}  # steps: decoding forwards, all batches
     start = time.perf_counter()
     for rows in length_batches([len(p) for p in prompts], batch_size):
         if static:
@@ -175,10 +176,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
         else:
             runner = _DynamicRunner(model, _State(len(rows), decoding, stops, device), prefix(rows) if prefix else None)
         with session_hook(rows) if session_hook else nullcontext():
-            new, logits0 = _generate_batch(runner, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops,
-                                           [seeds[i] for i in rows], device,
-                                           prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits,
-                                           every)
+            new, logits0, phases = _generate_batch(
+                runner, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops, [seeds[i] for i in rows],
+                device, prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits, every)
+        for key, value in phases.items():
+            timing[key] += value
         for r, i in enumerate(rows):
             tokens[i] = new[r]
             if keep_first_logits:
@@ -190,7 +192,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     return Generation(tokens=tokens, texts=texts, prompt_tokens=[len(p) for p in prompts],
                       seconds=time.perf_counter() - start,
                       first_logits=torch.stack(first_logits) if keep_first_logits and n else None,
-                      extra={"decoder": "static+cuda-graph" if graphed else "static" if static else "dynamic"})
+                      extra={"decoder": "static+cuda-graph" if graphed else "static" if static else "dynamic",
+                             **timing})
 
 
 def _use_static(model: Any, device: Any, cache: str, eager_only: bool) -> bool:
@@ -310,7 +313,7 @@ class _StaticRunner:
         self.kv = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)  # key columns a query may see
         self.cur = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token goes to
         self.state = _State(rows, decoding, stops, device)
-        self.use_graph = device.type == "cuda"
+        self.use_graph = device.type == "cuda" and CUDA_GRAPHS
         self.graph: Any = None
         self.eager_steps = 0
 
@@ -382,10 +385,13 @@ def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, 
     import torch
 
     ids, mask, positions = left_pad(rows, pad_id, device)
+    t0 = time.perf_counter()
     with torch.no_grad():
         logits = runner.start(ids, mask, positions, hook_ctx, _uniforms(decoding, seeds, device))
         first = logits.cpu() if keep_first else None
         runner.state.advance(logits)
+        _sync(device)  # one sync a batch, so the phases can be timed apart
+        t1 = time.perf_counter()
         chosen, stopped = 1, set()
         while chosen < decoding.max_new_tokens:
             if chosen % every == 0 and _finished(runner.state, chosen, tokenizer, decoding, stops, stopped):
@@ -393,7 +399,15 @@ def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, 
             runner.step()
             chosen += 1
         out = runner.state.out[:, :chosen].cpu().tolist()
-    return [_row_tokens(o, stops, tokenizer, decoding.stop_strings) for o in out], first
+    phases = {"prefill_seconds": t1 - t0, "decode_seconds": time.perf_counter() - t1, "steps": chosen - 1}
+    return [_row_tokens(o, stops, tokenizer, decoding.stop_strings) for o in out], first, phases
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _finished(state: _State, chosen: int, tokenizer, decoding: Decoding, stops: set[int], stopped: set[int]) -> bool:

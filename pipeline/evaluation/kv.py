@@ -1,0 +1,446 @@
+"""Key-value communication (after KVComm, Shi et al., ICLR 2026): B attends to the keys and values
+that A computed for `prompt_a`, at a chosen set of layers, instead of receiving one hidden state.
+
+    cache = a_cache(A, tok_A, prompts_A)                        # A's prefill, every block, once per item
+    choice = select_layers(KvConfig(layers="top", top_m=0.3), B, tok_B, prompts_B, cache)
+    gen = kv_generate(B, tok_B, prompts_B, cache, choice.layers, decoding)
+    work = kv_compute(cache, gen, choice.layers, A, B)             # A's prefill tokens x layers, B's extra attention
+
+Layer numbers follow the project's convention (pipeline/layers.py: layer l is the output of decoder
+block l): KV layer l in 1..L is the attention of decoder block l, whose keys/values are computed
+from layer l-1. Floats are relative depths, rounded half up, at least 1.
+
+Positions: A's prefix takes positions 0..P-1 (where A computed it: its keys already carry those
+rotary angles) and B's prompt continues from P, exactly as if B read prompt_a followed by its own
+prompt. So with A = B and every layer shared, B computes what it computes on the concatenated
+prompt (the skyline's token stream), to float rounding; any other offset would put A's keys at
+relative distances B never saw between a context and what follows it.
+
+Unshared layers see only B's own prompt: a forward pre-hook on their attention modules hides the
+prefix columns of the attention mask, at prefill and at every decoding step. The prefix still sits
+in their cache slots (every layer of an HF cache must have one length, since the mask is built
+once per forward pass), so the implementation spends that masked attention too; `kv_compute`
+charges only what sharing the chosen layers costs. Rotary position embeddings make attention
+depend on relative positions only, so with no layer shared B computes what B alone computes, to
+float rounding, although its tokens sit at positions P.. instead of 0.. (pinned by a test). Models
+without rotary embeddings, with sliding-window layers, or attention other than sdpa/eager are
+refused with one line.
+
+Pairs: A's cache must fit B's attention: same architecture, depth, key/value heads, head width and
+rotary settings (A = B, or two checkpoints of one architecture). Any other pair is one UserError
+line naming what differs.
+
+Batching: B's batches are left-padded as in AC (pipeline/generation.py); each batch's prefixes are
+left-padded to the longest one, pad columns masked, so a row computes what it computes alone.
+
+Top-m rule (our reading of KVComm's selection: attention importance combined with a Gaussian prior
+over depth, the top m layers kept). On calibration items, B reads A's prefix at every layer
+(eager attention, so the weights are visible); a layer's importance is the attention mass that B's
+own prompt tokens put on the prefix columns, averaged over heads, B's real tokens and the items,
+then divided by the largest layer's. The prior is exp(-(l - mu)^2 / (2 sigma^2)) with mu the middle
+block ((L + 1) / 2) and sigma = L / 4 (our choice of constants; KVComm motivates the prior by
+middle layers carrying the most transferable semantics). score = (1 - w) * importance + w * prior
+with w = prior_weight; the m highest scores are kept, ties to the shallower layer, returned in
+increasing order. Deterministic for given models and items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from pipeline.errors import UserError
+from pipeline.generation import Decoding, Generation, Prefix, generate, left_pad, length_batches
+
+ATTENTION = ("sdpa", "eager")  # the mask formats the prefix-hiding hook knows (bool/None and additive float)
+PRIOR_SIGMA = 0.25  # prior width as a fraction of the depth
+
+
+@dataclass(frozen=True)
+class KvConfig:
+    """Which of B's layers read A's cache: "all", "top" (the top-m rule), or a list of layers
+    (ints 1..L, or floats as relative depths). top_m: a count (int >= 1) or a fraction of the
+    depth (float in (0, 1]). calib_items: how many items the top-m rule scores on (the first ones)."""
+
+    layers: str | list[int | float] = "all"
+    top_m: int | float = 0.3
+    prior_weight: float = 0.5
+    calib_items: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            if self.layers not in ("all", "top"):
+                raise UserError(f"kv layers {self.layers!r} is not one of: all, top, or a list of layers (e.g. [4, 0.5])")
+        elif isinstance(self.layers, (list, tuple)):
+            if not self.layers:
+                raise UserError("kv layers [] shares nothing (that is b_alone): give all, top, or at least one layer")
+            for item in self.layers:
+                if isinstance(item, bool) or not isinstance(item, (int, float)):
+                    raise UserError(f"kv layer {item!r} is neither a block index (int >= 1) nor a relative depth (float)")
+            object.__setattr__(self, "layers", list(self.layers))
+        else:
+            raise UserError(f"kv layers {self.layers!r} must be all, top, or a list of layers")
+        m = self.top_m
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or (isinstance(m, int) and m < 1) or (
+                isinstance(m, float) and not 0.0 < m <= 1.0):
+            raise UserError(f"kv top_m = {m!r} must be a layer count (int >= 1) or a fraction of the depth (float in (0, 1])")
+        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or not (
+                0.0 <= self.prior_weight <= 1.0):
+            raise UserError(f"kv prior_weight = {self.prior_weight!r} must be in [0, 1] (0: attention only, 1: prior only)")
+        if isinstance(self.calib_items, bool) or not isinstance(self.calib_items, int) or self.calib_items < 1:
+            raise UserError(f"kv calib_items = {self.calib_items!r} must be an int >= 1")
+
+    @property
+    def name(self) -> str:
+        """The method's name in results: kv_all, kv_top0.3 / kv_top4, kv_L2_5."""
+        if self.layers == "all":
+            return "kv_all"
+        if self.layers == "top":
+            return f"kv_top{self.top_m}"
+        return "kv_L" + "_".join(str(x) for x in self.layers)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What B's attention needs of A's cache, and how it is named in a mismatch message."""
+
+    model_type: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    rope: str
+
+    def describe(self) -> str:
+        return f"{self.model_type}, {self.layers} layers x {self.kv_heads} KV heads x {self.head_dim}, rope {self.rope}"
+
+
+def cache_shape(model: Any, role: str) -> CacheShape:
+    """The model's cache shape; refuses what this method cannot place consistently (one line)."""
+    from pipeline.layers import decoder_layers, num_layers
+
+    config = getattr(model.config, "text_config", None) or model.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "use_sliding_window", False):
+        raise UserError(f"kv communication: model {role} ({config.model_type}) has {sorted(kinds)} attention layers "
+                        "or a sliding window; only full attention is supported: use AC or NL for this pair")
+    if not any("rotary" in type(m).__name__.lower() for m in model.modules()):
+        raise UserError(f"kv communication: model {role} ({config.model_type}) has no rotary position embeddings, "
+                        "so unshared layers could not see B's prompt as B alone does: use AC or NL for this pair")
+    if not all(hasattr(block, "self_attn") for block in decoder_layers(model)):
+        raise UserError(f"kv communication: model {role} ({config.model_type}) has decoder blocks without a "
+                        "self_attn module: use AC or NL for this pair")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", None),
+                                                        "rope_scaling": getattr(config, "rope_scaling", None)}
+    rope_text = ",".join(f"{k}={rope[k]}" for k in sorted(rope)) if isinstance(rope, dict) else str(rope)
+    return CacheShape(config.model_type, num_layers(model), int(config.num_key_value_heads), int(head_dim), rope_text)
+
+
+def check_pair(a: CacheShape, b: CacheShape) -> None:
+    if a != b:
+        what = [f for f in ("model_type", "layers", "kv_heads", "head_dim", "rope") if getattr(a, f) != getattr(b, f)]
+        raise UserError(f"kv communication needs A and B of one architecture and cache shape, but A is "
+                        f"{a.describe()} and B is {b.describe()} (differ in {', '.join(what)}): "
+                        "use AC or NL for this pair")
+
+
+def check_attention(model: Any, role: str = "B") -> None:
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ATTENTION:
+        raise UserError(f"kv communication: model {role} uses attention {impl!r}; load it with one of "
+                        f"{', '.join(ATTENTION)} (evaluate.attention or attn_implementation)")
+
+
+@dataclass
+class KvCache:
+    """A's keys and values of each item's prompt, every layer, on A's device in A's dtype:
+    entries[i] is (L, 2, kv_heads, P_i, head_dim) for item i (its real tokens only)."""
+
+    entries: list[Any]
+    shape: CacheShape
+    tokens: int  # A's prefill tokens (sum of P_i)
+    seconds: float
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(e.shape[3]) for e in self.entries]
+
+    @property
+    def bytes(self) -> int:
+        """Memory held for all layers (what stays resident between layer choices)."""
+        return sum(e.numel() * e.element_size() for e in self.entries)
+
+    def bytes_for(self, layers: Sequence[int]) -> int:
+        """What sharing `layers` sends: their share of the cache."""
+        return self.bytes * len(set(layers)) // max(1, self.shape.layers)
+
+    def subset(self, items: Sequence[int]) -> KvCache:
+        return KvCache([self.entries[i] for i in items], self.shape, sum(self.lengths[i] for i in items), 0.0)
+
+
+def a_cache(model_a: Any, tok_a: Any, prompts_a: Sequence[Sequence[int]], *, batch_size: int = 8) -> KvCache:
+    """A's prefill over each prompt (batched, left-padded), keeping every layer's keys and values of
+    the real tokens. Computed once per item and reused for every layer choice."""
+    import torch
+    from transformers import DynamicCache
+
+    shape = cache_shape(model_a, "A")
+    device = next(model_a.parameters()).device
+    pad_id = tok_a.pad_token_id if tok_a.pad_token_id is not None else 0
+    entries: list[Any] = [None] * len(prompts_a)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for rows in length_batches([len(p) for p in prompts_a], batch_size):
+            ids, mask, pos = left_pad([prompts_a[i] for i in rows], pad_id, device)
+            cache = DynamicCache(config=model_a.config)
+            model_a(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+            kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])  # (L, 2, b, H, W, D)
+            for r, i in enumerate(rows):
+                entries[i] = kv[:, :, r, :, ids.shape[1] - len(prompts_a[i]):].clone()
+    return KvCache(entries, shape, sum(len(p) for p in prompts_a), time.perf_counter() - start)
+
+
+def resolve_kv_layers(layers: Sequence[int | float], n_layers: int) -> list[int]:
+    """KV layers (decoder blocks 1..L): ints as given, floats as relative depth rounded half up (>= 1)."""
+    from pipeline.layers import resolve_layers
+
+    out = set()
+    for item in layers:
+        index = resolve_layers([item], n_layers)[0]
+        if isinstance(item, float):
+            index = max(1, index)  # depth 0 is the embeddings, which have no keys/values: take block 1
+        elif index == 0:
+            raise UserError(f"kv layer 0 is the embedding output, which has no keys/values: use blocks 1..{n_layers}")
+        out.add(index)
+    return sorted(out)
+
+
+def top_count(top_m: int | float, n_layers: int) -> int:
+    if isinstance(top_m, float):
+        return max(1, math.floor(top_m * n_layers + 0.5))
+    if top_m > n_layers:
+        raise UserError(f"kv top_m = {top_m} exceeds the {n_layers} layers of the model: use at most {n_layers}")
+    return top_m
+
+
+@dataclass
+class LayerChoice:
+    layers: list[int]  # KV layers, 1..L, increasing
+    scores: list[float] = field(default_factory=list)  # per layer 1..L (top-m rule only)
+    importance: list[float] = field(default_factory=list)  # attention mass on the prefix, per layer
+    calib_items: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def select_layers(cfg: KvConfig, model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], cache: KvCache, *,
+                  batch_size: int = 8) -> LayerChoice:
+    """The layers B reads A's cache at: all of them, the given list, or the top-m rule (module doc)
+    scored on the first cfg.calib_items items."""
+    n_layers = cache.shape.layers
+    if cfg.layers == "all":
+        return LayerChoice(list(range(1, n_layers + 1)))
+    if cfg.layers != "top":
+        return LayerChoice(resolve_kv_layers(cfg.layers, n_layers))
+    m = top_count(cfg.top_m, n_layers)
+    start = time.perf_counter()
+    items = list(range(min(cfg.calib_items, len(prompts_b))))
+    importance = attention_importance(model_b, tok_b, [prompts_b[i] for i in items], cache.subset(items),
+                                      batch_size=batch_size)
+    scores = combine_scores(importance, cfg.prior_weight)
+    order = sorted(range(n_layers), key=lambda l: (-scores[l], l))
+    return LayerChoice(sorted(l + 1 for l in order[:m]), scores, importance, items, time.perf_counter() - start)
+
+
+def combine_scores(importance: Sequence[float], prior_weight: float) -> list[float]:
+    """(1 - w) * importance / max(importance) + w * Gaussian prior over depth (layers 1..L)."""
+    n = len(importance)
+    top = max(importance) if importance and max(importance) > 0 else 1.0
+    mu, sigma = (n + 1) / 2, PRIOR_SIGMA * n
+    prior = [math.exp(-((l - mu) ** 2) / (2 * sigma ** 2)) for l in range(1, n + 1)]
+    return [(1 - prior_weight) * s / top + prior_weight * p for s, p in zip(importance, prior)]
+
+
+def attention_importance(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], cache: KvCache, *,
+                         batch_size: int = 8) -> list[float]:
+    """Per layer 1..L: the attention mass B's real prompt tokens put on A's prefix when every layer
+    is shared, averaged over heads, tokens and items. One prefill per batch, eager attention."""
+    import torch
+
+    from pipeline.layers import decoder_layers
+
+    check_pair(cache.shape, cache_shape(model_b, "B"))
+    blocks = decoder_layers(model_b)
+    n_layers = len(blocks)
+    totals = [0.0] * n_layers
+    device = next(model_b.parameters()).device
+    pad_id = tok_b.pad_token_id if tok_b.pad_token_id is not None else 0
+    weights: dict[int, Any] = {}
+
+    def keep(l: int):
+        def hook(module, args, output):
+            weights[l] = output[1]
+        return hook
+
+    with _eager(model_b), torch.no_grad():
+        handles = [blocks[l].self_attn.register_forward_hook(keep(l)) for l in range(n_layers)]
+        try:
+            for rows in length_batches([len(p) for p in prompts_b], batch_size):
+                past = _prefix(cache, rows, device)
+                ids, mask, pos = left_pad([prompts_b[i] for i in rows], pad_id, device)
+                mask = torch.cat([past.mask.to(mask), mask], dim=1)
+                model_b(input_ids=ids, attention_mask=mask, position_ids=pos + past.offsets[:, None], cache=past.cache,
+                        use_cache=True, logits_to_keep=1)
+                width = past.mask.shape[1]
+                for l in range(n_layers):
+                    on_prefix = weights[l][..., :width].float().sum(-1).mean(1)  # (rows, query): mean over heads
+                    for r, i in enumerate(rows):
+                        own = on_prefix[r, ids.shape[1] - len(prompts_b[i]):]  # B's real tokens only
+                        totals[l] += float(own.mean())
+        finally:
+            for h in handles:
+                h.remove()
+    return [t / max(1, len(prompts_b)) for t in totals]
+
+
+@contextmanager
+def _eager(model: Any) -> Iterator[None]:
+    """Eager attention inside the block (its modules return their weights); the old one after."""
+    old = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+def _prefix(cache: KvCache, rows: Sequence[int], device: Any) -> Prefix:
+    """The rows' prefixes as one HF cache, left-padded to the longest (pad columns masked)."""
+    import torch
+    from transformers import DynamicCache
+
+    entries = [cache.entries[i] for i in rows]
+    width = max(int(e.shape[3]) for e in entries)
+    first = entries[0]
+    kv = first.new_zeros((first.shape[0], 2, len(rows), first.shape[2], width, first.shape[4]))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, e in enumerate(entries):
+        kv[:, :, r, :, width - e.shape[3]:] = e
+        mask[r, width - e.shape[3]:] = 1
+    kv = kv.to(device)
+    past = DynamicCache()
+    for l in range(kv.shape[0]):
+        past.update(kv[l, 0], kv[l, 1], l)
+    return Prefix(past, mask.to(device), torch.tensor([int(e.shape[3]) for e in entries], device=device))
+
+
+def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int, additive: bool) -> Any:
+    """The attention mask an unshared layer uses: the given one with its first `width` key columns
+    (the prefix) hidden. Keeps the mask's kind: boolean (True = attend) or additive float; None
+    (HF's "plain causal, nothing padded") is built here explicitly, additive when `additive`."""
+    import torch
+
+    if mask is None:
+        q = hidden.shape[1]
+        cols = torch.arange(kv_length, device=hidden.device)
+        rows = torch.arange(q, device=hidden.device)[:, None] + (kv_length - q)
+        keep = ((cols <= rows) & (cols >= width))[None, None]
+        if not additive:
+            return keep
+        return torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~keep, torch.finfo(hidden.dtype).min)
+    out = mask.clone()
+    if out.dtype == torch.bool:
+        out[..., :width] = False
+    else:
+        out[..., :width] = torch.finfo(out.dtype).min
+    return out
+
+
+@contextmanager
+def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[None]:
+    """Within the block, the attention of each block in `unshared` (KV layers 1..L) cannot see the
+    first `width` key positions (the prefix), in every forward pass."""
+    from pipeline.layers import decoder_layers
+
+    blocks = decoder_layers(model)
+    additive = model.config._attn_implementation == "eager"  # eager adds its mask to the scores
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
+        kv_length = past.get_seq_length(module.layer_idx) + hidden.shape[1]
+        mask = hide_prefix_columns(kwargs.get("attention_mask"), width, hidden, kv_length, additive)
+        return args, {**kwargs, "attention_mask": mask}
+
+    handles = [blocks[l - 1].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for l in unshared]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], cache: KvCache, layers: Sequence[int],
+                decoding: Decoding, *, batch_size: int = 8, seeds: Sequence[int] | None = None,
+                keep_first_logits: bool = False) -> Generation:
+    """B generates for its prompts while reading item i's A-cache at `layers` (KV layers 1..L),
+    placed before its prompt (positions 0..P_i-1, B's tokens from P_i); other layers see only B's
+    prompt. Batched with left padding through pipeline.generation.generate."""
+    check_attention(model_b)
+    check_pair(cache.shape, cache_shape(model_b, "B"))
+    if len(cache.entries) != len(prompts_b):
+        raise ValueError(f"A's cache holds {len(cache.entries)} items for {len(prompts_b)} prompts")
+    n_layers = cache.shape.layers
+    shared = set(resolve_kv_layers(list(layers), n_layers)) if layers else set()
+    unshared = [l for l in range(1, n_layers + 1) if l not in shared]
+    device = next(model_b.parameters()).device
+    lengths = cache.lengths
+
+    def session(rows: list[int]):
+        return hide_prefix(model_b, unshared, max(lengths[i] for i in rows))
+
+    gen = generate(model_b, tok_b, prompts_b, decoding, batch_size=batch_size, seeds=seeds,
+                   keep_first_logits=keep_first_logits, prefix=lambda rows: _prefix(cache, rows, device),
+                   session_hook=session)
+    gen.extra["kv_layers"] = sorted(shared)
+    return gen
+
+
+@dataclass
+class KvCompute:
+    """What KV communication costs beyond B's own generation (which the caller charges as for B alone)."""
+
+    a_tokens: int  # A's prefill tokens
+    a_blocks: int  # blocks A must run: up to the deepest shared layer
+    a_flops: float  # A's matmul FLOPs for those blocks (2 x params per token per block)
+    b_extra_attention_flops: float  # B's queries x A's prefix keys at the shared layers (QK and AV)
+    shared_layers: list[int]
+    cache_bytes: int  # A's cache of the shared layers: what is sent
+    cache_bytes_all: int  # what is held to reuse across layer choices
+    a_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def kv_compute(cache: KvCache, gen: Generation, layers: Sequence[int], model_a: Any, model_b: Any) -> KvCompute:
+    """A's prefill tokens x the blocks up to the deepest shared layer, and the attention B spends on
+    the prefix: per shared layer, each token B runs (prompt and generated) against each prefix
+    token, 4 x heads x head_dim FLOPs (QK^T and the weighted sum of V)."""
+    from pipeline.evaluation.methods import block_flops
+
+    shared = sorted(set(layers))
+    deepest = max(shared) if shared else 0
+    per_block, _ = block_flops(model_a)
+    config = getattr(model_b.config, "text_config", None) or model_b.config
+    per_pair = 4.0 * config.num_attention_heads * cache.shape.head_dim
+    pairs = sum((t + n) * p for t, n, p in zip(gen.prompt_tokens, gen.new_tokens, cache.lengths))
+    return KvCompute(a_tokens=cache.tokens, a_blocks=deepest, a_flops=per_block * deepest * cache.tokens,
+                     b_extra_attention_flops=per_pair * pairs * len(shared), shared_layers=shared,
+                     cache_bytes=cache.bytes_for(shared), cache_bytes_all=cache.bytes, a_seconds=cache.seconds)

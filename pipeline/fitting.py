@@ -120,6 +120,7 @@ def heldout_metrics(aligner, source: Any, target: Any, pairwise_rows: int, tempe
     out.update({f"retrieval_{k}": v for k, v in M.retrieval_topk(pm, pt).items()})
     out.update(infonce=M.infonce(pm, pt, temperature), uniformity=M.uniformity(pm),
                uniformity_target=M.uniformity(pt), pairwise_rows=m)
+    out["nonfinite_rows"] = M.nonfinite_rows(mapped)  # > 0: the scores above are failures (see metrics)
     return out
 
 

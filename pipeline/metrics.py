@@ -7,6 +7,11 @@ Two kinds of work, two memory bounds:
   the L2-normalized n×d rows (refused beyond `max_bytes`) and walk the n×n similarity matrix in
   PAIR_BLOCK × PAIR_BLOCK tiles, never holding it.
 
+Non-finite rows (NaN, ±inf) are failures, never good scores: a retrieval query or key that is not
+finite is a miss, a non-finite row has no k-NN neighbours and is nobody's; every other score (CKA,
+MSE, R², alignment, InfoNCE, uniformity) comes out NaN, which the writers store as null and the
+report flags (`nonfinite_rows` counts them).
+
 Debiased linear CKA in feature space. Unbiased HSIC (Song et al. 2012) on Gram matrices K, L with
 zeroed diagonals K̃, L̃ is  [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n-1)(n-2)) − 2/(n-2)·1ᵀK̃L̃1] / (n(n-3)), and it
 is unchanged by translating X or Y. So take column-centered X, Y (K1 = 0) with row norms
@@ -413,7 +418,19 @@ def retrieval_topk(queries: ArrayLike, keys: ArrayLike, ks: Sequence[int] = (1, 
             beats = sim >= correct[qs:qe, None] - 1e-12
             beats[_self_entries(qs, qe, ks_, ke_)] = False
             rank[qs:qe] += beats.sum(1)
+    # a NaN compares false with everything, so a non-finite query would "beat" no key and rank
+    # first: a query or key that is not finite is a miss (and a non-finite key outranks nobody)
+    rank[~(_finite_rows(q) & _finite_rows(k))] = np.iinfo(np.int64).max
     return {f"top{t}": float(np.mean(rank < t)) for t in ks}
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x).all(axis=1)
+
+
+def nonfinite_rows(x: ArrayLike) -> int:
+    """How many rows hold a NaN or an infinity (streamed)."""
+    return sum(int((~_finite_rows(b.astype(np.float64, copy=False))).sum()) for (b,) in iter_row_blocks(x))
 
 
 def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10, max_bytes: int = PAIRWISE_MAX_BYTES) -> float:
@@ -433,26 +450,32 @@ def knn_indices(x: ArrayLike, k: int, max_bytes: int = PAIRWISE_MAX_BYTES) -> np
 
 
 def knn_overlap(nx: np.ndarray, ny: np.ndarray) -> float:
-    """Mean over rows of |nx[i] ∩ ny[i]| / k for two (n, k) neighbour index arrays."""
+    """Mean over rows of |nx[i] ∩ ny[i]| / k for two (n, k) neighbour index arrays (-1: no neighbour,
+    as `knn_indices` gives a non-finite row: it shares nothing)."""
     shared = np.zeros(len(nx), dtype=np.int64)
     for s, e in _spans(len(nx)):
-        shared[s:e] = (nx[s:e, :, None] == ny[s:e, None, :]).any(2).sum(1)
+        shared[s:e] = ((nx[s:e, :, None] == ny[s:e, None, :]) & (nx[s:e, :, None] >= 0)).any(2).sum(1)
     return float(shared.mean() / nx.shape[1])
 
 
 def _knn(u: np.ndarray, k: int) -> np.ndarray:
-    """Indices of each row's k nearest other rows (cosine), by a running top-k over tiles."""
+    """Indices of each row's k nearest other rows (cosine), by a running top-k over tiles. A
+    non-finite row is nobody's neighbour and has none (-1)."""
     out = np.empty((len(u), k), dtype=np.int64)
+    finite = _finite_rows(u)
     for qs, qe, tiles in _tiles(u, u):
         best_v = np.full((qe - qs, k), -np.inf)
         best_i = np.full((qe - qs, k), -1, dtype=np.int64)
         for ks, ke, sim in tiles:
             sim[_self_entries(qs, qe, ks, ke)] = -np.inf
+            sim[:, ~finite[ks:ke]] = -np.inf
             cand_v = np.concatenate([best_v, sim], axis=1)
             cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(ks, ke), sim.shape)], axis=1)
             top = np.argpartition(-cand_v, k - 1, axis=1)[:, :k]
             best_v, best_i = np.take_along_axis(cand_v, top, 1), np.take_along_axis(cand_i, top, 1)
+        best_i[best_v == -np.inf] = -1
         out[qs:qe] = best_i
+    out[~finite] = -1
     return out
 
 

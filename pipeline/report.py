@@ -22,6 +22,8 @@ from pipeline.errors import UserError
 ACCURACY_TASKS = ("squad", "gsm8k")
 ROLES = ("a", "b")
 NOT_RUN = "_not run_"
+REPORT_FILES = ("report.md", "report.html")  # all the report folder holds: anything else there is not ours
+_NONFINITE: set[str] = set()  # files read by this report that hold NaN or infinities
 
 
 @dataclass(frozen=True)
@@ -61,24 +63,30 @@ def config_from_params(params: Any) -> ReportConfig:
 
 def write_report(cfg: ReportConfig) -> dict[str, Path]:
     """Write report.md (and report.html if possible) under <data>/report; returns the paths written."""
+    from pipeline.artifacts import holds_only, raw_write, replace_dir
+
     text = build_report(cfg)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    out = {"markdown": cfg.out_dir / "report.md"}
-    out["markdown"].write_text(text)
     html = _html(text) if cfg.html else None
-    if html is not None:
-        out["html"] = cfg.out_dir / "report.html"
-        out["html"].write_text(html)
-    elif (cfg.out_dir / "report.html").exists():  # never leave an HTML of an older run beside the new Markdown
-        (cfg.out_dir / "report.html").unlink()
-    return out
+    files = {"markdown": ("report.md", text)} | ({"html": ("report.html", html)} if html is not None else {})
+
+    def build(tmp: Path) -> None:
+        for name, body in files.values():
+            raw_write(tmp / name, body)
+
+    # the folder is replaced whole: never an HTML of an older run beside the new Markdown, never half
+    replace_dir(cfg.out_dir, build, holds_only(REPORT_FILES), "report folder")
+    return {key: cfg.out_dir / name for key, (name, _) in files.items()}
 
 
 def build_report(cfg: ReportConfig) -> str:
     _check_inputs(cfg)
+    _NONFINITE.clear()
     parts = [_header(cfg), _run_section(cfg), _cka_section(cfg), _aligner_section(cfg)]
     parts += [_task_section(cfg, task) for task in ACCURACY_TASKS]
     parts += [_similarity_section(cfg), _sweep_section(cfg)]
+    if _NONFINITE:  # a NaN is a failure, never a score: say so at the top
+        parts.insert(1, f"**Warning: non-finite values (NaN/inf) in {', '.join(f'`{p}`' for p in sorted(_NONFINITE))}**: "
+                        "they are shown as — and never count as a best score; rerun the stage that wrote them.")
     return "\n\n".join(p.rstrip() for p in parts) + "\n"
 
 
@@ -94,8 +102,11 @@ def _check_inputs(cfg: ReportConfig) -> None:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None if the file does not exist (its stage was not run)."""
+    def nonfinite(constant: str) -> None:  # NaN, Infinity, -Infinity: Python's json reads them, JSON has none
+        _NONFINITE.add(str(path))
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=nonfinite)
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -236,9 +247,11 @@ def _aligner_section(cfg: ReportConfig) -> str:
         if m is None:
             rows.append([f"`{name}`", NOT_RUN] + ["—"] * (len(ALIGNER_COLUMNS) + 3))
             continue
-        scored[name] = m
+        flagged = _nonfinite_scores(m)
+        if not flagged:
+            scored[name] = m
         epochs = f"{m['epochs_run']} (best {m.get('best_epoch')})" if "epochs_run" in m else "—"
-        rows.append([f"`{name}`", f"{m.get('d_source')}→{m.get('d_target')}, L{m.get('layer_a')}→L{m.get('layer_b')}",
+        rows.append([f"`{name}`" + (f" ⚠ non-finite {flagged}" if flagged else ""), f"{m.get('d_source')}→{m.get('d_target')}, L{m.get('layer_a')}→L{m.get('layer_b')}",
                      f"{m.get('train_rows')} / {m.get('heldout_rows')}"]
                     + [_num(m.get(key), fmt) for key, _, fmt in ALIGNER_COLUMNS]
                     + [epochs, _num(m.get("fit_seconds"), ".1f")])
@@ -254,6 +267,17 @@ def _aligner_section(cfg: ReportConfig) -> str:
     if best[0] and best[1]:
         out += ["", f"Best held-out top-1: `{best[0][0]}` ({best[0][1]:.3f}); lowest MSE: `{best[1][0]}` ({best[1][1]:.4g})."]
     return "\n".join(out)
+
+
+def _nonfinite_scores(m: dict[str, Any]) -> str:
+    """What makes an aligner's scores failures: mapped rows that are not finite, or a null/NaN
+    retrieval or MSE (NaN is written as null; R² or CKA alone may be undefined for a constant
+    target). Such an aligner is flagged and never named best."""
+    if m.get("nonfinite_rows"):
+        return f"({m['nonfinite_rows']} rows)"
+    bad = [label for key, label, _ in ALIGNER_COLUMNS[:3]
+           if not (isinstance(m.get(key), (int, float)) and math.isfinite(m[key]))]
+    return f"({', '.join(bad)})" if bad else ""
 
 
 def _best(scored: dict[str, dict], key: str, pick) -> tuple[str, float] | None:

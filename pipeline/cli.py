@@ -26,21 +26,24 @@ def _parse_sets(sets: tuple[str, ...]) -> dict:
 
 
 @click.group()
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Parameters file (the DVC params).")
+@click.option("--params", "overlays", multiple=True, metavar="FILE",
+              help="A params file merged over ./params.yaml (repeatable: later files win; mappings merge key by "
+                   "key, lists are replaced, null removes a key), e.g. --params profiles/tiny.yaml.")
 @click.option("--set", "-S", "sets", multiple=True, metavar="KEY=VALUE", help="Override a parameter, e.g. -S corpus.n=64.")
 @click.pass_context
-def cli(ctx: click.Context, params_file: str, sets: tuple[str, ...]) -> None:
-    """xmodel: activation communication between two language models, as a staged, cached pipeline."""
+def cli(ctx: click.Context, overlays: tuple[str, ...], sets: tuple[str, ...]) -> None:
+    """xmodel: activation communication between two language models, as a staged, cached pipeline.
+
+    Params are ./params.yaml (DVC's params), then each --params file over it, then each -S."""
     ctx.ensure_object(dict)
-    ctx.obj["params_file"] = params_file
+    ctx.obj["overlays"] = overlays
     ctx.obj["sets"] = sets
 
 
 def _params(ctx: click.Context):
     from pipeline.config import load_params
 
-    return load_params(ctx.obj["params_file"], _parse_sets(ctx.obj["sets"]))
+    return load_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=ctx.obj["overlays"])
 
 
 @cli.command()
@@ -51,6 +54,41 @@ def prepare(ctx: click.Context, role: str) -> None:
     from stages import prepare as stage
 
     click.echo(stage.run(_params(ctx), role))
+
+
+@cli.command()
+@click.pass_context
+def inputs(ctx: click.Context) -> None:
+    """Hash the local files params names (corpus, model directory or .gguf, task files) into data/inputs/."""
+    from stages import inputs as stage
+
+    for path in stage.run(_params(ctx)):
+        click.echo(path)
+
+
+@cli.command()
+@click.argument("profiles", nargs=-1)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the result here (e.g. params.yaml, which DVC reads) instead of printing it.")
+@click.pass_context
+def profile(ctx: click.Context, profiles: tuple[str, ...], out: Path | None) -> None:
+    """./params.yaml with each PROFILE (a name in profiles/, or a file) merged over it, validated, as YAML.
+
+    `xmodel profile tiny --out params.yaml && dvc repro` runs the pipeline on the tiny profile."""
+    import yaml
+
+    from pipeline.config import merged_params, params_from_dict
+
+    files = [*ctx.obj["overlays"], *(p if p.endswith((".yaml", ".yml")) else f"profiles/{p}.yaml" for p in profiles)]
+    raw = merged_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=files)
+    params_from_dict(raw)  # refuse an invalid result before anything is written
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        from pipeline.artifacts import write_text
+
+        write_text(out, text)
 
 
 @cli.command()

@@ -22,7 +22,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 class CorpusConfig:
     # "pydoc" (CPython's reference prose, always offline), "c4" (hub, streamed), or a .txt/.jsonl path
     source: str = "pydoc"
-    n: int = 1024
+    n: int = 512
     seed: int = 0
     min_chars: int = 40
     max_chars: int = 300
@@ -33,14 +33,21 @@ class CorpusConfig:
 class ExtractConfig:
     # int = layer index (0 = embedding output, l = output of decoder block l);
     # float in [0, 1] = relative depth, rounded to the nearest index, so models of other depths pair up
-    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    max_tokens: int = 128  # sequences are truncated to this many tokens (special tokens included)
+    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    max_tokens: int = 48  # sequences are truncated to this many tokens (special tokens included)
     tokens_per_seq: int = 32  # per-token states kept for the first N tokens of each sequence; 0 = none
     unit_size: int = 256  # sequences per work unit; one unit = one shard of each sequence array
-    batch_tokens: int = 8192  # padded tokens per forward batch (speed only, not part of the store identity)
+    batch_tokens: int = 4096  # padded tokens per forward batch (speed only, not part of the store identity)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (speed only)
     dtype: str = "auto"  # auto (CUDA bf16, MPS fp16, CPU fp32) | float32 | bfloat16 | float16
     store_dtype: str = "auto"  # auto (= compute dtype, lossless) | float32 | float16 | bfloat16
+
+
+def _default_aligners() -> dict[str, dict[str, Any]]:
+    # params.yaml's fit.aligners: all five fitted (one DVC stage each)
+    trained = {"loss": "mse", "lr": 0.001, "batch_size": 32, "epochs": 100, "patience": 5}
+    return {"procrustes": {}, "linear": {**trained, "weight_decay": 0.0}, "affine": {**trained, "weight_decay": 0.0},
+            "lora": {"rank": 32, "base": "procrustes-affine", **trained}, "projection": {}}
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class FitConfig:
     # torchrun they train on the CPU.
     device: str = "auto"
     # per-aligner hyper-parameters: name (or module:Class) -> fields of the aligner's Params dataclass
-    aligners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aligners: dict[str, dict[str, Any]] = field(default_factory=lambda: _default_aligners())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ METHODS = ("b_alone", "a_alone", "nl", "ac", "skyline")  # "ac" = every f and ev
 @dataclass(frozen=True)
 class SimilarityConfig:
     source: str = "pydoc"  # held-out sentences: pydoc | c4 | .txt/.jsonl path (the training corpus is excluded)
-    n: int = 200
+    n: int = 100
     seed: int = 1
     min_chars: int = 40
     max_chars: int = 300
@@ -38,8 +38,8 @@ class _Shared:
     tasks: list[str] = field(default_factory=lambda: ["squad", "similarity"])  # the evaluate@<task> stages dvc.yaml has
     layer_a: int | float = 0.75  # k: A's layer (int index, or relative depth in [0, 1]); 0 = embeddings
     layer_b: int | float = 0.75  # j: B's layer, same convention; the graft edits the output of block j
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # f for plain AC
-    aligners: list[str] = field(default_factory=list)  # fitted aligners: names under <data>/aligners/ or dirs
+    modes: list[str] = field(default_factory=lambda: ["replace"])  # f for plain AC (of MODES)
+    aligners: list[str] = field(default_factory=lambda: ["lora"])  # fitted aligners: names under <data>/aligners/ or dirs
     aligner_modes: list[str] = field(default_factory=lambda: ["replace"])  # f for AC through an aligner
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     chat: bool = True  # wrap prompts in the model's chat template when it has one

@@ -121,7 +121,7 @@ BRIEF_READ = BRIEF + "\n\nAnother assistant's solution:\n{message}"
 class Gsm8kConfig(TaskConfig):
     source: str = "reasoning-gym"  # reasoning-gym (offline gsm_symbolic) | hub (openai/gsm8k) | path to .jsonl
     prompt: str = "debate"  # debate (Du et al.'s prompts, \\boxed{} answers) | brief (short solutions, for CPUs)
-    max_new_tokens: int = 384
+    max_new_tokens: int = 192
     sampling: str = "nucleus"  # the paper samples its reasoning benchmarks with p = 0.9
     temperature: float = 0.6  # Llama-3 instruct's generation_config default, which p = 0.9 also comes from
 

@@ -1,0 +1,24 @@
+"""Stage `inputs`: the content hashes of the local files params names (see pipeline/inputs.py).
+
+DVC runs it on every `dvc repro` (always_changed): it rewrites data/inputs/<name>.json, byte for
+byte the same unless an input's content changed, so only the stages reading a changed input rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Params
+
+
+def run(params: Params) -> list[Path]:
+    from pipeline.artifacts import Outputs, layout
+    from pipeline.inputs import HashCache, manifests
+
+    hashes = HashCache(params.paths.cache_dir() / "input-hashes.json")
+    folder = layout(params).data / "inputs"
+    with Outputs() as out:  # all or none: a failed hash leaves the previous manifests
+        written = [out.json(folder / f"{name}.json", value, sort_keys=True)
+                   for name, value in manifests(params, hashes).items()]
+    hashes.save()
+    return written

@@ -351,6 +351,18 @@ def replace_dir(target: Path | str, build: Callable[[Path], None], is_ours: Call
         return out.directory(target, build, is_ours, what)
 
 
+def write_folder(target: Path | str, files: dict[str, bytes | str], what: str = "folder",
+                 allowed: Iterable[str] = ()) -> Path:
+    """Replace the folder `target` by one holding exactly `files` (name → content). An existing
+    folder is replaced only if it holds nothing but such names (`files` and `allowed`)."""
+
+    def build(tmp: Path) -> None:
+        for name, body in files.items():
+            raw_write(tmp / name, body)
+
+    return replace_dir(target, build, holds_only({*files, *allowed}), what)
+
+
 def holds_only(names: Iterable[str]) -> Callable[[Path], bool]:
     """is_ours for a folder of known files: every entry is one of `names` (an empty folder too)."""
     allowed = set(names)

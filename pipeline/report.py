@@ -63,19 +63,17 @@ def config_from_params(params: Any) -> ReportConfig:
 
 def write_report(cfg: ReportConfig) -> dict[str, Path]:
     """Write report.md (and report.html if possible) under <data>/report; returns the paths written."""
-    from pipeline.artifacts import holds_only, raw_write, replace_dir
+    from pipeline.artifacts import write_folder
 
     text = build_report(cfg)
     html = _html(text) if cfg.html else None
-    files = {"markdown": ("report.md", text)} | ({"html": ("report.html", html)} if html is not None else {})
-
-    def build(tmp: Path) -> None:
-        for name, body in files.values():
-            raw_write(tmp / name, body)
-
+    files = {"report.md": text} | ({"report.html": html} if html is not None else {})
     # the folder is replaced whole: never an HTML of an older run beside the new Markdown, never half
-    replace_dir(cfg.out_dir, build, holds_only(REPORT_FILES), "report folder")
-    return {key: cfg.out_dir / name for key, (name, _) in files.items()}
+    write_folder(cfg.out_dir, files, "report folder", allowed=REPORT_FILES)
+    out = {"markdown": cfg.out_dir / "report.md"}
+    if html is not None:
+        out["html"] = cfg.out_dir / "report.html"
+    return out
 
 
 def build_report(cfg: ReportConfig) -> str:

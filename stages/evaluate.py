@@ -11,7 +11,6 @@ loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +29,22 @@ def evaluations() -> tuple[str, ...]:
     return (*TASKS, *PROBES, "sweep")
 
 
+EVALUATE_FILES = ("predictions.jsonl", "table.md")  # all data/evaluate/<task>/ holds: anything else is not ours
+
+
 def outputs(params: Any, task: str) -> dict[str, Path]:
-    data = Path(params.paths.data)
-    return {"predictions": data / "evaluate" / task / "predictions.jsonl",
-            "table": data / "evaluate" / task / "table.md",
-            "metrics": data / "metrics" / f"evaluate-{task}.json",
-            "plot": data / "plots" / f"evaluate-{task}.png"}
+    from pipeline.artifacts import layout
+
+    paths = layout(params)
+    folder = paths.evaluate_dir(task)
+    return {"predictions": folder / "predictions.jsonl", "table": folder / "table.md",
+            "metrics": paths.metrics(f"evaluate-{task}"), "plot": paths.plot(f"evaluate-{task}")}
+
+
+def _write_folder(out: dict[str, Path], files: dict[str, str]) -> None:
+    from pipeline.artifacts import write_folder
+
+    write_folder(out["table"].parent, files, "evaluation folder", allowed=EVALUATE_FILES)
 
 
 def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable[[str], None] | None = None
@@ -59,21 +68,21 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         return _similarity(params, cfg, pair, aligners, k, j, out)
 
     from pipeline.evaluation.methods import evaluate_task
+    from pipeline.artifacts import Outputs, dumps
     from pipeline.evaluation.results import plot_scores, write_json
 
     result = evaluate_task(task, pair, cfg, aligners, log)
-    out["predictions"].parent.mkdir(parents=True, exist_ok=True)
-    with out["predictions"].open("w") as f:
-        for row in result.predictions():
-            f.write(json.dumps(row) + "\n")
-    out["table"].write_text(result.table() + "\n")
-    write_json(out["metrics"], result.metrics())
-    plot_scores(result.summary, result.prompts.primary, out["plot"],
-                f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
+    with Outputs():  # the folder, the metrics and the plot appear together, or none of them changes
+        _write_folder(out, {"predictions.jsonl": "".join(dumps(row, indent=None) + "\n" for row in result.predictions()),
+                            "table.md": result.table() + "\n"})
+        write_json(out["metrics"], result.metrics())
+        plot_scores(result.summary, result.prompts.primary, out["plot"],
+                    f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
     return out
 
 
 def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
+    from pipeline.artifacts import Outputs
     from pipeline.data import load_corpus
     from pipeline.evaluation.results import write_json
     from pipeline.evaluation.similarity import plot_similarity, similarity_probe, similarity_table, similarity_texts
@@ -83,16 +92,17 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     result = similarity_probe(pair, texts, k, j, cfg.modes, aligners, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
                               aligner_modes=cfg.aligner_modes)
     result["models"] = {"a": pair.name_a, "b": pair.name_b}
-    out["table"].parent.mkdir(parents=True, exist_ok=True)
-    out["table"].write_text(similarity_table(result) + "\n")
-    write_json(out["metrics"], result)
-    plot_similarity(result, out["plot"])
+    with Outputs():
+        _write_folder(out, {"table.md": similarity_table(result) + "\n"})
+        write_json(out["metrics"], result)
+        plot_similarity(result, out["plot"])
     return {k_: v for k_, v in out.items() if k_ in ("table", "metrics", "plot")}
 
 
 def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     from dataclasses import replace
 
+    from pipeline.artifacts import Outputs
     from pipeline.evaluation.prompts import task_prompts
     from pipeline.evaluation.results import write_json
     from pipeline.evaluation.sweep import layer_sweep, plot_sweep
@@ -106,6 +116,7 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     layers_b = resolve_layers(list(s.layers_b), num_layers(pair.model_b))
     result = layer_sweep(pair, prompts, decoding, layers_a, layers_b, s.mode, cfg.batch_size, cfg.chat, log)
     result.update(task=s.task, models={"a": pair.name_a, "b": pair.name_b})
-    write_json(out["metrics"], result)
-    plot_sweep(result, out["plot"], f"{s.task}: AC {s.mode}, {pair.name_a} → {pair.name_b}, n = {result['n']}")
+    with Outputs():
+        write_json(out["metrics"], result)
+        plot_sweep(result, out["plot"], f"{s.task}: AC {s.mode}, {pair.name_a} → {pair.name_b}, n = {result['n']}")
     return {k_: v for k_, v in out.items() if k_ in ("metrics", "plot")}

@@ -20,6 +20,10 @@ class Pair:
     tok_b: Any
     name_a: str = "A"
     name_b: str = "B"
+    # what each model is by content (models.ResolvedModel.sha, as the stores record it as model_sha):
+    # an aligner fitted on other models is refused even when the widths and depths agree
+    sha_a: str | None = None
+    sha_b: str | None = None
 
     @property
     def width_a(self) -> int:
@@ -41,9 +45,9 @@ def load_pair(params: Any, cfg: EvaluateConfig) -> Pair:
     for role in ("a", "b"):
         spec = params.model_spec(role)
         resolved = resolve_model(spec, params.paths.cache_dir())
-        models[role] = (*load_model(resolved, device=cfg.device, dtype=cfg.dtype), spec)
-    (ma, ta, sa), (mb, tb, sb) = models["a"], models["b"]
-    return Pair(ma, ta, mb, tb, sa, sb)
+        models[role] = (*load_model(resolved, device=cfg.device, dtype=cfg.dtype), spec, resolved.sha)
+    (ma, ta, sa, ha), (mb, tb, sb, hb) = models["a"], models["b"]
+    return Pair(ma, ta, mb, tb, sa, sb, ha, hb)
 
 
 def resolve_ks(pair: Pair, layer_a: int | float, layer_b: int | float) -> tuple[int, int]:
@@ -54,17 +58,22 @@ def resolve_ks(pair: Pair, layer_a: int | float, layer_b: int | float) -> tuple[
 
 def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: int) -> dict[str, Any]:
     """Fitted aligners by name: each a directory with aligner.json, given as a path or as a name
-    under <data_dir>/aligners/ (`module:Class` names as `module.Class`, as the fit stage saves them).
-    Widths must match A and B; layers recorded in the aligner's meta (keys layer_a/layer_b, or
-    layers = {a, b}) must match k and j."""
+    under <data_dir>/aligners/ (where `xmodel fit NAME` saves it). Each must have been fitted for
+    these models: the model shas recorded in its meta (from the stores it was fitted on) must be the
+    evaluated models' (when the pair knows them), its widths A's and B's, and its layers (keys
+    layer_a/layer_b, or layers = {a, b}) k and j. A `module:Class` name may import its module
+    (params named it); a kind that only aligner.json names is never imported."""
     from pipeline.aligners import load_aligner
+    from pipeline.artifacts import Layout
 
     out = {}
     for name in names:
         path = Path(name).expanduser()
+        trust = None
         if not (path / "aligner.json").is_file():  # a name: where `xmodel fit NAME` saved it
-            path = Path(data_dir) / "aligners" / name.replace(":", ".")
-        aligner = load_aligner(path)
+            path, trust = Layout(Path(data_dir)).aligner(name), name
+        aligner = load_aligner(path, trust=trust)
+        _check_models(name, path, aligner.meta or {}, pair)
         if (aligner.d_source, aligner.d_target) != (pair.width_a, pair.width_b):
             raise UserError(f"aligner {name} maps {aligner.d_source}→{aligner.d_target}, but the models are "
                             f"{pair.width_a}→{pair.width_b} wide: refit it on these models")
@@ -76,3 +85,23 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
                             "set evaluate.layer_a/layer_b to its layers or refit it")
         out[Path(name).name] = aligner
     return out
+
+
+def _check_models(name: str, path: Path, meta: dict[str, Any], pair: Pair) -> None:
+    """Refuse an aligner whose recorded models are not the pair's (by content sha)."""
+    wanted = {"a": pair.sha_a, "b": pair.sha_b}
+    if not any(wanted.values()):
+        return  # a pair built by hand, without model identities: widths and layers are all there is
+    recorded = meta.get("models") or {}
+    for role, sha in wanted.items():
+        theirs = (recorded.get(role) or {}).get("model_sha")
+        if sha is None:
+            continue
+        if theirs is None:
+            raise UserError(f"aligner {name} ({path}) does not record which models it was fitted on: "
+                            f"refit it with `xmodel fit {Path(name).name} --force`")
+        if theirs != sha:
+            model = (recorded.get(role) or {}).get("model_id")
+            raise UserError(f"aligner {name} was fitted on another model {role.upper()} ({model}, sha {str(theirs)[:12]}) "
+                            f"than the one evaluated (sha {sha[:12]}): refit it on these models "
+                            f"(`xmodel extract --model {role}`, then `xmodel fit {Path(name).name} --force`)")

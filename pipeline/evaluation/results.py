@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,6 +80,8 @@ def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.artifacts import save_figure
+
     names = list(summary)
     means = [100 * summary[m][key]["mean"] for m in names]
     # Wilson intervals always hold the mean; max() only absorbs rounding (matplotlib refuses a -1e-17)
@@ -93,8 +94,7 @@ def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") 
     ax.set_ylim(0, 100)
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)  # atomic; joins the stage's artifacts.Outputs
     plt.close(fig)
     return path
 
@@ -102,16 +102,7 @@ def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") 
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-    return path
+    """Strict JSON (NaN as null), written atomically by pipeline.artifacts (joins the stage's Outputs)."""
+    from pipeline.artifacts import write_json as write
 
-
-def _json_default(v: Any) -> Any:
-    if hasattr(v, "item"):
-        return v.item()
-    if hasattr(v, "tolist"):
-        return v.tolist()
-    return str(v)
+    return write(path, obj)

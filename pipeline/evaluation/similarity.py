@@ -104,6 +104,8 @@ def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.artifacts import save_figure
+
     labels, bars = [], {"matched": [], "shuffled": []}
     for name, e in result["variants"].items():
         for key in e:
@@ -124,7 +126,6 @@ def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"similarity probe, k={result['k']} j={result['j']}, n={result['n']}")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)  # atomic; joins the stage's artifacts.Outputs
     plt.close(fig)
     return path

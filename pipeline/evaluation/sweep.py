@@ -48,6 +48,8 @@ def plot_sweep(result: dict[str, Any], path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from pipeline.artifacts import save_figure
+
     grid = 100 * np.asarray(result["grid"], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * grid.shape[1] + 1.5, 1.0 + 0.5 * grid.shape[0]))
     im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=100, aspect="auto")
@@ -60,7 +62,6 @@ def plot_sweep(result: dict[str, Any], path: Path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label=f"{result['metric']} (%)  (B alone {100 * result['b_alone']:.0f})")
     ax.set_title(title or f"AC {result['mode']}, n = {result['n']}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)  # atomic; joins the stage's artifacts.Outputs
     plt.close(fig)
     return path

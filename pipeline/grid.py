@@ -49,16 +49,17 @@ def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> 
     from pipeline.aligners import load_aligner
     from pipeline.fitting import Paired, heldout_metrics
 
-    root = Path(params.paths.data) / "aligners"
+    paths = params.paths.layout
     fit, out = params.fit, {}
     stores = {"a": a.attrs.get("params_hash"), "b": b.attrs.get("params_hash")}
     split = {"seed": fit.seed, "heldout_frac": fit.heldout_frac}
-    for directory in (root / name for name in sorted(fit.aligners)):  # the grid stage's declared deps
+    for name in sorted(fit.aligners):  # the grid stage's declared deps
+        directory = paths.aligner(name)
         if not (directory / "aligner.json").exists():
-            warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {directory.name}`")
+            warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {name}`")
             continue
         try:
-            aligner = load_aligner(directory)
+            aligner = load_aligner(directory, trust=name)  # params name it: its module may be imported
         except UserError as e:
             warn(f"grid: skipped {directory}: {e}")
             continue

@@ -205,21 +205,35 @@ def _resolve_gguf_file(spec: str, path: Path, cache_dir: Path) -> ResolvedModel:
     target = cache_dir / "models" / f"{name}-{sha[:16]}"
     if not target.is_dir():
         log.info("converting %s to safetensors (once)", path)
-        _build_cache(target, lambda work, out: _convert_gguf(path, out))
+        _build_cache(target, lambda work, out: _convert_gguf(path, out), source=path)
     return ResolvedModel(spec, str(path), None, target, sha, "gguf")
 
 
-def _build_cache(target: Path, build: Callable[[Path, Path], None]) -> None:
+def _build_cache(target: Path, build: Callable[[Path, Path], None], source: Path | None = None) -> None:
     """Build `target` in a temp folder next to it and rename it into place only once complete.
 
-    build(work, out) writes a model folder at `out`, using `work` for scratch files."""
+    build(work, out) writes a model folder at `out`, using `work` for scratch files. A failure is one
+    line (a full disk; `source`, the GGUF being converted, that cannot be read) and caches nothing."""
     tmp_root = target.parent.parent / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=tmp_root))
     try:
         out = work / "model"
-        build(work, out)
+        try:
+            build(work, out)
+        except UserError:
+            raise
+        except OSError as e:
+            if e.errno is not None or source is None:  # a real I/O error (ENOSPC, EACCES); else a parser's
+                raise UserError(f"building the model cache {target} failed ({e}): check {target.parent} "
+                                "(free space, permissions) and rerun; nothing was cached") from None
+            raise UserError(f"{source}: cannot be read as a GGUF model ({_first_line(e)}): re-download it; "
+                            "nothing was cached") from None
+        except Exception as e:  # the GGUF parser and converter raise anything on a damaged file
+            what = f"{source}: cannot be read as a GGUF model" if source else f"building the model cache {target} failed"
+            raise UserError(f"{what} ({type(e).__name__}: {_first_line(e)}): "
+                            f"{'re-download it' if source else 'rerun'}; nothing was cached") from None
         try:
             out.rename(target)
         except OSError:
@@ -227,6 +241,10 @@ def _build_cache(target: Path, build: Callable[[Path, Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -308,14 +326,53 @@ def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto
     if not (resolved.path / "config.json").is_file():
         raise UserError(f"model {resolved.spec!r}: no model files at {resolved.path}: resolve the model again")
     dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=pick_dtype(dtype, dev))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=pick_dtype(dtype, dev))
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    except Exception as e:  # a damaged file raises whatever its parser raises
+        raise UserError(_unloadable(resolved, e)) from None
     model.to(dev).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     if not tokenizer.is_fast:  # offsets mappings need the Rust tokenizer
         raise UserError(f"model {resolved.spec!r} has no fast tokenizer (tokenizer.json): add one to {resolved.path}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _unloadable(resolved: ResolvedModel, e: Exception) -> str:
+    """One line naming the damaged file of a model folder that does not load, and the fix."""
+    culprit = _damaged_file(resolved.path)
+    where = culprit or resolved.path
+    if resolved.source in ("gguf", "catalog", "synthetic"):  # our converted cache: rebuilt on demand
+        fix = f"delete {resolved.path} (the cache folder; xmodel converts it again on the next run)"
+    else:
+        fix = f"re-download or re-save the model in {resolved.path}"
+    return f"model {resolved.spec!r}: {where} is damaged ({type(e).__name__}: {_first_line(e)}): {fix}"
+
+
+def _damaged_file(path: Path) -> Path | None:
+    """The first config/tokenizer JSON that does not parse, or safetensors file whose header or
+    size is wrong (cheap: headers only)."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (ValueError, OSError):
+            return f
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + n + end:
+                return f
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to read the header means this file is damaged
+            return f
+    return None
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

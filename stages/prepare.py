@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.config import Params
@@ -11,9 +10,8 @@ from pipeline.config import Params
 def run(params: Params, role: str) -> Path:
     from pipeline.models import resolve_model
 
+    from pipeline.artifacts import write_json
+
     resolved = resolve_model(params.model_spec(role), params.paths.cache_dir())
-    manifest = params.paths.manifest(role)
-    manifest.parent.mkdir(parents=True, exist_ok=True)
     # The manifest names the weights by content (sha), so a changed model makes extract stale in DVC.
-    manifest.write_text(json.dumps(resolved.to_json(), indent=2, default=str) + "\n")
-    return manifest
+    return write_json(params.paths.manifest(role), resolved.to_json())

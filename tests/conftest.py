@@ -19,3 +19,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {"llama": save_tiny_model("tiny-llama", root / "llama"), "qwen": save_tiny_model("tiny-qwen", root / "qwen")}
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_models, tmp_path_factory):
+    """pipeline.evaluation.pair.Pair of the two tiny models (A: llama, 64 wide; B: qwen, 48 wide), fp32 CPU."""
+    from pipeline.evaluation.pair import Pair
+    from pipeline.models import load_model, resolve_model
+
+    cache = tmp_path_factory.mktemp("pair_cache")
+    (ma, ta), (mb, tb) = (load_model(resolve_model(str(tiny_models[n]), cache), device="cpu", dtype="float32")
+                          for n in ("llama", "qwen"))
+    return Pair(ma, ta, mb, tb, "tiny-llama", "tiny-qwen")

@@ -28,13 +28,8 @@ FAST = dict(batch_size=4, n_boot=200, squad=SquadConfig(n=4, max_new_tokens=3),
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_models, tmp_path_factory):
-    from pipeline.models import load_model, resolve_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    (ma, ta), (mb, tb) = (load_model(resolve_model(str(tiny_models[n]), cache), device="cpu", dtype="float32")
-                          for n in ("llama", "qwen"))
-    return Pair(ma, ta, mb, tb, "tiny-llama", "tiny-qwen")
+def pair(tiny_pair):
+    return tiny_pair
 
 
 @pytest.fixture(scope="module")

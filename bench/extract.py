@@ -67,7 +67,7 @@ def main() -> None:
 
     from pipeline.config import ExtractConfig
     from pipeline.data import Corpus
-    from pipeline.distributed import close_dist, init_dist
+    from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.extract import extract_model, tokenize
     from pipeline.layers import resolve_layers
     from pipeline.models import pick_device, pick_dtype
@@ -141,7 +141,7 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), timed(fn))
             dist.barrier()
     close_dist(dist)
-    if not dist.is_main:
+    if not is_main():
         return
     results = {name: tokens / best[name] for name in ("bare", "hf-loop", "xmodel") if name in best}
     fpt = flops_per_token(model, args.seq)

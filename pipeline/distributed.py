@@ -1,9 +1,35 @@
-"""One process or many under torchrun: rank, world size, barriers. CPU runs use gloo."""
+"""One process or many under torchrun: rank, world size, barriers. CPU runs use gloo.
+
+`is_main()` is the one answer to "am I rank 0" (only rank 0 writes metrics, checkpoints, markers).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+
+
+def _live_group():
+    """torch.distributed when a process group is up, else None (torch is never imported for this)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed
+    return None
+
+
+def group() -> tuple[int, int]:
+    """(rank, world size) of the live process group; (0, 1) without one, so collectives (barriers,
+    all-reduce) are skipped when there is nobody to meet."""
+    dist = _live_group()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0: the group's rank while there is a group, else torchrun's RANK
+    (set before the group is made and still set after it is closed); a plain run is rank 0."""
+    dist = _live_group()
+    return (dist.get_rank() if dist else int(os.environ.get("RANK", "0"))) == 0
 
 
 @dataclass(frozen=True)
@@ -11,10 +37,6 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -160,7 +160,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
     import torch
 
     from pipeline.artifacts import Outputs, exclusive, layout
-    from pipeline.distributed import close_dist, init_dist
+    from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import pick_device
 
     cfg = params.fit
@@ -184,7 +184,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
         device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
         refusal = None
-        if dist.is_main:
+        if is_main():
             try:
                 held.enter_context(exclusive(paths.lock(f"aligners/{directory.name}"), directory))
                 _claim(directory, inputs, force)
@@ -205,7 +205,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         aligner.fit(source, target, **options)
         seconds = time.perf_counter() - t0
         report, failure = {}, None
-        if dist.is_main:
+        if is_main():
             try:
                 # scored before anything is written: a fit that cannot be scored leaves no aligner
                 scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
@@ -243,7 +243,7 @@ def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if "checkpoint_dir" in accepted:
         options["checkpoint_dir"] = ckpt
-        if _is_rank0():
+        if is_main():
             from pipeline.artifacts import write_json
 
             write_json(ckpt / INPUTS, _json(aligner.meta["inputs"]), sort_keys=True)
@@ -252,12 +252,6 @@ def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
     if "device" in accepted and device.type != "cpu":
         options["device"] = device
     return options
-
-
-def _is_rank0() -> bool:
-    from pipeline.aligners.base import dist_info
-
-    return dist_info()[0] == 0
 
 
 def _claim(directory: Path, inputs: dict[str, Any], force: bool) -> None:

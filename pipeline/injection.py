@@ -2,8 +2,7 @@
 
 Layer convention (pipeline/layers.py): layer 0 is the embedding output, layer l >= 1 the output
 of decoder block l (the residual stream after l blocks, before the final norm). "After layer j" is
-therefore the output of block j: a forward hook on `decoder_layers(B)[j - 1]`, or for j = 0 a
-forward pre-hook on block 1 (index 0) that edits its input, the embedding output.
+therefore the output of block j (for j = 0 the embedding output): `layers.at_layer` edits it.
 
     a = sender_states(A, tok_A, prompts_A, k)              # partial forward of A, stopped after layer k
     v = map_vectors(a, aligner)                            # W a, or a itself (no aligner)
@@ -115,18 +114,17 @@ def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None
     `layer` replaced by combine(vectors, state, mode); later passes are left alone. vectors: (rows, d)."""
     import torch
 
-    from pipeline.layers import decoder_layers, num_layers
+    from pipeline.layers import at_layer, num_layers
 
     check_mode(mode)
     n_layers = num_layers(model)
     if not 0 <= layer <= n_layers:
         raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
     record = record if record is not None else Graft()
-    blocks = decoder_layers(model)
 
     def edit(hidden: Any) -> Any:
         if record.calls:
-            return hidden  # prefill only: the KV cache carries the change into decoding
+            return None  # prefill only: the KV cache carries the change into decoding
         if hidden.shape[0] != vectors.shape[0]:
             raise ValueError(f"{vectors.shape[0]} vectors for a batch of {hidden.shape[0]} rows")
         out = hidden.clone()
@@ -136,23 +134,8 @@ def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None
         record.calls += 1
         return out
 
-    if layer == 0:
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (edit(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
-        handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (edit(output[0]), *output[1:])
-            return edit(output)
-        handle = blocks[layer - 1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            yield record
-    finally:
-        handle.remove()
+    with at_layer(model, layer, edit), torch.no_grad():
+        yield record
 
 
 def communicate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int, vectors: Any, mode: str,

@@ -10,8 +10,8 @@ convention: "after layer j" is the output of block j.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
 
 from pipeline.errors import UserError
 
@@ -55,39 +55,61 @@ class _StopForward(Exception):
 
 
 @contextmanager
+def at_layer(model, layer: int, fn: Callable[[Any], Any]) -> Iterator[None]:
+    """The one hook on a layer's hidden state: inside the block, every forward pass of `model` calls
+    fn(hidden) with the state at `layer` (the convention above), and fn reads it (returns None),
+    edits it (returns the tensor the model continues with), or stops the pass (raises).
+
+    Layer 0 is the embedding output, i.e. the input of block 1: a forward pre-hook on block 1 that
+    sees (and may replace) its hidden-states argument. Layer l >= 1 is the output of block l: a
+    forward hook on it. Hooks on the same layer run in the order their blocks were entered, each
+    seeing the previous one's edit.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= layer <= len(blocks):
+        raise ValueError(f"layer {layer} is out of range 0..{len(blocks)}")
+    if layer == 0:
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            new = fn(output[0] if isinstance(output, tuple) else output)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        handle = blocks[layer - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def capture(model, layers: list[int], stop: bool = True) -> Iterator[dict[int, object]]:
     """Record the hidden states at `layers` during forward passes inside the block.
 
     With stop=True the forward pass is cut right after the deepest layer; call it through
     `run_captured` so the early exit is absorbed.
     """
-    blocks = decoder_layers(model)
     states: dict[int, object] = {}
-    handles = []
     deepest = max(layers)
 
-    def after(layer: int):
-        def hook(module, args, output):
-            states[layer] = output[0] if isinstance(output, tuple) else output
+    def record(layer: int):
+        def read(hidden):
+            states[layer] = hidden
             if stop and layer == deepest:
                 raise _StopForward
-        return hook
+        return read
 
-    def before_first(module, args, kwargs):
-        states[0] = args[0] if args else kwargs["hidden_states"]
-        if stop and deepest == 0:
-            raise _StopForward
-
-    try:
+    with ExitStack() as hooks:
         for layer in layers:
-            if layer == 0:
-                handles.append(blocks[0].register_forward_pre_hook(before_first, with_kwargs=True))
-            else:
-                handles.append(blocks[layer - 1].register_forward_hook(after(layer)))
+            hooks.enter_context(at_layer(model, layer, record(layer)))
         yield states
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_captured(model, layers: list[int], **inputs) -> dict[int, object]:

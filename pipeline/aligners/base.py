@@ -143,11 +143,12 @@ class Aligner:
         from pipeline.artifacts import Outputs
 
         directory = Path(directory)
-        rank, world = dist_info()
-        if rank == 0:
+        from pipeline.distributed import group, is_main
+
+        if is_main():
             with Outputs() as out:
                 self.stage_save(out, directory)
-        if world > 1:
+        if group()[1] > 1:
             import torch.distributed as dist
 
             dist.barrier()
@@ -252,14 +253,6 @@ def hashed_heldout(ids: np.ndarray, seed: int, frac: float) -> np.ndarray:
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < frac
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) unless torch.distributed is initialized."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def atomic_write(path: Path, write) -> None:

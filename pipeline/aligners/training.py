@@ -41,11 +41,11 @@ from pipeline.aligners.base import (
     Aligner,
     atomic_write,
     check_fields,
-    dist_info,
     hashed_heldout,
     read_json,
     require,
 )
+from pipeline.distributed import group, is_main
 from pipeline.errors import UserError
 from pipeline.faults import fault_point
 from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
@@ -379,7 +379,7 @@ def heldout_loss(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> float
     """Mean training loss over the held-out rows (batches dealt round-robin to ranks)."""
     if split.n_heldout == 0:
         return None
-    rank, world = dist_info()
+    rank, world = group()
     total, rows = 0.0, 0
     dev = _device_of(net)
     for k, (x, y) in enumerate(split.heldout_batches(p.batch_size)):
@@ -419,7 +419,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
     Returns the fit report (history, held-out scores). With `stop_after_steps` it checkpoints and
     returns early, marked interrupted (to test or to split a long run); a later call with the same
     checkpoint resumes."""
-    rank, world = dist_info()
+    rank, world = group()
     dev = torch.device(device) if device is not None else _device_of(net)
     net.to(dev)
     rows_on_device_s = None
@@ -442,7 +442,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
         st.train_loss_sum += float(loss_sum)  # the one host sync, at checkpoints and epoch ends
         loss_sum.zero_()
         check_finite(net, st, p)  # NaN weights are never checkpointed (the same on every rank)
-        if checkpoint is not None and rank == 0:
+        if checkpoint is not None and is_main():
             checkpoint.save(net, best, opt, st)
         if checkpoint is not None and world > 1:
             torch.distributed.barrier()
@@ -478,7 +478,7 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
         check_finite(net, st, p, st.history[-1]["train_loss"], st.history[-1]["heldout_loss"])
         if st.best_epoch == st.epoch:  # this epoch improved (always true for the first)
             best = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if log is not None and rank == 0:
+        if log is not None and is_main():
             log(st.history[-1])
         save()
 

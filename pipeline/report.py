@@ -17,9 +17,8 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-# The evaluate stages in dvc.yaml; `sweep` is `xmodel evaluate sweep` only. Kept here (not imported
-# from the evaluation package) so the report stays independent of evaluation code.
-ACCURACY_TASKS = ("squad", "gsm8k")
+from pipeline.tasks.registry import TASKS  # names only: the registry imports no model or evaluation code
+
 ROLES = ("a", "b")
 NOT_RUN = "_not run_"
 REPORT_FILES = ("report.md", "report.html")  # all the report folder holds: anything else there is not ours
@@ -79,8 +78,8 @@ def write_report(cfg: ReportConfig) -> dict[str, Path]:
 def build_report(cfg: ReportConfig) -> str:
     _check_inputs(cfg)
     _NONFINITE.clear()
-    parts = [_header(cfg), _run_section(cfg), _cka_section(cfg), _aligner_section(cfg)]
-    parts += [_task_section(cfg, task) for task in ACCURACY_TASKS]
+    parts = [_header(cfg), _answer_section(cfg), _run_section(cfg), _cka_section(cfg), _aligner_section(cfg)]
+    parts += [_task_section(cfg, task) for task in TASKS]
     parts += [_similarity_section(cfg), _sweep_section(cfg)]
     if _NONFINITE:  # a NaN is a failure, never a score: say so at the top
         parts.insert(1, f"**Warning: non-finite values (NaN/inf) in {', '.join(f'`{p}`' for p in sorted(_NONFINITE))}**: "
@@ -283,6 +282,101 @@ def _best(scored: dict[str, dict], key: str, pick) -> tuple[str, float] | None:
     return pick(values, key=lambda nv: nv[1]) if values else None
 
 
+# What the literature reports for the setting each task reproduces (../shared/PAPER.md), in percent.
+PUBLISHED = {
+    "countries": "paper, LLaMA-3.2-3B ×2: B alone 0, NL 69, AC 78, skyline 84; "
+                 "KVComm, LLaMA-3.1-8B-Instruct ×2 (F1): B alone 0, NL 58, AC 0",
+    "tipsheets": "paper, LLaMA-3.1-8B ×2: B alone 54.3, NL 85.7, AC 95.7; "
+                 "KVComm, LLaMA-3.1-8B-Instruct ×2 (F1): B alone 5, NL 87, AC 36",
+    "gsm8k": "paper, 3.2-3B → 3.1-8B, both see the question: B alone 60, NL 75, AC 64, AC(W) 66",
+    "squad": "not reported by the paper or KVComm",
+}
+_PLAIN_AC = ("ac_replace", "ac_sum", "ac_mean")
+
+
+def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
+    """One row of "Does AC carry the information here?" for a task's metrics, and its sentence.
+
+    AC is the best of the plain f's that ran and AC(W) the best method through an aligner; the p of
+    each against B alone is multiplied by the number of variants it was picked from (Bonferroni),
+    so picking the best does not pass for evidence."""
+    methods, primary = m.get("methods", {}), m.get("primary")
+    score = lambda name: (methods.get(name) or {}).get(primary) or {}  # noqa: E731
+
+    def best(names: list[str]) -> tuple[str | None, float]:
+        names = [n for n in names if isinstance(score(n).get("mean"), (int, float)) and math.isfinite(score(n)["mean"])]
+        return (max(names, key=lambda n: score(n)["mean"]), len(names)) if names else (None, 0)
+
+    def cell(name: str | None) -> str:
+        return f"{_pct_ci(score(name))}" + (f" `{name}`" if name and name.startswith(("ac_", "kv_")) else "") if name else "—"
+
+    def vs_b(name: str | None, tried: int) -> tuple[float | None, float | None]:
+        cmp = (methods.get(name) or {}).get("vs_b_alone", {}).get(primary) if name else None
+        if not cmp:
+            return None, None
+        p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
+        return cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * max(1, tried))
+
+    ac, n_ac = best([n for n in methods if n in _PLAIN_AC])
+    acw, n_acw = best([n for n in methods if n.startswith("ac_") and n not in _PLAIN_AC])
+    kv, n_kv = best([n for n in methods if n.startswith("kv_")])
+    diff, p = vs_b(ac, n_ac)
+    agree = lambda name: (methods.get(name) or {}).get("diagnostics", {}).get("agree_skyline", {}).get("mean")  # noqa: E731
+    layers = m.get("layers", {})
+    row = [f"`{m.get('task')}`", label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
+           cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac),
+           cell(acw), cell(kv), cell("skyline" if "skyline" in methods else None),
+           f"{_num(_scaled(diff), '+.1f')} (p {_num(p, '.2g')})" if diff is not None else "—",
+           f"{_num(_scaled(agree(ac)), '.0f')} / {_num(_scaled(agree('b_alone')), '.0f')}",
+           PUBLISHED.get(m.get("task"), "—")]
+    b, sky = score("b_alone").get("mean"), score("skyline").get("mean")
+    if ac is None or diff is None:
+        sentence = "AC was not run against B alone here."
+    elif diff > 0 and p is not None and p < 0.05:
+        share = f", {100 * diff / (sky - b):.0f}% of the way from B alone to the skyline" if (
+            isinstance(sky, float) and isinstance(b, float) and sky > b) else ""
+        sentence = (f"AC carries information here: `{ac}` is {100 * diff:+.1f} points over B alone "
+                    f"(p {p:.2g}, corrected){share}.")
+    else:
+        sentence = (f"AC does not carry the information detectably here: `{ac}` is {100 * diff:+.1f} points from "
+                    f"B alone (p {_num(p, '.2g')}, corrected); the closest signal is B's first token, which equals "
+                    f"the skyline's on {_num(_scaled(agree(ac)), '.0f')}% of items with AC against "
+                    f"{_num(_scaled(agree('b_alone')), '.0f')}% for B alone.")
+    return row, sentence
+
+
+ANSWER_HEAD = ["task", "A → B", "k → j", "n", "score", "B alone", "NL", "AC (best f)", "AC (W)", "KV",
+               "skyline", "AC − B alone (p)", "first token = skyline's, AC / B alone (%)", "published"]
+
+
+def answer_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """The answer table and one sentence per row, for (pair label, task metrics) pairs."""
+    rows, sentences = [], []
+    for label, m in runs:
+        row, sentence = answer_rows(label, m)
+        rows.append(row)
+        sentences.append(f"- `{m.get('task')}`, {label}: {sentence}")
+    return "\n".join([_table(ANSWER_HEAD, rows), "", *sentences])
+
+
+def _answer_section(cfg: ReportConfig) -> str:
+    head = ["## Does AC carry the information here?", "",
+            "Per task: the primary score in percent with 95% intervals for B alone, natural language (A's "
+            "message), AC with the best plain f and the best aligner, KV-cache communication, and the skyline "
+            "(B reading what A read). Δ and p: the best AC against B alone on the same items (McNemar or paired "
+            "bootstrap), Bonferroni-corrected for picking the best f. Published numbers are for the paper's or "
+            "KVComm's corresponding setting (other models).", ""]
+    runs = []
+    for task in TASKS:
+        m = _read(cfg.metrics(f"evaluate-{task}"))
+        if m is not None:
+            models = m.get("models", {})
+            runs.append((f"{models.get('a')} → {models.get('b')}", m))
+    if not runs:
+        return "\n".join(head + [f"No task was evaluated ({NOT_RUN})."])
+    return "\n".join(head + [answer_table(runs)])
+
+
 def _task_section(cfg: ReportConfig, task: str) -> str:
     m = _read(cfg.metrics(f"evaluate-{task}"))
     head = [f"## Evaluation: {task}", ""]
@@ -291,8 +385,9 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
     methods: dict[str, Any] = m.get("methods", {})
     primary = m.get("primary")
     first = next(iter(methods.values()), {})
-    # every score of the task (em, f1, accuracy, ...): entries carrying an interval
-    keys = [primary] + [k for k, v in first.items() if k != primary and isinstance(v, dict) and "lo" in v]
+    # the task's columns (primary first); older metrics files: every entry carrying an interval
+    keys = m.get("columns") or [primary] + [k for k, v in first.items()
+                                            if k != primary and isinstance(v, dict) and "lo" in v]
     rows = []
     for name, e in methods.items():
         row = [f"`{name}`", _num(e.get("n"), "d")] + [_pct_ci(e.get(k)) for k in keys]
@@ -303,6 +398,7 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
                        f"(p {_num(test.get('p_value'), '.3g')})")
         else:
             row.append("—")
+        row.append(_pct_ci(e.get("diagnostics", {}).get("agree_skyline")))
         c = e.get("compute", {})
         row += [_num(c.get("a_tokens"), "d"), _num(c.get("b_tokens"), "d"),
                 _num(c["flops"] / 1e9, ".2f") if isinstance(c.get("flops"), (int, float)) else "—",
@@ -316,7 +412,8 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
                   f"Scores in percent with 95% intervals (Wilson for binary scores, bootstrap otherwise); "
                   f"Δ vs B alone in points on `{primary}`, p from McNemar (binary) or a paired bootstrap.", "",
                   _table(["method", "n"] + [f"{k} [95% CI]" for k in keys]
-                         + ["Δ vs B alone (p)", "A tokens", "B tokens", "GFLOP", "seconds"], rows), "",
+                         + ["Δ vs B alone (p)", "first token = skyline's [95% CI]", "A tokens", "B tokens",
+                            "GFLOP", "seconds"], rows), "",
                   _plot_link(cfg, f"evaluate-{task}", f"{task} accuracy per method")]
     return "\n".join(out)
 

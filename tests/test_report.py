@@ -70,6 +70,18 @@ def outputs(tmp_path) -> Path:
             "methods": {"b_alone": b_alone, "ac_procrustes_replace": ac}, "n_items": 8,
             "models": {"a": "synthetic:tiny-llama", "b": "synthetic:tiny-qwen"},
             "decoding": {"max_new_tokens": 6, "sampling": "greedy"}})
+    game = {name: {"n": 100, "em": _interval(em, lo, hi, "wilson"), "compute": {},
+                   "diagnostics": {"agree_skyline": _interval(agree, 0, 1, "wilson")}}
+            for name, em, lo, hi, agree in (("b_alone", 0.01, 0.002, 0.054, 0.05), ("nl", 0.40, 0.31, 0.5, 0.6),
+                                            ("ac_replace", 0.20, 0.13, 0.29, 0.3), ("ac_sum", 0.28, 0.2, 0.38, 0.4),
+                                            ("skyline", 0.28, 0.2, 0.38, 1.0))}
+    game["ac_sum"]["vs_b_alone"] = {"em": {"paired_bootstrap": {"diff": 0.27, "p_value": 0.0002},
+                                           "mcnemar": {"p_value": 1.5e-8}}}
+    game["ac_replace"]["vs_b_alone"] = {"em": {"paired_bootstrap": {"diff": 0.19, "p_value": 0.0002},
+                                               "mcnemar": {"p_value": 1e-5}}}
+    _write(data / "metrics" / "evaluate-countries.json",
+           {"task": "countries", "setting": "private", "layers": {"k": 22, "j": 22}, "primary": "em",
+            "columns": ["em"], "methods": game, "n_items": 100, "models": {"a": "qwen-0.5b", "b": "qwen-0.5b"}})
     kl = {"kl": _interval(0.099, 0.088, 0.108), "cosine": _interval(0.668, 0.634, 0.707)}
     _write(data / "metrics" / "evaluate-similarity.json",
            {"k": 2, "j": 2, "n": 16, "variants": {"procrustes": {
@@ -105,12 +117,21 @@ def test_report_sections_and_numbers(outputs, capsys):
     assert "Best held-out top-1: `procrustes` (0.175); lowest MSE: `linear` (0.05842)." in aligners
     squad = sections["Evaluation: squad"]
     assert "| `b_alone` | 8 | 12.5 [2.2, 47.1] | 25.0 [5.0, 50.0] | — |" in squad
-    assert "| `ac_procrustes_replace` | 8 | 50.0 [21.5, 78.5] | 60.0 [30.0, 90.0] | +37.5 (p 0.25) | 120 | 340 | 2.50 |" in squad
+    assert ("| `ac_procrustes_replace` | 8 | 50.0 [21.5, 78.5] | 60.0 [30.0, 90.0] | +37.5 (p 0.25) | — | 120 | 340 | 2.50 |"
+            in squad)
     assert "evaluate-squad.png" in squad and "_not run_" in squad  # the plot file is missing, the table is not
     assert "_not run_ (`dvc repro evaluate@gsm8k`" in sections["Evaluation: gsm8k"]
     sim = sections["Similarity probe"]
     assert "| `procrustes` | replace | 0.099 [0.088, 0.108] | 0.112 | 0.668 [0.634, 0.707] | 0.629 |" in sim
     assert "_not run_" in sections["Layer sweep (k, j)"]
+    answer = sections["Does AC carry the information here?"]
+    # the best plain f (sum), its p doubled for picking it from two; the aligner-only task has no plain AC
+    assert ("| `countries` | qwen-0.5b → qwen-0.5b | 22 → 22 | 100 | em | 1.0 [0.2, 5.4] | 40.0 [31.0, 50.0] | "
+            "28.0 [20.0, 38.0] `ac_sum` | — | — | 28.0 [20.0, 38.0] | +27.0 (p 3e-08) | 40 / 5 | paper, LLaMA-3.2-3B") in answer
+    assert "`countries`, qwen-0.5b → qwen-0.5b: AC carries information here: `ac_sum` is +27.0 points" in answer
+    assert "100% of the way from B alone to the skyline" in answer
+    assert "| `squad` | synthetic:tiny-llama → synthetic:tiny-qwen | 2 → 2 | 8 | em |" in answer
+    assert "`squad`, synthetic:tiny-llama → synthetic:tiny-qwen: AC was not run against B alone here." in answer
 
 
 def test_report_html_when_a_renderer_is_installed(outputs, capsys):

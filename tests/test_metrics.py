@@ -182,3 +182,34 @@ def test_alignment_and_uniformity_match_definitions(small_tiles):
 def test_pairwise_metrics_refuse_arrays_over_the_memory_bound():
     with pytest.raises(UserError, match="subset"):
         M.retrieval_topk(np.ones((100, 10)), np.ones((100, 10)), max_bytes=1000)
+
+
+# -- non-finite rows are failures, never good scores (issue 12) -----------------------------------
+
+
+def test_non_finite_rows_are_retrieval_misses(small_tiles):
+    keys = rng(20).normal(size=(20, 4))
+    # an all-NaN mapping used to "beat" no key and rank every query first: top-1 = 1.0
+    assert M.retrieval_topk(np.full((20, 4), np.nan), keys) == {"top1": 0.0, "top5": 0.0}
+    queries = keys.copy()
+    queries[[3, 7]] = np.nan
+    queries[11, 0] = np.inf
+    assert M.retrieval_topk(queries, keys, ks=(1,))["top1"] == pytest.approx(17 / 20)  # the other 17 find theirs
+    broken_keys = keys.copy()
+    broken_keys[5] = np.nan  # a key that is not finite: its query misses, the others still find theirs
+    assert M.retrieval_topk(keys, broken_keys, ks=(1,))["top1"] == pytest.approx(19 / 20)
+    assert M.nonfinite_rows(queries) == 3 and M.nonfinite_rows(da.from_array(queries, chunks=(6, 4))) == 3
+
+
+def test_non_finite_rows_share_no_neighbours_and_other_scores_are_nan(small_tiles):
+    x = rng(21).normal(size=(30, 6))
+    y = x.copy()
+    y[:10] = np.nan
+    assert M.mutual_knn(x, x, k=4) == 1.0
+    # the 10 NaN rows have no neighbours (0 shared) and are nobody's: the 20 others keep theirs
+    # among themselves only where x's neighbours avoided the NaN rows, never more than 20/30 in all
+    got = M.mutual_knn(x, y, k=4)
+    assert np.isfinite(got) and got <= 20 / 30
+    assert (M.knn_indices(y, 4)[:10] == -1).all() and (M.knn_indices(y, 4)[10:] >= 10).all()
+    for value in (M.cka(x, y), M.mse(y, x), M.alignment(y, x), M.infonce(y, x), M.uniformity(y)):
+        assert np.isnan(value)

@@ -239,6 +239,8 @@ def provenance(a, b) -> dict[str, Any]:
 
 def _fit_options(aligner, ckpt: Path, log, device) -> dict[str, Any]:
     """Checkpointing and progress for the aligners whose fit takes them (custom ones may not)."""
+    from pipeline.distributed import is_main
+
     accepted = inspect.signature(aligner.fit).parameters
     options: dict[str, Any] = {}
     if "checkpoint_dir" in accepted:

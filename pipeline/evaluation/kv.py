@@ -337,21 +337,18 @@ def _prefix(cache: KvCache, rows: Sequence[int], device: Any) -> Prefix:
     return Prefix(past, mask.to(device), torch.tensor([int(e.shape[3]) for e in entries], device=device))
 
 
-def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int, additive: bool) -> Any:
+def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int) -> Any:
     """The attention mask an unshared layer uses: the given one with its first `width` key columns
-    (the prefix) hidden. Keeps the mask's kind: boolean (True = attend) or additive float; None
-    (HF's "plain causal, nothing padded") is built here explicitly, additive when `additive`."""
+    (the prefix) hidden. Keeps the mask's kind: boolean (sdpa, True = attend) or additive float
+    (eager). None is sdpa's "plain causal, nothing padded" (eager always gets a float mask): built
+    here as a boolean one."""
     import torch
 
     if mask is None:
         q = hidden.shape[1]
         cols = torch.arange(kv_length, device=hidden.device)
         rows = torch.arange(q, device=hidden.device)[:, None] + (kv_length - q)
-        keep = ((cols <= rows) & (cols >= width))[None, None]
-        if not additive:
-            return keep
-        return torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-            ~keep, torch.finfo(hidden.dtype).min)
+        return ((cols <= rows) & (cols >= width))[None, None]
     out = mask.clone()
     if out.dtype == torch.bool:
         out[..., :width] = False
@@ -367,13 +364,12 @@ def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[Non
     from pipeline.layers import decoder_layers
 
     blocks = decoder_layers(model)
-    additive = model.config._attn_implementation == "eager"  # eager adds its mask to the scores
 
     def pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         past = kwargs.get("cache", kwargs.get("past_key_values"))
         kv_length = past.get_seq_length(module.layer_idx) + hidden.shape[1]
-        mask = hide_prefix_columns(kwargs.get("attention_mask"), width, hidden, kv_length, additive)
+        mask = hide_prefix_columns(kwargs.get("attention_mask"), width, hidden, kv_length)
         return args, {**kwargs, "attention_mask": mask}
 
     handles = [blocks[l - 1].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for l in unshared]

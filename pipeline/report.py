@@ -449,12 +449,18 @@ def _sweep_section(cfg: ReportConfig) -> str:
     head = ["## Layer sweep (k, j)", ""]
     if m is None:
         return "\n".join(head + [f"{NOT_RUN} (`xmodel evaluate sweep`; not a DVC stage)."])
-    grid = m.get("grid", [])
-    rows = [[f"k = {k}"] + [_num(_scaled(v), ".1f") for v in row] for k, row in zip(m.get("layers_a", []), grid)]
-    out = head + [f"`{m.get('task')}` {m.get('metric')} (%) of plain AC ({m.get('mode')}) on {m.get('n')} items; "
-                  f"B alone: {_num(_scaled(m.get('b_alone')), '.1f')}.", "",
-                  _table([""] + [f"j = {j}" for j in m.get("layers_b", [])], rows), "",
-                  _plot_link(cfg, "evaluate-sweep", "layer sweep")]
+    grids = m.get("grids") or {m.get("metric"): m.get("grid", [])}
+    reference = (m.get("reference") or {}).get("b_alone", {m.get("metric"): m.get("b_alone")})
+    out = head + [f"Plain AC ({m.get('mode')}) on {m.get('n')} `{m.get('task')}` items drawn apart from the "
+                  "evaluation's, for every (k, j) below; in percent."]
+    for key in (m.get("metric"), "agree_skyline"):
+        if key not in grids:
+            continue
+        rows = [[f"k = {k}"] + [_num(_scaled(v), ".1f") for v in row] for k, row in zip(m.get("layers_a", []), grids[key])]
+        label = "B's first token = the skyline's" if key == "agree_skyline" else f"`{key}`"
+        out += ["", f"{label} (B alone: {_num(_scaled(reference.get(key)), '.1f')}):", "",
+                _table([""] + [f"j = {j}" for j in m.get("layers_b", [])], rows)]
+    out += ["", _plot_link(cfg, "evaluate-sweep", "layer sweep")]
     return "\n".join(out)
 
 

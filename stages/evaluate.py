@@ -109,11 +109,17 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     from pipeline.layers import num_layers, resolve_layers
 
     s = cfg.sweep
-    prompts, decoding = task_prompts(s.task, cfg, s.n)
+    evaluation, _ = task_prompts(s.task, cfg)
+    sweep_cfg = replace(cfg, **{s.task: replace(cfg.section(s.task), seed=s.seed)})
+    prompts, decoding = task_prompts(s.task, sweep_cfg, s.n, exclude=frozenset(evaluation.a))
     if s.max_new_tokens:
         decoding = replace(decoding, max_new_tokens=s.max_new_tokens)
-    layers_a = resolve_layers(list(s.layers_a), num_layers(pair.model_a))
-    layers_b = resolve_layers(list(s.layers_b), num_layers(pair.model_b))
+
+    def layers(spec, model):
+        depth = num_layers(model)
+        return list(range(1, depth + 1)) if spec == "all" else resolve_layers(list(spec), depth)
+
+    layers_a, layers_b = layers(s.layers_a, pair.model_a), layers(s.layers_b, pair.model_b)
     result = layer_sweep(pair, prompts, decoding, layers_a, layers_b, s.mode, cfg.batch_size, cfg.chat, log)
     result.update(task=s.task, models={"a": pair.name_a, "b": pair.name_b})
     with Outputs():

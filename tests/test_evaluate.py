@@ -131,6 +131,11 @@ def test_layer_sweep_grid(pair):
     prompts, decoding = task_prompts("squad", cfg, 3)
     result = layer_sweep(pair, prompts, replace(decoding, max_new_tokens=2), [0, 3], [2, 4], batch_size=4)
     assert np.asarray(result["grid"]).shape == (2, 2) and result["metric"] == "em"
+    # every score of the task, and how often B's first token is the skyline's, per (k, j) cell
+    assert set(result["grids"]) == {"em", "f1", "kl_skyline", "agree_skyline"}
+    assert set(result["reference"]) == {"b_alone", "skyline"} and result["reference"]["skyline"]["em"] >= 0
+    assert all(0 <= v <= 1 for row in result["grids"]["agree_skyline"] for v in row)
+    assert result["grid"] == result["grids"]["em"]
 
 
 def test_config_from_params_mapping():
@@ -165,7 +170,14 @@ def test_stage_writes_metrics_table_predictions_and_plots(pair, aligner_dir, tmp
     assert "procrustes" in json.loads(out["metrics"].read_text())["variants"]
     assert out["plot"].stat().st_size > 1000 and "| procrustes | replace |" in out["table"].read_text()
     out = stage.run(params, "sweep", cfg, pair=pair)
-    assert np.asarray(json.loads(out["metrics"].read_text())["grid"]).shape == (2, 2)
+    sweep = json.loads(out["metrics"].read_text())
+    assert np.asarray(sweep["grid"]).shape == (2, 2)
+    evaluation, _ = task_prompts("squad", cfg)  # the sweep's items are not the evaluation's
+    sweep_items, _ = task_prompts("squad", replace(cfg, squad=replace(cfg.squad, seed=cfg.sweep.seed)), 3,
+                                  exclude=frozenset(evaluation.a))
+    assert sweep["n"] == 3 and not set(sweep_items.a) & set(evaluation.a)
+    out = stage.run(params, "sweep", replace(cfg, sweep=replace(cfg.sweep, layers_a="all", layers_b=[4])), pair=pair)
+    assert json.loads(out["metrics"].read_text())["layers_a"] == [1, 2, 3]  # every block of A
     assert out["plot"].stat().st_size > 1000
     with pytest.raises(UserError, match="unknown evaluation"):
         stage.run(params, "mmlu", cfg, pair=pair)

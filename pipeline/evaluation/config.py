@@ -25,8 +25,10 @@ class SimilarityConfig:
 class SweepConfig:
     task: str = "squad"  # any registered task
     n: int = 24
-    layers_a: list[int | float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    layers_b: list[int | float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    seed: int = 1  # the sweep's items: drawn with this seed and disjoint from the evaluation's, so that a
+    #                (k, j) picked from the sweep is not picked on the items it is then scored on
+    layers_a: list[int | float] | str = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # or "all": 1..L
+    layers_b: list[int | float] | str = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     mode: str = "replace"
     max_new_tokens: int = 0  # 0 = the task's own
 
@@ -72,6 +74,9 @@ def validate(cfg: _Shared) -> None:
         for v in values:
             if v not in allowed:
                 raise UserError(f"evaluate.{key}: {v!r} is not one of {', '.join(allowed)}")
+    for key in ("layers_a", "layers_b"):
+        if isinstance(getattr(cfg.sweep, key), str) and getattr(cfg.sweep, key) != "all":
+            raise UserError(f"evaluate.sweep.{key} = {getattr(cfg.sweep, key)!r}: give a list of layers or 'all'")
     if cfg.sweep.mode not in MODES:
         raise UserError(f"evaluate.sweep.mode = {cfg.sweep.mode!r} is not one of {', '.join(MODES)}")
     if cfg.sweep.task not in TASKS:

@@ -24,12 +24,14 @@ def encode(tokenizer: Any, text: str, chat: bool = True, cue: str = "Answer:") -
     return [int(t) for t in tokenizer(f"{text}\n{cue}", add_special_tokens=True)["input_ids"]]
 
 
-def task_prompts(task: str, cfg: EvaluateConfig, n: int | None = None) -> tuple[TaskPrompts, Decoding]:
-    """The task's items as prompts (from its params section), with the task's decoding."""
+def task_prompts(task: str, cfg: EvaluateConfig, n: int | None = None,
+                 exclude: frozenset[str] = frozenset()) -> tuple[TaskPrompts, Decoding]:
+    """The task's items as prompts (from its params section; items whose A prompt is in `exclude`
+    skipped), with the task's decoding."""
     from pipeline.tasks.registry import get_task
 
     section = cfg.section(task)
-    prompts = get_task(task).prompts(section, n)
+    prompts = get_task(task).prompts(section, n, exclude)
     return prompts, decoding_for(section, prompts)
 
 

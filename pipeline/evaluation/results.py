@@ -74,6 +74,14 @@ def format_table(summary: dict[str, Any], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def fill(title: str, fig: Any, points: float = 10.0) -> str:
+    """The title wrapped to the figure's width, so that it is never cut off at the edges."""
+    import textwrap
+
+    width = fig.get_size_inches()[0] * 72 / (0.6 * points)  # characters of ~0.6 em per line
+    return "\n".join(textwrap.wrap(title, max(20, int(width))))
+
+
 def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") -> Path:
     import matplotlib
 
@@ -92,7 +100,7 @@ def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") 
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel(f"{key} (%) with 95% CI")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(fill(title, fig), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)  # atomic; joins the stage's artifacts.Outputs
     plt.close(fig)

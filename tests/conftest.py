@@ -31,3 +31,14 @@ def tiny_pair(tiny_models, tmp_path_factory):
     (ma, ta), (mb, tb) = (load_model(resolve_model(str(tiny_models[n]), cache), device="cpu", dtype="float32")
                           for n in ("llama", "qwen"))
     return Pair(ma, ta, mb, tb, "tiny-llama", "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_models, tmp_path_factory) -> dict[str, tuple]:
+    """{"llama": (model, tokenizer), "qwen": ...}: the tiny models loaded (fp32, CPU) through the
+    same code users hit, once per session. Tests that change a model's settings restore them."""
+    from pipeline.models import load_model, resolve_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    return {name: load_model(resolve_model(str(path), cache), device="cpu", dtype="float32")
+            for name, path in tiny_models.items()}

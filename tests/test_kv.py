@@ -26,12 +26,8 @@ NUCLEUS = Decoding(max_new_tokens=6, sampling="nucleus", top_p=0.9, seed=3)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models, tmp_path_factory):
-    from pipeline.models import load_model, resolve_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    return {name: load_model(resolve_model(str(path), cache), device="cpu", dtype="float32")
-            for name, path in tiny_models.items()}
+def models(tiny_loaded):
+    return tiny_loaded
 
 
 def ids(tok, texts):

@@ -188,13 +188,10 @@ def a_cache(model_a: Any, tok_a: Any, prompts_a: Sequence[Sequence[int]], *, bat
     from transformers import DynamicCache
 
     shape = cache_shape(model_a, "A")
-    device = next(model_a.parameters()).device
-    pad_id = tok_a.pad_token_id if tok_a.pad_token_id is not None else 0
     entries: list[Any] = [None] * len(prompts_a)
     start = time.perf_counter()
     with torch.no_grad():
-        for rows in length_batches([len(p) for p in prompts_a], batch_size):
-            ids, mask, pos = left_pad([prompts_a[i] for i in rows], pad_id, device)
+        for rows, ids, mask, pos in _padded(model_a, tok_a, prompts_a, batch_size):
             cache = DynamicCache(config=model_a.config)
             model_a(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                     logits_to_keep=1)
@@ -202,6 +199,14 @@ def a_cache(model_a: Any, tok_a: Any, prompts_a: Sequence[Sequence[int]], *, bat
             for r, i in enumerate(rows):
                 entries[i] = kv[:, :, r, :, ids.shape[1] - len(prompts_a[i]):].clone()
     return KvCache(entries, shape, sum(len(p) for p in prompts_a), time.perf_counter() - start)
+
+
+def _padded(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple]:
+    """(rows, input_ids, attention_mask, position_ids) of each length batch, left-padded, on the model's device."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for rows in length_batches([len(p) for p in prompts], batch_size):
+        yield (rows, *left_pad([prompts[i] for i in rows], pad_id, device))
 
 
 def resolve_kv_layers(layers: Sequence[int | float], n_layers: int) -> list[int]:
@@ -276,8 +281,6 @@ def attention_importance(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[
     blocks = decoder_layers(model_b)
     n_layers = len(blocks)
     totals = [0.0] * n_layers
-    device = next(model_b.parameters()).device
-    pad_id = tok_b.pad_token_id if tok_b.pad_token_id is not None else 0
     weights: dict[int, Any] = {}
 
     def keep(l: int):
@@ -288,9 +291,8 @@ def attention_importance(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[
     with _eager(model_b), torch.no_grad():
         handles = [blocks[l].self_attn.register_forward_hook(keep(l)) for l in range(n_layers)]
         try:
-            for rows in length_batches([len(p) for p in prompts_b], batch_size):
-                past = _prefix(cache, rows, device)
-                ids, mask, pos = left_pad([prompts_b[i] for i in rows], pad_id, device)
+            for rows, ids, mask, pos in _padded(model_b, tok_b, prompts_b, batch_size):
+                past = _prefix(cache, rows, ids.device)
                 mask = torch.cat([past.mask.to(mask), mask], dim=1)
                 model_b(input_ids=ids, attention_mask=mask, position_ids=pos + past.offsets[:, None], cache=past.cache,
                         use_cache=True, logits_to_keep=1)

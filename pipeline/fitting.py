@@ -159,6 +159,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
     (<dir>/ckpt) is resumed. One process at a time fits a given aligner directory."""
     import torch
 
+    from pipeline.aligners.training import Diverged
     from pipeline.artifacts import Outputs, exclusive, layout
     from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import pick_device
@@ -202,7 +203,14 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
             source, target = source.rechunk({0: rows}), target.rechunk({0: rows})
             options["block_rows"] = rows
         t0 = time.perf_counter()
-        aligner.fit(source, target, **options)
+        try:
+            aligner.fit(source, target, **options)
+        except Diverged:
+            if is_main():  # its checkpoint would only diverge again: the folder is left as it was before
+                shutil.rmtree(directory / "ckpt", ignore_errors=True)
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+            raise
         seconds = time.perf_counter() - t0
         report, failure = {}, None
         if is_main():

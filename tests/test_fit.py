@@ -231,3 +231,100 @@ def test_fit_under_torchrun_trains_with_ddp_and_refuses_on_every_rank(params_pat
     (directory / "aligner.json").write_text(json.dumps(raw))
     proc = torchrun()
     assert proc.returncode != 0 and "holds an aligner fitted on other inputs (layers.a: 0 -> 2)" in proc.stderr
+
+
+# -- outputs whole or not at all, only xmodel's folders replaced, one writer (issue 12) -----------
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _frac_holding_one_text(params) -> float:
+    """A fit.heldout_frac that holds out exactly one of the stores' texts."""
+    from pipeline.aligners.base import hashed_heldout
+    from pipeline.fitting import open_stores
+    from pipeline.pairing import pair_rows
+
+    texts = pair_rows(*open_stores(params), "last").text
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if hashed_heldout(texts, params.fit.seed, mid).sum() < 1 else (lo, mid)
+    return hi
+
+
+def test_a_failed_fit_leaves_the_previous_aligner_and_metrics_untouched(capsys, params_path):
+    assert fit(capsys, params_path, "procrustes")[0] == 0
+    params = load_params(params_path)
+    directory, metrics = params.paths.aligner("procrustes"), params.paths.metrics("fit-procrustes")
+    before, metrics_before = _snapshot(directory), metrics.read_bytes()
+    for setting, match in (("fit.pairwise_rows=1", "fit.pairwise_rows = 1"),
+                           (f"fit.heldout_frac={_frac_holding_one_text(params)}", "1 held-out row(s) cannot score")):
+        code, _, err = run_cli(capsys, "--params", str(params_path), "-S", setting, "fit", "procrustes", "--quiet", "--force")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+        assert _snapshot(directory) == before and metrics.read_bytes() == metrics_before
+    # nothing was ever there: a failed fit leaves no finished-looking aligner behind
+    code, _, err = run_cli(capsys, "--params", str(params_path), "-S", "fit.pairwise_rows=1", "fit", "affine", "--quiet")
+    assert code == 2 and not params.paths.aligner("affine").exists() and not params.paths.metrics("fit-affine").exists()
+
+
+@pytest.mark.parametrize("lr, match", [("1.0e+30", "training diverged: the "), (".inf", "expected a finite number")])
+def test_diverging_training_stops_with_one_line_and_saves_nothing(capsys, params_path, lr, match):
+    assert fit(capsys, params_path, "linear")[0] == 0
+    params = load_params(params_path)
+    directory = params.paths.aligner("linear")
+    before, metrics_before = _snapshot(directory), params.paths.metrics("fit-linear").read_bytes()
+    code, _, err = run_cli(capsys, "--params", str(params_path), "-S", f"fit.aligners.linear.lr={lr}",
+                           "fit", "linear", "--quiet", "--force")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert _snapshot(directory) == before and params.paths.metrics("fit-linear").read_bytes() == metrics_before
+    assert np.isfinite(load_aligner(directory).net.weight.detach().numpy()).all()
+
+
+def test_fit_never_replaces_a_folder_xmodel_did_not_write(capsys, params_path):
+    directory = load_params(params_path).paths.aligner("procrustes")
+    directory.mkdir(parents=True)
+    (directory / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "--params", str(params_path), "fit", "procrustes", "--quiet", "--force")
+    assert code == 2 and "is not a aligner directory written by xmodel" in err, err
+    assert [p.name for p in directory.iterdir()] == ["notes.txt"] and (directory / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_writer_of_an_aligner_is_refused_naming_the_holder(capsys, params_path):
+    import os
+
+    from pipeline.artifacts import exclusive
+
+    params = load_params(params_path)
+    directory = params.paths.aligner("procrustes")
+    with exclusive(params.paths.layout.lock("aligners/procrustes"), directory):
+        code, _, err = fit(capsys, params_path, "procrustes")
+    assert code == 2 and f"pid {os.getpid()}" in err and "is being written by" in err, err
+    assert not directory.exists()
+    assert fit(capsys, params_path, "procrustes")[0] == 0  # released: the next run goes ahead
+
+
+def test_disk_full_at_aligner_save_is_one_line_and_keeps_the_old_aligner(capsys, params_path, monkeypatch):
+    from collections import Counter
+
+    import pipeline.faults
+
+    assert fit(capsys, params_path, "procrustes")[0] == 0
+    params = load_params(params_path)
+    directory = params.paths.aligner("procrustes")
+    before, metrics_before = _snapshot(directory), params.paths.metrics("fit-procrustes").read_bytes()
+    for after in (1, 2, 3):  # the weights, aligner.json, the metrics file
+        monkeypatch.setattr(pipeline.faults, "_passed", Counter())
+        monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{after}")
+        code, _, err = run_cli(capsys, "--params", str(params_path), "-S", "fit.aligners.procrustes.refine_iters=3",
+                               "fit", "procrustes", "--quiet", "--force")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+        assert str(directory) in err or str(params.paths.metrics("fit-procrustes")) in err, err
+        assert _snapshot(directory) == before and params.paths.metrics("fit-procrustes").read_bytes() == metrics_before
+        assert sorted(p.name for p in directory.parent.iterdir()) == ["procrustes"]  # no temporaries left
+    monkeypatch.delenv("XMODEL_FAULT")
+    load_aligner(directory)
+    assert run_cli(capsys, "--params", str(params_path), "-S", "fit.aligners.procrustes.refine_iters=3",
+                   "fit", "procrustes", "--quiet", "--force")[0] == 0
+    assert _snapshot(directory) != before  # the same command, with space, does replace it

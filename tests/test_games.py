@@ -178,3 +178,26 @@ def test_same_model_last_layer_replace_gives_the_skyline_first_token(tiny_pair):
     geo = graft_geometry(own_state, records)
     assert geo["norm_ratio"] == pytest.approx([1.0] * 5, abs=1e-5) and geo["cosine"] == pytest.approx([1.0] * 5, abs=1e-5)
     assert torch.allclose(gen.first_logits, sky_logits, atol=1e-4)
+
+
+def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair):
+    from pipeline.evaluation.config import EvaluateConfig, KvSection
+    from pipeline.evaluation.methods import evaluate_task
+    from pipeline.evaluation.pair import Pair
+
+    same = Pair(tiny_pair.model_b, tiny_pair.tok_b, tiny_pair.model_b, tiny_pair.tok_b, "tiny-qwen", "tiny-qwen")
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=2, n_boot=100, methods=["b_alone", "ac", "kv", "skyline"],
+                         modes=["replace"], kv=KvSection(layers=["all", "top", [2]], top_m=2, calib_items=2),
+                         countries=GameConfig(n=3, max_new_tokens=2))
+    result = evaluate_task("countries", same, cfg)
+    assert [r.name for r in result.runs] == ["b_alone", "ac_replace", "kv_all", "kv_top", "kv_L2", "skyline"]
+    s = result.summary
+    assert s["kv_all"]["details"]["layers"] == [1, 2, 3, 4] and s["kv_L2"]["details"]["layers"] == [2]
+    assert len(s["kv_top"]["details"]["layers"]) == 2 and "vs_b_alone" in s["kv_top"]
+    assert s["kv_L2"]["details"]["cache_bytes"] * 4 == s["kv_all"]["details"]["cache_bytes"]
+    # A's prefill is charged (up to the deepest shared block), and B's extra attention on top of B alone
+    assert s["kv_L2"]["compute"]["a_blocks"] == 2 and s["kv_all"]["compute"]["a_blocks"] == 4
+    assert s["kv_all"]["compute"]["a_tokens"] > 0 and s["kv_all"]["compute"]["flops"] > s["b_alone"]["compute"]["flops"]
+    assert "agree_skyline" in s["kv_all"]["diagnostics"]
+    with pytest.raises(UserError):  # a pair of two architectures: one clear line, before any work
+        evaluate_task("countries", tiny_pair, cfg)

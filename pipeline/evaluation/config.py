@@ -9,7 +9,7 @@ from pipeline.errors import UserError
 from pipeline.injection import MODES
 from pipeline.tasks.registry import PROBES, TASKS
 
-METHODS = ("b_alone", "a_alone", "nl", "ac", "skyline")  # "ac" = every f and every aligner
+METHODS = ("b_alone", "a_alone", "nl", "ac", "kv", "skyline")  # "ac" = every f and aligner; "kv" = every kv.layers choice
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,23 @@ class SimilarityConfig:
     seed: int = 1
     min_chars: int = 40
     max_chars: int = 300
+
+
+@dataclass(frozen=True)
+class KvSection:
+    """KV-cache communication (pipeline/evaluation/kv.py): one method per entry of `layers`."""
+
+    layers: list[str | list[int | float]] = field(default_factory=lambda: ["all", "top"])  # all | top | [layers]
+    top_m: int | float = 0.3  # the top-m rule keeps this many layers (int) or this share of the depth (float)
+    prior_weight: float = 0.5  # weight of the depth prior against A's attention importance
+    calib_items: int = 16  # items the top-m rule scores layers on
+
+    def configs(self) -> list[Any]:
+        """One validated pipeline.evaluation.kv.KvConfig per choice (one clear line for a bad one)."""
+        from pipeline.evaluation.kv import KvConfig
+
+        return [KvConfig(layers=choice, top_m=self.top_m, prior_weight=self.prior_weight,
+                         calib_items=self.calib_items) for choice in self.layers]
 
 
 @dataclass(frozen=True)
@@ -43,12 +60,13 @@ class _Shared:
     modes: list[str] = field(default_factory=lambda: ["replace"])  # f for plain AC (of MODES)
     aligners: list[str] = field(default_factory=lambda: ["lora"])  # fitted aligners: names under <data>/aligners/ or dirs
     aligner_modes: list[str] = field(default_factory=lambda: ["replace"])  # f for AC through an aligner
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: ["b_alone", "a_alone", "nl", "ac", "skyline"])  # of METHODS
     chat: bool = True  # wrap prompts in the model's chat template when it has one
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
     n_boot: int = 10_000
+    kv: KvSection = field(default_factory=KvSection)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -84,6 +102,7 @@ def validate(cfg: _Shared) -> None:
     for name in TASKS:
         if hasattr(cfg, name):  # the base alone (no sections) is validated by the subclass's call
             cfg.section(name).check(name)
+    cfg.kv.configs()
     positive = {"batch_size": cfg.batch_size, "similarity.n": cfg.similarity.n, "sweep.n": cfg.sweep.n,
                 "n_boot": cfg.n_boot}
     for key, value in positive.items():

@@ -366,13 +366,16 @@ def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[Non
     from pipeline.layers import decoder_layers
 
     blocks = decoder_layers(model)
+    last: list[Any] = []  # (mask given, sizes, mask made): every layer of one forward pass gets the same mask
 
     def pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         past = kwargs.get("cache", kwargs.get("past_key_values"))
-        kv_length = past.get_seq_length(module.layer_idx) + hidden.shape[1]
-        mask = hide_prefix_columns(kwargs.get("attention_mask"), width, hidden, kv_length)
-        return args, {**kwargs, "attention_mask": mask}
+        sizes = (past.get_seq_length(module.layer_idx) + hidden.shape[1], hidden.shape[1])
+        given = kwargs.get("attention_mask")
+        if not (last and last[0] is given and last[1] == sizes):  # `last` holds `given`, so `is` is safe
+            last[:] = [given, sizes, hide_prefix_columns(given, width, hidden, sizes[0])]
+        return args, {**kwargs, "attention_mask": last[2]}
 
     handles = [blocks[l - 1].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for l in unshared]
     try:
@@ -431,7 +434,7 @@ def kv_compute(cache: KvCache, gen: Generation, layers: Sequence[int], model_a: 
     """A's prefill tokens x the blocks up to the deepest shared layer, and the attention B spends on
     the prefix: per shared layer, each token B runs (prompt and generated) against each prefix
     token, 4 x heads x head_dim FLOPs (QK^T and the weighted sum of V)."""
-    from pipeline.evaluation.methods import block_flops
+    from pipeline.evaluation.compute import block_flops
 
     shared = sorted(set(layers))
     deepest = max(shared) if shared else 0

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+from pipeline.evaluation.compute import Compute
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.diagnostics import graft_geometry, skyline_closeness
 from pipeline.evaluation.pair import Pair, resolve_ks
@@ -17,48 +18,6 @@ from pipeline.injection import Graft, communicate, map_vectors, sender_states
 from pipeline.tasks.base import TaskPrompts
 
 
-def block_flops(model: Any) -> tuple[float, float]:
-    """(FLOPs per token per decoder block, FLOPs of one LM-head row): 2 x parameters (matmuls only)."""
-    from pipeline.layers import decoder_layers
-
-    blocks = decoder_layers(model)
-    per_block = 2.0 * sum(p.numel() for p in blocks[0].parameters())
-    head = model.get_output_embeddings()
-    return per_block, 2.0 * (head.weight.numel() if head is not None else 0)
-
-
-@dataclass
-class Compute:
-    a_tokens: int = 0  # prompt + generated tokens A ran
-    a_blocks: int = 0  # decoder blocks A ran per token (k for AC, all for a full pass)
-    b_tokens: int = 0
-    a_new_tokens: int = 0
-    b_new_tokens: int = 0
-    flops: float = 0.0  # estimate: 2 x params of the blocks run per token + LM-head rows computed
-    seconds: float = 0.0
-
-    def add_run(self, pair_model: Any, role: str, gen_or_states: Any, blocks: int | None = None) -> None:
-        from pipeline.layers import num_layers
-
-        per_block, head = block_flops(pair_model)
-        n_blocks = num_layers(pair_model) if blocks is None else blocks
-        if isinstance(gen_or_states, Generation):
-            prompt, new = sum(gen_or_states.prompt_tokens), sum(gen_or_states.new_tokens)
-            heads = len(gen_or_states.prompt_tokens) + new  # one row per prefill + one per decoding step
-            seconds = gen_or_states.seconds
-        else:  # SenderStates: a partial pass, no LM head
-            prompt, new, heads, seconds = gen_or_states.tokens, 0, 0, gen_or_states.seconds
-        self.flops += per_block * n_blocks * (prompt + new) + head * heads
-        self.seconds += seconds
-        if role == "a":
-            self.a_tokens += prompt + new
-            self.a_new_tokens += new
-            self.a_blocks = max(self.a_blocks, n_blocks)
-        else:
-            self.b_tokens += prompt + new
-            self.b_new_tokens += new
-
-
 @dataclass
 class MethodRun:
     name: str
@@ -66,6 +25,7 @@ class MethodRun:
     scores: dict[str, list[float]]
     compute: Compute
     diagnostics: dict[str, list[float]] = field(default_factory=dict)  # per item (pipeline/evaluation/diagnostics.py)
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific facts (kv: layers shared, memory)
 
 
 def _score_all(prompts: TaskPrompts, texts: Sequence[str]) -> dict[str, list[float]]:
@@ -152,8 +112,35 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
                 c.flops += 2.0 * n * pair.width_a * pair.width_b  # one matrix-vector product per item
             add(name, gen, c, {**graft_geometry(vectors, records), **closeness(gen)})
         del sent
-    order = ["b_alone", "a_alone", "nl"] + [r for r in runs if r.startswith("ac_")] + ["skyline"]
+    if "kv" in cfg.methods:
+        for name, gen, c, details in _kv_runs(pair, enc_a, enc_b, cfg, decoding, seeds, sky_logits is not None):
+            add(name, gen, c, closeness(gen))
+            runs[name].details = details
+    order = ["b_alone", "a_alone", "nl"] + [r for r in runs if r.startswith(("ac_", "kv_"))] + ["skyline"]
     return [runs[name] for name in order if name in runs]
+
+
+def _kv_runs(pair: Pair, enc_a, enc_b, cfg: EvaluateConfig, decoding: Decoding, seeds: list[int], keep_first: bool):
+    """KV-cache communication for each evaluate.kv.layers choice: A's cache computed once, reused by all."""
+    from pipeline.evaluation.kv import a_cache, kv_compute, kv_generate, select_layers
+
+    bs = cfg.batch_size
+    configs = cfg.kv.configs()
+    cache = a_cache(pair.model_a, pair.tok_a, enc_a, batch_size=bs)
+    for kc in configs:
+        choice = select_layers(kc, pair.model_b, pair.tok_b, enc_b, cache, batch_size=bs)
+        gen = kv_generate(pair.model_b, pair.tok_b, enc_b, cache, choice.layers, decoding, batch_size=bs, seeds=seeds,
+                          keep_first_logits=keep_first)
+        work = kv_compute(cache, gen, choice.layers, pair.model_a, pair.model_b)
+        c = Compute()
+        c.add_run(pair.model_b, "b", gen)
+        c.a_tokens, c.a_blocks = work.a_tokens, work.a_blocks  # A's prefill, up to the deepest shared layer
+        c.flops += work.a_flops + work.b_extra_attention_flops
+        c.seconds += work.a_seconds + choice.seconds
+        label = kc.layers if isinstance(kc.layers, str) else "L" + "-".join(str(l) for l in choice.layers)
+        yield f"kv_{label}", gen, c, {"layers": choice.layers, "cache_bytes": work.cache_bytes,
+                                      "cache_bytes_all": work.cache_bytes_all,
+                                      "b_extra_attention_flops": work.b_extra_attention_flops}
 
 
 @dataclass

@@ -32,6 +32,8 @@ def summarize(prompts: TaskPrompts, runs: Sequence[Any], n_boot: int = 10_000, s
         entry["compute"] = asdict(r.compute)
         if r.diagnostics:
             entry["diagnostics"] = summarize_diagnostics(r.diagnostics, n_boot=n_boot, seed=seed)
+        if r.details:
+            entry["details"] = r.details
         for ref in ("b_alone", "nl"):
             if ref == r.name or ref not in by_name:
                 continue

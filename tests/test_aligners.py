@@ -376,3 +376,82 @@ def test_registry_refusals(clean_registry):
         get_aligner("pipeline.metrics:cka")
     with pytest.raises(ValueError, match="already registered"):
         register("procrustes")(MeanAligner)
+
+
+# -- damaged, foreign or NaN aligners are refused with one line (issue 12) -------------------------
+
+
+def test_damaged_weights_are_one_line_naming_the_file(tmp_path):
+    x, y = planted(100, seed=140)
+    Procrustes().fit(x, y).save(tmp_path / "p")
+    weights = tmp_path / "p" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk or a copy cut short
+    with pytest.raises(UserError, match="weights.safetensors is damaged or missing .*: refit the aligner") as e:
+        load_aligner(tmp_path / "p")
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path):
+    x, y = planted(100, seed=150)
+    a = Procrustes().fit(x, y)
+    a.save(tmp_path / "p")
+    good = (tmp_path / "p" / "weights.safetensors").read_bytes()
+    with torch.no_grad():
+        a.net.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite weights .*nothing was saved"):
+        a.save(tmp_path / "p")
+    assert (tmp_path / "p" / "weights.safetensors").read_bytes() == good  # the old one is kept
+    from safetensors.torch import save_file
+
+    save_file(a.state_dict(), str(tmp_path / "p" / "weights.safetensors"))  # NaN written by other means
+    with pytest.raises(UserError, match="holds non-finite weights"):
+        load_aligner(tmp_path / "p")
+
+
+def test_aligner_json_never_decides_what_is_imported(tmp_path, monkeypatch):
+    """A user-editable kind naming a module nobody imported is refused without importing it."""
+    import json
+    import sys
+
+    module = tmp_path / "mods" / "xmodel_planted_mod.py"
+    module.parent.mkdir()
+    marker = tmp_path / "imported"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(module.parent))
+    x, y = planted(100, seed=160)
+    Procrustes().fit(x, y).save(tmp_path / "p")
+    config = tmp_path / "p" / "aligner.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "kind": "xmodel_planted_mod:Thing"}))
+    with pytest.raises(UserError, match="neither a registered aligner nor a class already imported"):
+        load_aligner(tmp_path / "p")
+    assert not marker.exists() and "xmodel_planted_mod" not in sys.modules
+    # named by the caller (params fit.aligners, the command line): then it may be imported
+    with pytest.raises(UserError, match="has no 'Thing'"):
+        load_aligner(tmp_path / "p", trust="xmodel_planted_mod:Thing")
+    assert marker.exists()
+    sys.modules.pop("xmodel_planted_mod", None)
+
+
+def test_evaluate_refuses_an_aligner_fitted_on_other_models(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.evaluation.pair import Pair, load_aligners
+
+    def model(width):
+        return SimpleNamespace(config=SimpleNamespace(hidden_size=width, text_config=None))
+
+    x, y = planted(100, seed=170)
+    a = Procrustes().fit(x, y)  # 16 → 24
+    a.meta = {"layer_a": 2, "layer_b": 3, "models": {"a": {"model_id": "org/a", "model_sha": "a" * 40},
+                                                     "b": {"model_id": "org/b", "model_sha": "b" * 40}}}
+    a.save(tmp_path / "aligners" / "procrustes")
+    same = Pair(model(16), None, model(24), None, "a", "b", "a" * 40, "b" * 40)
+    assert set(load_aligners(["procrustes"], tmp_path, same, 2, 3)) == {"procrustes"}
+    # a fine-tune of B: same width and depth, other weights
+    other = Pair(model(16), None, model(24), None, "a", "b-ft", "a" * 40, "c" * 40)
+    with pytest.raises(UserError, match="fitted on another model B .*refit it on these models"):
+        load_aligners(["procrustes"], tmp_path, other, 2, 3)
+    a.meta = {"layer_a": 2, "layer_b": 3}  # saved by hand, without provenance
+    a.save(tmp_path / "aligners" / "procrustes")
+    with pytest.raises(UserError, match="does not record which models"):
+        load_aligners(["procrustes"], tmp_path, same, 2, 3)

@@ -173,3 +173,49 @@ def test_report_loads_no_model_code(outputs):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
     assert (outputs / "data" / "report" / "report.md").exists()
+
+
+# -- non-finite inputs are flagged, the report folder is written whole, and only xmodel's (issue 12) --
+
+
+def test_a_non_finite_aligner_is_flagged_and_never_named_best(outputs, capsys):
+    # as old code wrote an all-NaN aligner: retrieval 1.0 (NaN rows "ranked first"), MSE NaN
+    (outputs / "data" / "metrics" / "fit-lora.json").write_text(
+        '{"aligner": "lora", "d_source": 64, "d_target": 48, "retrieval_top1": 1.0, "retrieval_top5": 1.0, '
+        '"mse": NaN, "r2": NaN, "cka": NaN}')
+    code, _, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
+    assert code == 0, err
+    text = (outputs / "data" / "report" / "report.md").read_text()
+    assert "Best held-out top-1: `procrustes` (0.175)" in text
+    assert "| `lora` ⚠ non-finite (MSE) |" in text
+    assert "**Warning: non-finite values (NaN/inf) in" in text and "fit-lora.json" in text
+    # a file written by the fit stage itself: NaN is null, and nonfinite_rows says why
+    (outputs / "data" / "metrics" / "fit-lora.json").write_text(json.dumps(
+        {"aligner": "lora", "retrieval_top1": 0.9, "retrieval_top5": 1.0, "mse": 0.01, "nonfinite_rows": 3}))
+    assert run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")[0] == 0
+    text = (outputs / "data" / "report" / "report.md").read_text()
+    assert "Best held-out top-1: `procrustes`" in text and "| `lora` ⚠ non-finite (3 rows) |" in text
+
+
+def test_report_folder_is_replaced_whole_and_only_when_ours(outputs, capsys, monkeypatch):
+    from collections import Counter
+
+    import pipeline.faults
+
+    params = str(outputs / "params.yaml")
+    assert run_cli(capsys, "--params", params, "report")[0] == 0
+    folder = outputs / "data" / "report"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (outputs / "data" / "metrics" / "fit-linear.json").unlink()  # the next report differs
+    for after in (1, 2):  # report.md, report.html
+        monkeypatch.setattr(pipeline.faults, "_passed", Counter())
+        monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{after}")
+        code, _, err = run_cli(capsys, "--params", params, "report")
+        assert code == 2 and err.count("\n") == 1 and "No space left on device" in err and str(folder) in err, err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".report")) == []
+    monkeypatch.delenv("XMODEL_FAULT")
+    (folder / "my-notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "--params", params, "report")
+    assert code == 2 and "is not a report folder written by xmodel" in err, err
+    assert (folder / "my-notes.txt").read_text() == "mine" and (folder / "report.md").read_bytes() == before["report.md"]

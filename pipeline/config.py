@@ -20,7 +20,9 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    # "pydoc" (CPython's reference prose, always offline), "c4" (hub, streamed), or a .txt/.jsonl path
+    # "pydoc" (CPython's reference prose, always offline), "c4" (hub, streamed), a .txt/.jsonl path, or
+    # "task:<name>": a registered task's prompts, A's and B's (skyline) views of items disjoint from
+    # evaluate.<name>'s (pipeline/task_corpus.py; n items drawn with seed, min/max_chars unused)
     source: str = "pydoc"
     n: int = 512
     seed: int = 0

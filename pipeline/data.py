@@ -35,6 +35,9 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
         rows = pydoc_sentences()
     elif cfg.source == "c4":
         rows = _c4_rows(cfg)
+    elif cfg.source.startswith("task:"):  # pipeline.task_corpus: one view per model role, read by extraction
+        raise UserError(f"corpus.source = {cfg.source!r} is a task corpus, read per model role by `xmodel extract` "
+                        "only: run this with the params that the task-corpus overlay was not applied to")
     else:
         rows = _file_rows(Path(cfg.source), cfg.text_field)
     candidates = [(i, t) for i, t in enumerate(rows) if cfg.min_chars <= len(t) <= cfg.max_chars]

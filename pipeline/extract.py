@@ -89,14 +89,14 @@ def store_path(params: Params, role: str, out: Path | None) -> Path:
 def run_extract(params: Params, role: str, out: Path | None = None, force: bool = False,
                 quiet: bool = False) -> ExtractResult:
     """The extract stage: resolve and load the model of `role`, then `extract_model`."""
-    from pipeline.data import load_corpus
+    from pipeline.task_corpus import corpus_for
     from pipeline.distributed import close_dist, init_dist
     from pipeline.models import load_model, resolve_model
 
     spec = params.model_spec(role)
     dist = init_dist(params.extract.device)
     try:
-        corpus = load_corpus(params.corpus)
+        corpus = corpus_for(params, role)  # a task corpus gives each role its own view
         # Rank 0 fetches/converts first so ranks never race on the model cache.
         if dist.is_main:
             resolved = resolve_model(spec, params.paths.cache_dir())
@@ -121,6 +121,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     """
     from pipeline.layers import num_layers, resolve_layers
     from pipeline.models import tokenizer_hash
+    from pipeline.task_corpus import TaskCorpus
     from store.layout import StoreLayout
     from store.writer import StoreWriter, check_existing
 
@@ -132,7 +133,10 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
         raise UserError(f"extract.max_tokens = {cfg.max_tokens} exceeds the model's context ({context} tokens): lower it")
     compute_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     store_dtype = compute_dtype if cfg.store_dtype == "auto" else cfg.store_dtype
-    tok = tokenize_shared(tokenizer, corpus.texts, cfg.max_tokens, dist)
+    if isinstance(corpus, TaskCorpus):  # prompts encoded as evaluation encodes them (chat template), never cut
+        tok = Tokenized(*corpus.tokenize(tokenizer, cfg.max_tokens))
+    else:
+        tok = tokenize_shared(tokenizer, corpus.texts, cfg.max_tokens, dist)
     if (tok.lengths == 0).any():
         bad = int(np.flatnonzero(tok.lengths == 0)[0])
         raise UserError(f"text {corpus.index[bad]} of corpus {corpus.source!r} gives no tokens: remove it from the corpus")
@@ -142,6 +146,8 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
         "store_dtype": store_dtype, "corpus_fingerprint": corpus.fingerprint, "max_tokens": cfg.max_tokens,
         "tokens_per_seq": cfg.tokens_per_seq, "unit_size": cfg.unit_size, "layer_convention": LAYER_CONVENTION,
     }
+    if isinstance(corpus, TaskCorpus):  # both views share the corpus fingerprint; a store is one view
+        identity["corpus_view"] = corpus.view
     writer = StoreWriter(path, layout, store_dtype, identity)
     status = check_existing(path, identity, force)  # every rank checks before anyone writes
     dist.barrier()

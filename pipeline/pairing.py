@@ -98,6 +98,10 @@ def pair_rows(a, b, kind: str) -> Pairs:
         return seqs
     if kind != "tokens":
         raise UserError(f"unknown activation kind {kind!r}: use pooled, last or tokens")
+    views = [s.identity.get("corpus_view") for s in (a, b)]
+    if views[0] != views[1]:  # a task corpus (pipeline.task_corpus): A and B read different prompts
+        raise UserError(f"per-token rows cannot pair across a task corpus's views (A read {views[0]}, B {views[1]}: "
+                        "different texts): fit on fit.kind = last or pooled")
     ta, tb = TokenIndex.of(a), TokenIndex.of(b)
     if not len(ta.char_end) or not len(tb.char_end):
         raise UserError("a store holds no per-token rows (extract.tokens_per_seq = 0): fit on pooled or last")

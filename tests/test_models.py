@@ -324,3 +324,25 @@ def test_synthetic_spec_is_deterministic_and_cached(tmp_path):
     assert first.sha == elsewhere.sha  # built the same way on any machine: stores stay comparable
     with pytest.raises(UserError, match="synthetic:tiny-llama"):
         resolve_model("synthetic:huge", tmp_path)
+
+
+# --- damaged inputs and caches are one line naming the file (issue 12) -----------------------------
+
+def test_gguf_header_with_garbage_after_it_is_one_line_and_caches_nothing(tiny_gguf, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(tiny_gguf.read_bytes()[:4] + bytes(range(256)) * 20)  # valid magic, then garbage
+    with pytest.raises(UserError, match=r"cut.gguf: cannot be read as a GGUF model \(.*\): re-download it") as e:
+        resolve_model(str(bad), tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    assert not any((tmp_path / "cache" / "models").iterdir()) and not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate-weights", "garble-config"])
+def test_damaged_converted_model_cache_names_the_file_and_the_fix(tmp_path, damage):
+    r = resolve_model("synthetic:tiny-llama", tmp_path)
+    victim = r.path / ("model.safetensors" if damage == "truncate-weights" else "config.json")
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+    with pytest.raises(UserError) as e:
+        load_model(resolve_model("synthetic:tiny-llama", tmp_path), device="cpu", dtype="float32")
+    message = str(e.value)
+    assert f"{victim} is damaged" in message and f"delete {r.path}" in message and "\n" not in message, message

@@ -141,3 +141,8 @@ def test_stores_hold_the_states_ac_sends_and_b_has_on_the_skyline(tiny_models, c
     assert map_vectors(sent.vectors, aligner, pair.width_b).shape == (24, pair.width_b)
     with pytest.raises(UserError, match="evaluation uses"):
         load_aligners([str(aligner_dir)], Path(params.paths.data), pair, k, j - 1)
+    # next to the aligner of the same kind from the main run, it is named by its data dir (here both are one)
+    both = load_aligners(["procrustes", str(aligner_dir)], Path(params.paths.data), pair, k, j)
+    assert set(both) == {"procrustes", f"procrustes@{Path(params.paths.data).name}"}
+    with pytest.raises(UserError, match="lists the aligner procrustes twice"):
+        load_aligners(["procrustes", "procrustes"], Path(params.paths.data), pair, k, j)

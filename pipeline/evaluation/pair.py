@@ -67,9 +67,10 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
     from pipeline.artifacts import Layout
 
     out = {}
+    folders = [Path(name).name for name in names]
     for name in names:
         path = Path(name).expanduser()
-        trust = None
+        key, trust = path.name, None
         if not (path / "aligner.json").is_file():  # a name: where `xmodel fit NAME` saved it
             path, trust = Layout(Path(data_dir)).aligner(name), name
         aligner = load_aligner(path, trust=trust)
@@ -83,7 +84,11 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
         if (la is not None and int(la) != k) or (lb is not None and int(lb) != j):
             raise UserError(f"aligner {name} was fitted on layers ({la}, {lb}), but evaluation uses (k, j) = ({k}, {j}): "
                             "set evaluate.layer_a/layer_b to its layers or refit it")
-        out[Path(name).name] = aligner
+        if trust is None and folders.count(key) > 1:  # one kind from two runs (data/in-task/aligners/lora and lora)
+            key = f"{key}@{path.absolute().parents[1].name}"  # its data dir names it: lora@in-task
+        if key in out:
+            raise UserError(f"evaluate.aligners lists the aligner {key} twice: remove one")
+        out[key] = aligner
     return out
 
 

@@ -107,3 +107,97 @@ def test_missing_upstream_stage_output(tmp_path, tiny_models, capsys):
     params = write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]})
     code, _, err = run_cli(capsys, "--params", str(params), "fit", "procrustes", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "xmodel extract" in err and "a.zarr" in err, err
+
+# -- artifacts (issue 12): every stage output whole or not at all, a full disk is one line -----------
+
+
+def _fail_writes_after(monkeypatch, n: int) -> None:
+    """XMODEL_FAULT for this process, counted from now (fault points are counted per process)."""
+    from collections import Counter
+
+    import pipeline.faults
+
+    monkeypatch.setattr(pipeline.faults, "_passed", Counter())
+    monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{n}")
+
+
+def _files(*paths):
+    return {p: p.read_bytes() if p.exists() else None for p in paths}
+
+
+def test_disk_full_in_grid_keeps_its_metrics_and_plot_together(tmp_path_factory, tiny_models, capsys, monkeypatch):
+    from pipeline.config import load_params
+    from tests.test_pairing import tiny_stores
+
+    shared = tiny_stores(tmp_path_factory.getbasetemp(), tiny_models, fit={"layers": [0.5, 0.5], "heldout_frac": 0.25},
+                         grid={"knn_k": 5})
+    tmp = tmp_path_factory.mktemp("grid")  # a data dir of its own over the shared stores
+    (tmp / "data").mkdir()
+    (tmp / "data" / "stores").symlink_to(shared.parent / "data" / "stores", target_is_directory=True)
+    params = tmp / "params.yaml"
+    params.write_text(shared.read_text().replace(str(shared.parent / "data"), str(tmp / "data")))
+    paths = load_params(params).paths
+    metrics, plot = paths.metrics("grid"), paths.layout.plot("cka")
+    assert run_cli(capsys, "--params", str(params), "grid", "--quiet")[0] == 0
+    before = _files(metrics, plot)
+    for after in (1, 2, 3):  # grid.json, then the heatmap: a new grid.json never pairs with an old plot
+        _fail_writes_after(monkeypatch, after)
+        code, _, err = run_cli(capsys, "--params", str(params), "-S", "grid.knn_k=3", "grid", "--quiet")
+        errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides warnings
+        assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0], err
+        assert _files(metrics, plot) == before
+        assert not [p for p in (*metrics.parent.iterdir(), *plot.parent.iterdir()) if ".tmp-" in p.name]
+
+
+def test_disk_full_in_evaluate_keeps_every_output_of_the_previous_run(tiny_models, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pipeline.config import load_params
+    from pipeline.evaluation.config import config_from_dict
+    from pipeline.evaluation.pair import Pair
+    from pipeline.models import load_model, resolve_model
+    from stages import evaluate as stage
+
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]}))
+    (ma, ta), (mb, tb) = (load_model(resolve_model(str(tiny_models[n]), tmp_path / "cache"), device="cpu",
+                                     dtype="float32") for n in ("llama", "qwen"))
+    pair = Pair(ma, ta, mb, tb, "tiny-llama", "tiny-qwen")
+    cfg = config_from_dict({"methods": ["b_alone", "a_alone"], "aligners": [], "batch_size": 2, "n_boot": 20,
+                            "squad": {"n": 2, "max_new_tokens": 2}})
+    out = stage.run(params, "squad", cfg=cfg, pair=pair)
+    before = _files(*out.values())
+    assert all(before.values())
+    for after in (1, 2, 3, 4):  # predictions, table, metrics, plot
+        _fail_writes_after(monkeypatch, after)
+        with pytest.raises(UserError, match="No space left on device"):
+            stage.run(params, "squad", cfg=replace(cfg, methods=["b_alone"]), pair=pair)
+        assert _files(*out.values()) == before
+    monkeypatch.delenv("XMODEL_FAULT")
+    (out["table"].parent / "notes.md").write_text("mine")  # a file xmodel did not write: the folder is not replaced
+    with pytest.raises(UserError, match="is not a evaluation folder written by xmodel"):
+        stage.run(params, "squad", cfg=cfg, pair=pair)
+    assert (out["table"].parent / "notes.md").read_text() == "mine" and _files(*out.values()) == before
+
+
+def test_a_folder_swap_killed_between_its_renames_is_repaired_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.artifacts import holds_only, write_folder
+
+    target = tmp_path / "report"
+    write_folder(target, {"report.md": "old"}, allowed=["report.md"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited: its leftovers are stale
+    # as a writer SIGKILLed after moving the old folder aside and before renaming the new one in
+    (tmp_path / f".report.old-{dead}-x").mkdir()
+    target.rename(tmp_path / f".report.old-{dead}-x" / "dir")
+    (tmp_path / f".report.tmp-{dead}-y").mkdir()  # and one killed while building
+    from pipeline.artifacts import recover
+
+    recover(target)
+    assert (target / "report.md").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert holds_only(["report.md"])(target)
+    write_folder(target, {"report.md": "new"}, allowed=["report.md"])
+    assert (target / "report.md").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+

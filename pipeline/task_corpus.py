@@ -65,21 +65,17 @@ class TaskCorpus(Corpus):
                             f"extract.max_tokens = {max_tokens} in this model's prompt format (longest: {longest} "
                             f"tokens); raise extract.max_tokens to at least {longest} (a prompt is never cut: "
                             "AC sends the state of its last token)")
-        # End offset of each token in the prompt as the model reads it (template included; bytes for
-        # byte-level BPE). The two views are different texts, so per-token rows never pair across
-        # them (pipeline.pairing refuses); the offsets only describe the stored tokens.
+        # Running length of the tokens' string forms (template included; bytes for byte-level BPE):
+        # where each token ends in the prompt as the model reads it. The two views are different
+        # texts, so per-token rows never pair across them (pipeline.pairing refuses).
         ends = [np.cumsum([len(p) for p in tokenizer.convert_ids_to_tokens(x.tolist())], dtype=np.int64).astype(np.int32)
                 for x in ids]
         return ids, ends
 
 
-def is_task_source(source: str) -> bool:
-    return source.startswith(PREFIX)
-
-
 def corpus_for(params: Params, role: str) -> Corpus:
     """The texts extraction runs model `role` over: the role's view of a task corpus, or the corpus."""
-    if not is_task_source(params.corpus.source):
+    if not params.corpus.source.startswith(PREFIX):
         return load_corpus(params.corpus)
     if role not in VIEWS:
         raise UserError(f"corpus.source = {params.corpus.source!r} has views for the roles a (prompt_a) and b "

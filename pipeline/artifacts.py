@@ -162,22 +162,27 @@ class Outputs:
     def file(self, path: Path | str, write: Callable[[Path], None]) -> Path:
         """write(tmp) writes the content of `path` to the temporary `tmp` beside it."""
         path = Path(path)
-        try:
+        with self._failing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             recover(path)
             fd, name = tempfile.mkstemp(prefix=_prefix(path, TMP), dir=path.parent)
             os.close(fd)
             tmp = Path(name)
             self._files.append((tmp, path))
-            fault_point("writes")
             write(tmp)
+        return path
+
+    @contextmanager
+    def _failing(self, target: Path) -> Iterator[None]:
+        """On any error: every temporary goes; an OSError (a full disk) becomes one line naming `target`."""
+        try:
+            yield
         except OSError as e:
             self.discard()
-            raise _failed(path, e) from None
+            raise _failed(target, e) from None
         except BaseException:
             self.discard()
             raise
-        return path
 
     def blob(self, path: Path | str, data: bytes | str) -> Path:
         return self.file(path, lambda tmp: raw_write(tmp, data))
@@ -195,7 +200,11 @@ class Outputs:
         """A matplotlib figure, saved as `path`'s format (given explicitly: the temporary has no suffix)."""
         path = Path(path)
         savefig.setdefault("format", path.suffix.lstrip(".") or "png")
-        return self.file(path, lambda tmp: fig.savefig(tmp, **savefig))
+        def write(tmp: Path) -> None:
+            fault_point("writes")
+            fig.savefig(tmp, **savefig)
+
+        return self.file(path, write)
 
     # -- directories --------------------------------------------------------------------------
     def directory(self, target: Path | str, build: Callable[[Path], None], is_ours: Callable[[Path], bool],
@@ -204,18 +213,12 @@ class Outputs:
         recognised by is_ours (checked now and again at commit)."""
         target = Path(target)
         check_ours(target, is_ours, what)
-        try:
+        with self._failing(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             recover(target)
             tmp = Path(tempfile.mkdtemp(prefix=_prefix(target, TMP), dir=target.parent))
             self._dirs.append((tmp, target, is_ours, what))
             build(tmp)
-        except OSError as e:
-            self.discard()
-            raise _failed(target, e) from None
-        except BaseException:
-            self.discard()
-            raise
         return target
 
     # -- commit -------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _fail_writes_after(monkeypatch, n: int) -> None:
     monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{n}")
 
 
-def _files(*paths):
+def _artifact_bytes(*paths):
     return {p: p.read_bytes() if p.exists() else None for p in paths}
 
 
@@ -139,13 +139,13 @@ def test_disk_full_in_grid_keeps_its_metrics_and_plot_together(tmp_path_factory,
     paths = load_params(params).paths
     metrics, plot = paths.metrics("grid"), paths.layout.plot("cka")
     assert run_cli(capsys, "--params", str(params), "grid", "--quiet")[0] == 0
-    before = _files(metrics, plot)
-    for after in (1, 2, 3):  # grid.json, then the heatmap: a new grid.json never pairs with an old plot
+    before = _artifact_bytes(metrics, plot)
+    for after in (1, 2):  # grid.json, then the heatmap: a new grid.json never pairs with an old plot
         _fail_writes_after(monkeypatch, after)
         code, _, err = run_cli(capsys, "--params", str(params), "-S", "grid.knn_k=3", "grid", "--quiet")
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides warnings
         assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0], err
-        assert _files(metrics, plot) == before
+        assert _artifact_bytes(metrics, plot) == before
         assert not [p for p in (*metrics.parent.iterdir(), *plot.parent.iterdir()) if ".tmp-" in p.name]
 
 
@@ -165,18 +165,18 @@ def test_disk_full_in_evaluate_keeps_every_output_of_the_previous_run(tiny_model
     cfg = config_from_dict({"methods": ["b_alone", "a_alone"], "aligners": [], "batch_size": 2, "n_boot": 20,
                             "squad": {"n": 2, "max_new_tokens": 2}})
     out = stage.run(params, "squad", cfg=cfg, pair=pair)
-    before = _files(*out.values())
+    before = _artifact_bytes(*out.values())
     assert all(before.values())
     for after in (1, 2, 3, 4):  # predictions, table, metrics, plot
         _fail_writes_after(monkeypatch, after)
         with pytest.raises(UserError, match="No space left on device"):
             stage.run(params, "squad", cfg=replace(cfg, methods=["b_alone"]), pair=pair)
-        assert _files(*out.values()) == before
+        assert _artifact_bytes(*out.values()) == before
     monkeypatch.delenv("XMODEL_FAULT")
     (out["table"].parent / "notes.md").write_text("mine")  # a file xmodel did not write: the folder is not replaced
     with pytest.raises(UserError, match="is not a evaluation folder written by xmodel"):
         stage.run(params, "squad", cfg=cfg, pair=pair)
-    assert (out["table"].parent / "notes.md").read_text() == "mine" and _files(*out.values()) == before
+    assert (out["table"].parent / "notes.md").read_text() == "mine" and _artifact_bytes(*out.values()) == before
 
 
 def test_a_folder_swap_killed_between_its_renames_is_repaired_by_the_next_write(tmp_path):
@@ -200,4 +200,3 @@ def test_a_folder_swap_killed_between_its_renames_is_repaired_by_the_next_write(
     assert holds_only(["report.md"])(target)
     write_folder(target, {"report.md": "new"}, allowed=["report.md"])
     assert (target / "report.md").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
-

@@ -34,14 +34,20 @@ class ReportConfig:
     html: bool = True  # also report.html when a Markdown renderer is installed
 
     @property
+    def layout(self):
+        from pipeline.artifacts import Layout  # the one owner of the data dir's paths
+
+        return Layout(self.data)
+
+    @property
     def out_dir(self) -> Path:
-        return self.data / "report"
+        return self.layout.report_dir
 
     def metrics(self, name: str) -> Path:
-        return self.data / "metrics" / f"{name.replace(':', '.')}.json"
+        return self.layout.metrics(name)
 
     def plot(self, name: str) -> Path:
-        return self.data / "plots" / f"{name}.png"
+        return self.layout.plot(name)
 
 
 def config_from_params(params: Any) -> ReportConfig:
@@ -88,7 +94,7 @@ def build_report(cfg: ReportConfig) -> str:
 
 
 def _check_inputs(cfg: ReportConfig) -> None:
-    metrics = cfg.data / "metrics"
+    metrics = cfg.layout.metrics_dir
     if not cfg.data.is_dir():
         raise UserError(f"report: data dir {cfg.data} does not exist: run `dvc repro` first, or set paths.data")
     if not metrics.is_dir() or not any(metrics.glob("*.json")):
@@ -115,7 +121,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _store_attrs(cfg: ReportConfig, role: str) -> dict[str, Any]:
     # zarr.json is plain JSON: width and depth without opening the store (or importing zarr)
-    meta = _read(cfg.data / "stores" / f"{role}.zarr" / "zarr.json") or {}
+    meta = _read(cfg.layout.store(role) / "zarr.json") or {}
     return meta.get("attributes", {})
 
 
@@ -188,7 +194,7 @@ def _run_section(cfg: ReportConfig) -> str:
     f = cfg.facts
     rows = []
     for role in ROLES:
-        manifest = _read(cfg.data / "models" / f"{role}.json") or {}
+        manifest = _read(cfg.layout.manifest(role)) or {}
         extract = _read(cfg.metrics(f"extract-{role}")) or {}
         attrs = _store_attrs(cfg, role)
         layers = extract.get("layers") or attrs.get("layers")

@@ -1,13 +1,20 @@
-"""Activation-communication generation throughput: batched (left padding, one prefill with the
-graft, KV-cache decoding) against the same code one item at a time, and plain batched generation
-of B without a graft (the graft's own cost).
+"""Activation-communication generation throughput against its limits and what a user would write.
 
-Both models have random weights of real shapes (speed does not depend on weight values); the
-prompts are prose of varied lengths. Prints tokens/s and ratios, and whether the batched tokens
-equal the one-at-a-time tokens (greedy). Examples:
+Methods, all on the same prompts (prose, varied lengths) and random-weight models of real shapes
+(speed does not depend on weight values), greedy, exactly --new-tokens new tokens per item (no EOS):
+- AC batched: A's partial pass to k, B's prefill with the graft at j, then B's decoding on the
+  default path (static cache; CUDA-graph steps on CUDA);
+- AC batched on the eager dynamic cache (the previous path), and with the static cache but
+  without graphs (on CUDA), to show where the speed comes from;
+- AC one at a time (the reference for agreement), B alone batched (the graft's own cost);
+- HF `generate` on B alone, batched the same way, with its dynamic and its static cache (HF's
+  auto-compile off unless --hf-compile); each also run with one new token, so its per-step time is
+  (t(new) - t(1)) / (new - 1).
+Prints the memory-bandwidth floor of one decoding step (B's weights read once per step), our
+ratio to every baseline, per-step times, and how often batched tokens equal one-at-a-time tokens.
   python bench/evaluate.py                                            # CPU: SmolLM2-135M shapes
   python bench/evaluate.py --shape-a llama-3.2-3b --shape-b llama-3.1-8b --n 64 --batch 32 \\
-      --prompt-tokens 256 --new-tokens 64                             # GPU: the paper's pair
+      --prompt-tokens 256 --new-tokens 64 --repeat 2 --profile        # GPU: the paper's pair
 """
 
 from __future__ import annotations
@@ -40,6 +47,52 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the practical ceiling of a decoding step."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    sync(device)
+    return 2 * a.numel() * 10 / (time.perf_counter() - t0)
+
+
+def consistency(model, items, tokens, device, count: int = 8) -> tuple[int, int, float]:
+    """Greedy tokens checked against a cache-free forward over prompt + the tokens before them
+    (teacher-forced, so each step is judged alone): (steps whose token is that forward's argmax,
+    steps, largest logit gap to the argmax in units of the logits' std). Valid with random weights,
+    where near-ties make batched and one-at-a-time tokens part early."""
+    import torch
+
+    hits = total = 0
+    worst = 0.0
+    for p, t in list(zip(items, tokens))[:count]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + t], device=device), use_cache=False).logits[0].float()
+        logits = logits[len(p) - 1:len(p) + len(t) - 1]
+        best = logits.max(-1).values
+        chosen = logits.gather(1, torch.tensor(t, device=device)[:, None])[:, 0]
+        hits += int((chosen == best).sum())
+        total += len(t)
+        worst = max(worst, float(((best - chosen) / logits.std(-1)).max()))
+    return hits, total, worst
+
+
+def agreement(x: list[list[int]], y: list[list[int]]) -> tuple[int, float]:
+    """(items identical, fraction of token positions equal)."""
+    same = sum(a == b for a, b in zip(x, y))
+    total = sum(max(len(a), len(b)) for a, b in zip(x, y))
+    equal = sum(p == q for a, b in zip(x, y) for p, q in zip(a, b))
+    return same, equal / max(1, total)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape-a", default="smollm2-135m")
@@ -55,6 +108,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method; the fastest is kept")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    ap.add_argument("--hf-compile", action="store_true", help="let HF generate auto-compile its static-cache step")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler summary of one AC batched run")
     args = ap.parse_args()
 
     import torch
@@ -62,9 +118,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipeline.evaluation.methods import Compute
-    from pipeline.generation import Decoding, generate
-    from pipeline.injection import communicate, sender_states
+    import pipeline.generation as generation
+    from pipeline.evaluation.compute import Compute
+    from pipeline.generation import Decoding, generate, left_pad, length_batches
+    from pipeline.injection import inject, sender_states
     from pipeline.layers import num_layers, resolve_layers
     from pipeline.models import pick_device, pick_dtype
     from pipeline.synthetic import random_model, train_tokenizer
@@ -83,11 +140,18 @@ def main() -> None:
     d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size
     # a fixed random map stands in for a fitted aligner when the widths differ
     w = torch.randn(d_b, d_a, device=device, dtype=torch.float32) / d_a ** 0.5
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def ac(batch: int):
-        sent = sender_states(model_a, tokenizer, items, k, batch_size=batch)
-        vectors = (sent.vectors.to(device) @ w.T).to(dtype) if d_a != d_b else sent.vectors
-        gen = communicate(model_b, tokenizer, items, j, vectors, args.mode, decoding, batch_size=batch)
+    def ac(batch: int, cache: str = "auto", graphs: bool = True, compiled: bool = True):
+        generation.CUDA_GRAPHS, generation.COMPILE = graphs, compiled
+        try:
+            sent = sender_states(model_a, tokenizer, items, k, batch_size=batch)
+            vectors = (sent.vectors.to(device) @ w.T).to(dtype) if d_a != d_b else sent.vectors
+            # what communicate() does, with the decoder chosen here
+            gen = generate(model_b, tokenizer, items, decoding, batch_size=batch, cache=cache,
+                           prefill_hook=lambda rows: inject(model_b, j, vectors[rows], args.mode))
+        finally:
+            generation.CUDA_GRAPHS, generation.COMPILE = True, compile_default
         gen.extra["a_seconds"] = sent.seconds
         work = Compute()  # the same FLOP estimate the evaluation reports (matmuls: 2 x parameters)
         work.add_run(model_a, "a", sent, blocks=k)
@@ -103,10 +167,38 @@ def main() -> None:
         gen.extra["flops"] = work.flops
         return gen
 
-    runs = [("AC, one at a time", lambda: ac(1)), (f"AC, batched x{args.batch}", lambda: ac(args.batch)),
-            (f"B alone (no graft), batched x{args.batch}", lambda: plain(args.batch))]
+    def hf(batch: int, cache: str | None, new: int):
+        """HF generate on B alone: the same length batches, left-padded the same way."""
+        tokens: list[list[int]] = [[] for _ in items]
+        start = time.perf_counter()
+        for rows in length_batches([len(p) for p in items], batch):
+            ids, mask, _ = left_pad([items[i] for i in rows], pad_id, device)
+            out = model_b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=pad_id, cache_implementation=cache,
+                                   disable_compile=not args.hf_compile)
+            for r, i in enumerate(rows):
+                tokens[i] = out[r, ids.shape[1]:].tolist()
+        return generation.Generation(tokens=tokens, texts=[], prompt_tokens=[len(p) for p in items],
+                                     seconds=time.perf_counter() - start, extra={"a_seconds": 0.0, "flops": 0.0})
+
+    compile_default = generation.COMPILE
+    b = args.batch
+    cuda = device.type == "cuda"
+    runs = [("AC, one at a time", lambda: ac(1)),
+            (f"AC, batched x{b}", lambda: ac(b)),
+            (f"AC, batched x{b}, dynamic cache (old)", lambda: ac(b, cache="dynamic")),
+            (f"B alone (no graft), batched x{b}", lambda: plain(b))]
+    if cuda:
+        runs[2:2] = [(f"AC, batched x{b}, graphs, not compiled", lambda: ac(b, compiled=False)),
+                     (f"AC, batched x{b}, static, no graphs", lambda: ac(b, graphs=False))]
+    if not args.no_hf:
+        for label, cache in (("HF generate, dynamic cache", None), ("HF generate, static cache", "static")):
+            runs += [(f"{label}, x{b}", lambda c=cache: hf(b, c, args.new_tokens)),
+                     (f"{label}, x{b}, 1 new token", lambda c=cache: hf(b, c, 1))]
     with torch.no_grad():
-        ac(args.batch)  # warm-up (allocator, kernels)
+        ac(b)  # warm-up (allocator, kernels)
+        if not args.no_hf:
+            hf(b, "static", 2)
         results = {}
         for name, fn in runs:
             best, gen = float("inf"), None
@@ -118,22 +210,72 @@ def main() -> None:
                 if time.perf_counter() - t0 < best:
                     best, gen = time.perf_counter() - t0, out
             results[name] = (best, gen)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                ac(b)
+                sync(device)
 
     prompt_tokens = sum(len(p) for p in items)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({where}), {dtype}; "
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), {dtype}, torch {torch.__version__}; "
           f"A {args.shape_a} (k={k}) -> B {args.shape_b} (j={j}), f={args.mode}; {args.n} items, prompts "
           f"{args.prompt_tokens // 2}-{args.prompt_tokens} tokens ({prompt_tokens} in all), {args.new_tokens} new each")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model_b.parameters())
+    bandwidth = copy_bandwidth(device)
+    if cuda:
+        spec = 4.8e12 if "H200" in where else 3.35e12 if "H100" in where else bandwidth
+        floor_ms = weight_bytes / spec * 1e3
+        rows = min(b, args.n)
+        print(f"B's weights {weight_bytes / 1e9:.1f} GB; copy bandwidth measured {bandwidth / 1e12:.2f} TB/s; "
+              f"floor of one decoding step {floor_ms:.2f} ms at the datasheet's {spec / 1e12:.1f} TB/s "
+              f"({weight_bytes / bandwidth * 1e3:.2f} ms at the measured copy rate) = "
+              f"{rows / floor_ms * 1e3:,.0f} new tok/s at batch {rows}")
+    ours = results[f"AC, batched x{b}"][0]
     base = results[runs[0][0]][0]
-    print(f"{'method':<40} {'A pass s':>9} {'B gen s':>9} {'total s':>9} {'new tok/s':>10} {'all tok/s':>10} "
-          f"{'speed-up':>9}{'TFLOP/s':>9}")
+    print(f"{'method':<46} {'A s':>6} {'prefill s':>9} {'decode s':>9} {'total s':>8} {'ms/step':>8} "
+          f"{'new tok/s':>10} {'decode tok/s':>12} {'ours is':>8} {'TFLOP/s':>8} decoder")
     for name, (sec, gen) in results.items():
-        new, a_s = sum(gen.new_tokens), gen.extra["a_seconds"]
-        print(f"{name:<40} {a_s:>9.2f} {gen.seconds:>9.2f} {sec:>9.2f} {new / sec:>10.1f} "
-              f"{(new + prompt_tokens) / sec:>10.1f} {base / sec:>8.2f}x{gen.extra['flops'] / sec / 1e12:>9.2f}")
-    same = results[runs[0][0]][1].tokens == results[runs[1][0]][1].tokens
-    agree = sum(a == b for a, b in zip(results[runs[0][0]][1].tokens, results[runs[1][0]][1].tokens))
-    print(f"batched tokens equal one-at-a-time tokens: {same} ({agree}/{args.n} items identical)")
+        new = sum(gen.new_tokens)
+        x = gen.extra
+        decoded = new - len(gen.tokens)  # tokens that came out of decoding steps (the first comes from prefill)
+        if "decode_seconds" in x:
+            step_ms = x["decode_seconds"] / max(1, x["steps"]) * 1e3
+            decode_rate = decoded / max(1e-9, x["decode_seconds"])
+            phases = f"{x['prefill_seconds']:>9.2f} {x['decode_seconds']:>9.2f}"
+        else:  # HF: the decoding phase is the time over that of the same call with one new token
+            one = results.get(f"{name}, 1 new token")
+            decode_s = sec - one[0] if one else float("nan")
+            step_ms = decode_s / max(1, len(length_batches(gen.prompt_tokens, b)) * (args.new_tokens - 1)) * 1e3
+            decode_rate = decoded / decode_s if one else float("nan")
+            phases = f"{'':>9} {'':>9}"
+        print(f"{name:<46} {x['a_seconds']:>6.2f} {phases} {sec:>8.2f} {step_ms:>8.2f} {new / sec:>10.1f} {decode_rate:>12.1f} "
+              f"{sec / ours:>7.2f}x {x['flops'] / sec / 1e12:>8.2f} {x.get('decoder', 'hf')}")
+    single, batched = results[runs[0][0]][1].tokens, results[f"AC, batched x{b}"][1].tokens
+    same, rate = agreement(single, batched)
+    print(f"AC batched vs one at a time: {same}/{args.n} items identical, {rate:.3f} of token positions equal; "
+          f"one at a time took {base / ours:.1f}x as long")
+    for other in (f"AC, batched x{b}, graphs, not compiled", f"AC, batched x{b}, static, no graphs",
+                  f"AC, batched x{b}, dynamic cache (old)"):
+        if other in results:
+            same, rate = agreement(results[other][1].tokens, batched)
+            print(f"AC batched vs {other[len(f'AC, batched x{b}, '):]}: {same}/{args.n} items identical, "
+                  f"{rate:.3f} of token positions equal")
+    if not args.no_hf:
+        same, rate = agreement(results[f"B alone (no graft), batched x{b}"][1].tokens,
+                               results[f"HF generate, static cache, x{b}"][1].tokens)
+        print(f"B alone vs HF generate (static cache): {same}/{args.n} items identical, {rate:.3f} of positions equal")
+    checked = [(f"B alone (no graft), batched x{b}", 1)] + (
+        [] if args.no_hf else [(f"HF generate, static cache, x{b}", 1)])
+    for name, _ in checked:
+        hits, total, worst = consistency(model_b, items, results[name][1].tokens, device)
+        print(f"{name}: {hits}/{total} tokens are the argmax of a cache-free forward (8 items); "
+              f"largest gap {worst:.3f} logit std")
+    if args.profile:
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
 if __name__ == "__main__":

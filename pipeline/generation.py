@@ -26,8 +26,11 @@ Heavy imports stay inside functions.
 
 from __future__ import annotations
 
+import os
 import time
-from contextlib import nullcontext
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -36,6 +39,11 @@ from pipeline.errors import UserError
 SAMPLING = ("greedy", "nucleus")
 CACHES = ("auto", "dynamic", "static")
 CUDA_GRAPHS = True  # the static decoder replays a captured step on CUDA; bench/evaluate.py turns it off to compare
+# the captured step is first compiled (kernel fusion: norms, rotary, activations); XMODEL_COMPILE=0 turns it off
+COMPILE = os.environ.get("XMODEL_COMPILE", "1") != "0"
+KEEP_RUNNERS = 2  # per model: graphed decoders kept across calls (each holds a KV cache), least recent dropped
+_RUNNERS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+PACKED_ATTENTION = "xmodel_packed_sdpa"
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     every = check_every or (16 if device.type == "cuda" else 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = eos_ids(model, tokenizer)
-    length = max((len(p) for p in prompts), default=0) + decoding.max_new_tokens
+    # rounded up so that calls with similar prompts reuse one graphed decoder
+    length = -(-(max((len(p) for p in prompts), default=0) + decoding.max_new_tokens) // 64) * 64
     runners: dict[int, _StaticRunner] = {}  # one cache, state and graph per batch size, reused by its batches
     tokens: list[list[int]] = [[] for _ in range(n)]
     first_logits: list[Any] = [None] * n
@@ -171,7 +180,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     for rows in length_batches([len(p) for p in prompts], batch_size):
         if static:
             if len(rows) not in runners:
-                runners[len(rows)] = _StaticRunner(model, len(rows), length, decoding, stops, device)
+                runners[len(rows)] = _static_runner(model, len(rows), length, decoding, stops, device)
             runner = runners[len(rows)]
         else:
             runner = _DynamicRunner(model, _State(len(rows), decoding, stops, device), prefix(rows) if prefix else None)
@@ -297,6 +306,23 @@ class _DynamicRunner:
         st.advance(out.logits[:, -1])
 
 
+def _static_runner(model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any):
+    """A static decoder for this shape; on CUDA one kept from an earlier call when the shape, the
+    decoding rule and the weights' addresses (which a graph has baked in) are the same."""
+    if device.type != "cuda" or not CUDA_GRAPHS:
+        return _StaticRunner(model, rows, length, decoding, stops, device)
+    params = list(model.parameters())
+    key = (rows, length, decoding.max_new_tokens, decoding.sampling, decoding.top_p, decoding.temperature,
+           tuple(sorted(stops)), COMPILE, params[0].data_ptr(), params[-1].data_ptr(), len(params))
+    kept = _RUNNERS.setdefault(model, OrderedDict())
+    if key not in kept:
+        kept[key] = _StaticRunner(model, rows, length, decoding, stops, device)
+        while len(kept) > KEEP_RUNNERS:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
+
+
 class _StaticRunner:
     """Decoding on a pre-allocated StaticCache with a 4-D boolean mask over its whole length: every
     step has the same shapes and tensor addresses, so on CUDA it is captured once as a graph (after
@@ -316,6 +342,7 @@ class _StaticRunner:
         self.use_graph = device.type == "cuda" and CUDA_GRAPHS
         self.graph: Any = None
         self.eager_steps = 0
+        self.step_fn = torch.compile(self._step, dynamic=False) if self.use_graph and COMPILE else self._step
 
     def start(self, ids, mask, positions, hook_ctx, uniforms):
         import torch
@@ -347,6 +374,20 @@ class _StaticRunner:
         self.cur.add_(1)
         st.advance(out.logits[:, -1])
 
+    def _warm_step(self) -> None:
+        """An eager step through the compiled function (compiling it on the first call)."""
+        if self.step_fn is self._step:
+            self._step()
+            return
+        try:
+            self.step_fn()
+        except Exception as e:  # no compiler here (or it failed): the uncompiled step is equally correct
+            import warnings
+
+            warnings.warn(f"decoding step could not be compiled ({type(e).__name__}: {e}); capturing it uncompiled")
+            self.step_fn = self._step
+            self._step()
+
     def step(self) -> None:
         import torch
 
@@ -356,19 +397,19 @@ class _StaticRunner:
         if not self.use_graph:
             self._step()
             return
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), _packed_attention(self.model):
             if self.eager_steps < self.WARM:  # on a side stream, as graph capture wants its warm-up
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self._step()
+                    self._warm_step()
                 torch.cuda.current_stream().wait_stream(side)
                 self.eager_steps += 1
                 return
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    self._step()  # recorded, not run
+                    self.step_fn()  # recorded, not run
             except RuntimeError as e:  # an op that cannot be captured: stay correct, decode eagerly
                 import warnings
 
@@ -378,6 +419,42 @@ class _StaticRunner:
                 return
             self.graph = graph
             graph.replay()
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """HF's sdpa attention, except that a one-token query of grouped KV heads always runs packed
+    (each KV head's query heads as its query rows). HF does that eagerly but not under torch.compile,
+    where it copies K and V out to every query head instead (repeat_kv): twice the attention time."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = attention_mask[..., :key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(rows, heads // groups, groups, dim), key,
+                                                           value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, 1, heads, value.shape[-1]), None
+
+
+@contextmanager
+def _packed_attention(model: Any):
+    """Within the block, a model on HF's sdpa attention uses packed_gqa_attention (the same math)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_gqa_attention)
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,

@@ -132,3 +132,24 @@ def test_bad_cache_choice_is_one_clear_error(models):
     with pytest.raises(ValueError, match="cache='dynamic'"):
         generate(model, tok, ids(tok, TEXTS[:1]), Decoding(max_new_tokens=2), cache="static",
                  session_hook=lambda rows: None)
+
+
+def test_packed_gqa_attention_equals_hf_sdpa(models):
+    """The one-token attention the CUDA graph captures: the same as HF's sdpa (4 query heads on 2 KV heads)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.generation import packed_gqa_attention
+
+    model, _ = models["qwen"]
+    module = model.model.layers[0].self_attn
+    assert module.num_key_value_groups == 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 12, generator=g) for h, n in ((4, 1), (2, 9), (2, 9)))
+    mask = torch.rand(3, 1, 1, 9, generator=g) > 0.3
+    mask[:, ..., -1] = True
+    ours, _ = packed_gqa_attention(module, q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert ours.shape == ref.shape == (3, 1, 4, 12)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    prefill, _ = packed_gqa_attention(module, torch.randn(3, 4, 9, 12, generator=g), k, v, None, scaling=0.3)
+    assert prefill.shape == (3, 9, 4, 12)  # longer queries: HF's own path

@@ -90,7 +90,7 @@ def run_extract(params: Params, role: str, out: Path | None = None, force: bool 
                 quiet: bool = False) -> ExtractResult:
     """The extract stage: resolve and load the model of `role`, then `extract_model`."""
     from pipeline.task_corpus import corpus_for
-    from pipeline.distributed import close_dist, init_dist
+    from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import load_model, resolve_model
 
     spec = params.model_spec(role)
@@ -98,10 +98,10 @@ def run_extract(params: Params, role: str, out: Path | None = None, force: bool 
     try:
         corpus = corpus_for(params, role)  # a task corpus gives each role its own view
         # Rank 0 fetches/converts first so ranks never race on the model cache.
-        if dist.is_main:
+        if is_main():
             resolved = resolve_model(spec, params.paths.cache_dir())
         dist.barrier()
-        if not dist.is_main:
+        if not is_main():
             resolved = resolve_model(spec, params.paths.cache_dir())
         model, tokenizer = load_model(resolved, device=_rank_device(params.extract.device, dist),
                                       dtype=params.extract.dtype)
@@ -119,6 +119,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
 
     source: {"model_id", "revision", "model_sha"}, the model's identity recorded in the store.
     """
+    from pipeline.distributed import is_main
     from pipeline.layers import num_layers, resolve_layers
     from pipeline.models import tokenizer_hash
     from pipeline.task_corpus import TaskCorpus
@@ -153,18 +154,18 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     dist.barrier()
     if status == "complete":
         return ExtractResult(path, "complete", 0, 0, 0.0)
-    if dist.is_main and status == "new":
+    if is_main() and status == "new":
         writer.create({"params_hash": fingerprint(identity), "created_with": f"xmodel {__version__}",
                        "num_layers": n_layers, "corpus_source": corpus.source, **(attrs or {})})
     dist.barrier()
     pending = writer.pending_units(dist.rank, dist.world)
     phases = {"prepare": time.perf_counter() - t0}
     tokens = _extract_units(model, tok, corpus.index, layout, layers, pending, writer, cfg.batch_tokens,
-                            store_dtype, quiet or not dist.is_main, desc=f"extract {path.stem}", phases=phases)
+                            store_dtype, quiet or not is_main(), desc=f"extract {path.stem}", phases=phases)
     seconds = phases["compute"] + phases["drain"]
     t1 = time.perf_counter()
     dist.barrier()
-    if dist.is_main:
+    if is_main():
         writer.finalize()
     phases["finalize"] = time.perf_counter() - t1
     return ExtractResult(path, "written", len(pending), tokens, seconds, phases)

@@ -242,6 +242,9 @@ def verify(path: Path) -> None:
 
 
 def main() -> None:
+    from pipeline.threads import apply
+
+    apply()  # before any command imports torch: OpenMP reads its wait policy once, when it loads
     try:
         cli(obj={})
     except UserError as e:

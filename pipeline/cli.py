@@ -160,11 +160,12 @@ def grid(ctx: click.Context, quiet: bool) -> None:
 
 
 @cli.command()
-@click.argument("task", type=click.Choice(["squad", "gsm8k", "similarity", "sweep"]))
+@click.argument("task")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.pass_context
 def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
-    """Reload A and B and evaluate activation communication: squad, gsm8k, similarity, or the (k, j) sweep."""
+    """Reload A and B and evaluate activation communication on TASK: a registered task
+    (pipeline/tasks/registry.py), the similarity probe, or the (k, j) sweep."""
     from stages import evaluate as stage
 
     if quiet:
@@ -179,11 +180,22 @@ def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
 
 @cli.command()
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--answer", "answer_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Instead of the report: print the 'Does AC carry the information here?' table of these data dirs "
+                   "(one row per evaluated task of each; repeatable).")
 @click.pass_context
-def report(ctx: click.Context, quiet: bool) -> None:
+def report(ctx: click.Context, quiet: bool, answer_dirs: tuple[Path, ...]) -> None:
     """One Markdown report (data/report/report.md, and .html) from the metrics and plots the stages wrote."""
     from stages import report as stage
 
+    if answer_dirs:
+        from pipeline.report import answer_table, task_metrics
+
+        runs = [run for d in answer_dirs for run in task_metrics(d)]
+        if not runs:
+            raise UserError(f"no evaluated task in {', '.join(map(str, answer_dirs))}: run `xmodel evaluate TASK` first")
+        click.echo(answer_table(runs))
+        return
     out = stage.run(_params(ctx))
     if not quiet:
         click.echo("wrote " + ", ".join(str(p) for p in out.values()))

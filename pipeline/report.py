@@ -372,15 +372,23 @@ def _answer_section(cfg: ReportConfig) -> str:
             "(B reading what A read). Δ and p: the best AC against B alone on the same items (McNemar or paired "
             "bootstrap), Bonferroni-corrected for picking the best f. Published numbers are for the paper's or "
             "KVComm's corresponding setting (other models).", ""]
-    runs = []
-    for task in TASKS:
-        m = _read(cfg.metrics(f"evaluate-{task}"))
-        if m is not None:
-            models = m.get("models", {})
-            runs.append((f"{models.get('a')} → {models.get('b')}", m))
+    runs = task_metrics(cfg.data)
     if not runs:
         return "\n".join(head + [f"No task was evaluated ({NOT_RUN})."])
     return "\n".join(head + [answer_table(runs)])
+
+
+def task_metrics(data: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(pair label, metrics) of every registered task evaluated in a data dir, in registry order."""
+    from pipeline.artifacts import Layout
+
+    runs = []
+    for task in TASKS:
+        m = _read(Layout(Path(data)).metrics(f"evaluate-{task}"))
+        if m is not None:
+            models = m.get("models", {})
+            runs.append((f"{models.get('a')} → {models.get('b')}", m))
+    return runs
 
 
 def _task_section(cfg: ReportConfig, task: str) -> str:

@@ -219,3 +219,17 @@ def test_report_folder_is_replaced_whole_and_only_when_ours(outputs, capsys, mon
     code, _, err = run_cli(capsys, "--params", params, "report")
     assert code == 2 and "is not a report folder written by xmodel" in err, err
     assert (folder / "my-notes.txt").read_text() == "mine" and (folder / "report.md").read_bytes() == before["report.md"]
+
+
+def test_answer_table_of_several_data_dirs(outputs, tmp_path, capsys):
+    data = str(outputs / "data")
+    code, out, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report", "--answer", data,
+                             "--answer", data)
+    assert code == 0, err
+    assert out.count("| `countries` | qwen-0.5b → qwen-0.5b | 22 → 22 | 100 |") == 2 and "| `squad` |" in out
+    assert "AC carries information here: `ac_sum`" in out
+    assert not (outputs / "data" / "report").exists()  # prints only, writes nothing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run_cli(capsys, "report", "--answer", str(empty))
+    assert code == 2 and err.count("\n") == 1 and "no evaluated task" in err

@@ -1,4 +1,5 @@
-"""Stages `evaluate@squad`, `evaluate@gsm8k`, `evaluate@similarity`, and `xmodel evaluate sweep`.
+"""Stages `evaluate@<task>` (every task of pipeline/tasks/registry.py), `evaluate@similarity`, and
+`xmodel evaluate sweep`.
 
 Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluation.config.EvaluateConfig),
 loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
 
 def evaluate_config(params: Any):
     from pipeline.evaluation.config import EvaluateConfig

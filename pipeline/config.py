@@ -138,8 +138,42 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
         raise UserError(f"params: {e.field_path} = {e.value!r} has the wrong type: expected {_type_name(e.field_type)}") from None
     except dacite.DaciteError as e:
         raise UserError(f"params: {e}") from None
+    refuse_bools(params, Params, "")
     _validate(params)
     return params
+
+
+def refuse_bools(value: Any, hint: Any, key: str) -> None:
+    """bool is a subclass of int, so dacite takes `corpus.n: true` for 1: refuse a boolean wherever
+    the typed config does not ask for one, at any depth (dataclass fields, list items, mapping values)."""
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    if hint is Any:
+        return
+    if is_dataclass(value) and not isinstance(value, type):
+        hints = typing.get_type_hints(type(value))
+        for f in fields(value):
+            refuse_bools(getattr(value, f.name), hints.get(f.name, Any), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, bool):
+        if not _admits(hint, bool):
+            raise UserError(f"params: {key} = {str(value).lower()} is a boolean: expected {_type_name(hint)}")
+    elif isinstance(value, (list, tuple, dict)):
+        member = next((a for a in _members(hint) if typing.get_origin(a) in (list, tuple, dict)), Any)
+        item = (typing.get_args(member) or (Any,))[-1]
+        for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+            refuse_bools(v, item, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
+
+
+def _members(hint: Any) -> tuple:
+    import types
+    import typing
+
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _admits(hint: Any, t: type) -> bool:
+    return any(m is Any or m is t for m in _members(hint))
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,

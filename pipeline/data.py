@@ -79,10 +79,14 @@ def _file_rows(path: Path, field: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            rows.append(str(row[field]).strip())
-        except (json.JSONDecodeError, KeyError, TypeError):
+            text = json.loads(line)[field]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             raise UserError(f"{path}:{n}: not a JSON object with a {field!r} field; fix the line or set corpus.text_field") from None
+        if not isinstance(text, str):  # a number or a list would be stringified into a text nobody wrote
+            kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(text), "null")
+            raise UserError(f"{path}:{n}: field {field!r} is {kind} ({json.dumps(text)[:40]}), not a string; "
+                            "fix the line or set corpus.text_field")
+        rows.append(text.strip())
     return rows
 
 

@@ -1,5 +1,8 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it as one line."""
+"""The one exception type for mistakes a user can fix; the CLI prints it as one line.
 
+Defined in store/errors.py (store/ raises it and imports nothing from pipeline/); this is the name
+the rest of the code uses."""
 
-class UserError(Exception):
-    """A bad input: the message names the value and the fix. Exit code 2."""
+from store.errors import UserError
+
+__all__ = ["UserError"]

@@ -8,6 +8,7 @@ host asynchronously and written by a background thread while the next unit compu
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,13 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
 
     source: {"model_id", "revision", "model_sha"}, the model's identity recorded in the store.
     """
+    from pipeline.artifacts import exclusive
     from pipeline.distributed import is_main
+    from pipeline.faults import fault_point
     from pipeline.layers import num_layers, resolve_layers
     from pipeline.models import tokenizer_hash
     from pipeline.task_corpus import TaskCorpus
+    from store.check import read_attrs
     from store.layout import StoreLayout
     from store.writer import StoreWriter, check_existing
 
@@ -138,9 +142,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
         tok = Tokenized(*corpus.tokenize(tokenizer, cfg.max_tokens))
     else:
         tok = tokenize_shared(tokenizer, corpus.texts, cfg.max_tokens, dist)
-    if (tok.lengths == 0).any():
-        bad = int(np.flatnonzero(tok.lengths == 0)[0])
-        raise UserError(f"text {corpus.index[bad]} of corpus {corpus.source!r} gives no tokens: remove it from the corpus")
+    _check_tokens(tok, tokenizer, corpus, cfg.max_tokens)
     layout = StoreLayout(np.minimum(tok.lengths, cfg.tokens_per_seq), cfg.unit_size, layers, int(model.config.hidden_size))
     identity = {
         **source, "tokenizer_hash": tokenizer_hash(tokenizer), "layers": layers, "compute_dtype": compute_dtype,
@@ -149,26 +151,53 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     }
     if isinstance(corpus, TaskCorpus):  # both views share the corpus fingerprint; a store is one view
         identity["corpus_view"] = corpus.view
-    writer = StoreWriter(path, layout, store_dtype, identity)
-    status = check_existing(path, identity, force)  # every rank checks before anyone writes
+    writer = StoreWriter(path, layout, store_dtype, identity, on_write=fault_point)
+    check_existing(path, identity, force)  # every rank checks (read-only) before anyone writes
     dist.barrier()
-    if status == "complete":
-        return ExtractResult(path, "complete", 0, 0, 0.0)
-    if is_main() and status == "new":
-        writer.create({"params_hash": fingerprint(identity), "created_with": f"xmodel {__version__}",
-                       "num_layers": n_layers, "corpus_source": corpus.source, **(attrs or {})})
-    dist.barrier()
-    pending = writer.pending_units(dist.rank, dist.world)
-    phases = {"prepare": time.perf_counter() - t0}
-    tokens = _extract_units(model, tok, corpus.index, layout, layers, pending, writer, cfg.batch_tokens,
-                            store_dtype, quiet or not is_main(), desc=f"extract {path.stem}", phases=phases)
-    seconds = phases["compute"] + phases["drain"]
-    t1 = time.perf_counter()
-    dist.barrier()
-    if is_main():
-        writer.finalize()
-    phases["finalize"] = time.perf_counter() - t1
+    # one writer per store: rank 0 holds the lock (beside the store, which --force replaces) for the run
+    main = is_main()
+    lock = exclusive(path.absolute().with_name(f".{path.absolute().name}.lock"), path) if main else nullcontext()
+    with lock:
+        if main:
+            # batch_tokens is recorded when the store is begun and used by every later run on it (see below)
+            writer.prepare(force, {"params_hash": fingerprint(identity), "created_with": f"xmodel {__version__}",
+                                   "num_layers": n_layers, "corpus_source": corpus.source,
+                                   "batch_tokens": cfg.batch_tokens, **(attrs or {})})
+        dist.barrier()
+        state = read_attrs(path) or {}
+        if state.get("complete"):
+            return ExtractResult(path, "complete", 0, 0, 0.0)
+        # Batch shapes change the last bits of the states (GEMM and attention reduction order), so a
+        # store is computed with the batch_tokens it was begun with, whatever a resume asks: one store
+        # is one computation, bit-identical to an uninterrupted run, and batch_tokens stays speed-only.
+        batch_tokens = int(state.get("batch_tokens", cfg.batch_tokens))
+        pending = writer.pending_units(dist.rank, dist.world)
+        phases = {"prepare": time.perf_counter() - t0}
+        tokens = _extract_units(model, tok, corpus.index, layout, layers, pending, writer, batch_tokens,
+                                store_dtype, quiet or not main, desc=f"extract {path.stem}", phases=phases)
+        seconds = phases["compute"] + phases["drain"]
+        t1 = time.perf_counter()
+        dist.barrier()
+        if main:
+            writer.finalize()
+        phases["finalize"] = time.perf_counter() - t1
     return ExtractResult(path, "written", len(pending), tokens, seconds, phases)
+
+
+def _check_tokens(tok: Tokenized, tokenizer, corpus, max_tokens: int) -> None:
+    """Every text must give at least one token that is not a special token (BOS, EOS, ...): a
+    sequence of specials only has the same states for every text."""
+    if (tok.lengths == 0).any():
+        bad = int(np.flatnonzero(tok.lengths == 0)[0])
+        raise UserError(f"text {corpus.index[bad]} of corpus {corpus.source!r} gives no tokens: remove it from the corpus")
+    special = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    only = np.array([np.isin(ids, special).all() for ids in tok.ids])
+    if only.all():
+        raise UserError(f"extract.max_tokens = {max_tokens} keeps only special tokens of every text "
+                        f"(e.g. {tokenizer.convert_ids_to_tokens(tok.ids[0].tolist())}): raise extract.max_tokens")
+    if only.any():
+        bad = int(np.flatnonzero(only)[0])
+        raise UserError(f"text {corpus.index[bad]} of corpus {corpus.source!r} gives only special tokens: remove it from the corpus")
 
 
 def _rank_device(device: str, dist) -> str:
@@ -213,7 +242,8 @@ def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers:
                     states = run_captured(model, layers, input_ids=ids_t, attention_mask=mask_t)
                     bufs.add(states, batch, lens, width, local_start[batch], layout.seq_len[rows], mask_t)
                     bar.update(int(lens.sum()))
-                host = bufs.finish(store_dtype, text_index, tok, layout)
+                host = bufs.finish(store_dtype)
+                host.update(_index_arrays(span, text_index, tok, layout))
                 sink.put(span, host)
             t_drain = time.perf_counter()
             phases["compute"] = t_drain - t_start
@@ -223,3 +253,19 @@ def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers:
         sink.abort()
         bar.close()
     return total
+
+
+def _index_arrays(span, text_index: list[int], tok: Tokenized, layout) -> dict[str, object]:
+    """The host-side arrays of one unit: its CSR index, corpus rows, token ids and end offsets."""
+    lo, hi = span.seq
+    tok_lo = span.tok[0]
+    t = span.tok[1] - tok_lo
+    token_ids = np.zeros(t, dtype=np.int32)
+    char_end = np.zeros(t, dtype=np.int32)
+    for i in range(lo, hi):
+        s, k = layout.seq_start[i] - tok_lo, layout.seq_len[i]
+        token_ids[s:s + k] = tok.ids[i][:k]
+        char_end[s:s + k] = tok.char_end[i][:k]
+    return {"seq_start": layout.seq_start[lo:hi], "seq_len": layout.seq_len[lo:hi],
+            "text_index": np.asarray(text_index[lo:hi], dtype=np.int64), "token_ids": token_ids, "char_end": char_end,
+            "_where": f"texts {text_index[lo]}..{text_index[hi - 1]}"}

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.extract import Tokenized
 
 
 class UnitBuffers:
@@ -54,12 +50,11 @@ class UnitBuffers:
             if self.tokens:
                 self.tokens[l].index_copy_(0, dst_t, h.reshape(-1, h.shape[-1]).index_select(0, src_t))
 
-    def finish(self, store_dtype: str, text_index, tok: Tokenized, layout) -> dict[str, object]:
+    def finish(self, store_dtype: str) -> dict[str, object]:
         """Cast to the store dtype and start the copy to host on a side stream, without waiting:
         the finite-check flags travel with the unit and are read by the writer thread."""
         import torch
 
-        lo, hi = self.span.seq
         device_out: dict[str, object] = {}
         for kind, bufs in (("pooled", self.pooled), ("last", self.last), ("tokens", self.tokens)):
             for l, buf in bufs.items():
@@ -81,18 +76,7 @@ class UnitBuffers:
             if cuda:
                 out["_event"] = torch.cuda.Event()
                 out["_event"].record(stream)
-        tok_lo = self.span.tok[0]
-        t = self.span.tok[1] - tok_lo
-        token_ids = np.zeros(t, dtype=np.int32)
-        char_end = np.zeros(t, dtype=np.int32)
-        for i in range(lo, hi):
-            s, k = layout.seq_start[i] - tok_lo, layout.seq_len[i]
-            token_ids[s:s + k] = tok.ids[i][:k]
-            char_end[s:s + k] = tok.char_end[i][:k]
-        out.update({"seq_start": layout.seq_start[lo:hi], "seq_len": layout.seq_len[lo:hi],
-                    "text_index": np.asarray(text_index[lo:hi], dtype=np.int64),
-                    "token_ids": token_ids, "char_end": char_end,
-                    "_where": f"texts {text_index[lo]}..{text_index[hi - 1]}", "_store_dtype": store_dtype})
+        out["_store_dtype"] = store_dtype
         return out
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.config import Params
 
 
 def metrics_path(params: Params, role: str) -> Path:
-    return Path(params.paths.data) / "metrics" / f"extract-{role}.json"
+    from pipeline.artifacts import layout
+
+    return layout(params).metrics(f"extract-{role}")
 
 
 def run(params: Params, role: str, out: Path | None = None, force: bool = False, quiet: bool = False):
+    from pipeline.artifacts import write_json
+    from pipeline.distributed import is_main
     from pipeline.extract import run_extract
     from store.verify import store_info
 
@@ -20,17 +23,10 @@ def run(params: Params, role: str, out: Path | None = None, force: bool = False,
     path = metrics_path(params, role)
     # a store found complete (e.g. built earlier under torchrun) still gets its metrics file, which
     # the DVC stage declares; its speed is known only to the run that wrote it
-    if out is None and _is_main() and (result.status == "written" or not path.exists()):
+    if out is None and is_main() and (result.status == "written" or not path.exists()):
         info = store_info(result.path)
         metrics = {"n_seq": info["attrs"]["n_seq"], "n_tok": info["attrs"]["n_tok"],
                    "layers": info["attrs"]["layers"], "bytes_on_disk": info["bytes_on_disk"],
                    "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(path, metrics)
     return result
-
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"

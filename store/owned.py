@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from store.errors import UserError
 
-class NotOurs(Exception):
+
+class NotOurs(UserError):
     """A folder xmodel did not create (or a folder that must never be removed). str() is the one line."""
 
 

@@ -12,45 +12,43 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.faults import fault_point
+from store.check import UNITS_DIR, is_store, is_token_array, marker_path, read_attrs, scan
+from store.errors import UserError
 from store.layout import SCHEMA_VERSION, StoreLayout, UnitSpan
+from store.owned import check_replaceable
 
-UNITS_DIR = "_units"
-
-
-def _marker(path: Path, unit: int) -> Path:
-    return path / UNITS_DIR / f"u{unit:06d}.json"
+__all__ = ["UNITS_DIR", "StoreWriter", "check_existing", "read_attrs"]
 
 
-def read_attrs(path: Path) -> dict[str, Any] | None:
-    """The store's group attributes, or None where no store exists at path."""
-    meta = path / "zarr.json"
-    if not meta.exists():
-        return None
-    try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path}/zarr.json is unreadable: the store is damaged; rerun with --force to rebuild it") from None
+def _store_or_empty(path: Path) -> bool:
+    # an empty folder holds nothing to lose; a `.creating` folder gets its attributes first, so a
+    # creation killed after its first write is still recognised
+    return is_store(path) or not any(path.iterdir())
 
 
 def check_existing(path: Path, identity: dict[str, Any], force: bool) -> str:
     """'new', 'resume' or 'complete' (read-only). A store made from other inputs is refused, or with
-    force marked 'new' (to be replaced); a store of the same inputs is always resumed, never rebuilt."""
+    force marked 'new' (to be replaced); a store of the same inputs is always resumed, never rebuilt.
+    Only a folder that is an xmodel store (or empty) is ever marked for replacement, and never the
+    current directory, the project or a folder containing them."""
+    path = Path(path)
     if not path.exists():
         return "new"
-    attrs = read_attrs(path)
-    if attrs is None:
-        if any(path.iterdir()) and not force:
-            raise UserError(f"{path} exists and is not an activation store: choose another output path or remove it")
+    if not is_store(path):
+        read_attrs(path)  # an unreadable zarr.json is its own one-line error
+        if path.is_dir() and any(path.iterdir()) and not force:
+            raise UserError(f"{path} exists and is not an activation store: choose another output path or move it away")
+        check_replaceable(path, _store_or_empty, "store")
         return "new"
+    attrs = read_attrs(path)
     theirs = attrs.get("identity", {})
     differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
     if differ and force:
+        check_replaceable(path, is_store, "store")
         return "new"
     if differ:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {identity.get(k)!r}" for k in differ[:3])
@@ -58,36 +56,99 @@ def check_existing(path: Path, identity: dict[str, Any], force: bool) -> str:
     return "complete" if attrs.get("complete") else "resume"
 
 
+def _set_complete(path: Path, value: bool) -> None:
+    """Flip the success marker (the group attribute `complete`) in one atomic rename of zarr.json,
+    keeping its consolidated metadata."""
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.setdefault("attributes", {})["complete"] = value
+    tmp = meta.with_name("zarr.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, meta)
+
+
 class StoreWriter:
-    def __init__(self, path: Path, layout: StoreLayout, store_dtype: str, identity: dict[str, Any]):
+    def __init__(self, path: Path, layout: StoreLayout, store_dtype: str, identity: dict[str, Any],
+                 on_write: Callable[[str], None] | None = None):
+        """on_write(what) is called at each write point ("create", "shards", "finalize"): the
+        crash tests inject kills and I/O errors there."""
         self.path = Path(path)
         self.layout = layout
         self.store_dtype = store_dtype
         self.identity = identity
+        self.on_write = on_write or (lambda what: None)
         self._arrays: dict[str, Any] = {}
 
+    def prepare(self, force: bool, extra_attrs: dict[str, Any]) -> list[int]:
+        """Rank 0, holding the store's lock: create the store, replace it (force, other inputs), or
+        reopen the damaged units of a store of the same inputs. Every problem the cheap scan finds
+        (a missing marker or shard file) is rewritten; with force, every shard is also read, so
+        checksum mismatches and NaN/inf values are rewritten too (what `store verify` asks for).
+        Returns the units reopened."""
+        status = check_existing(self.path, self.identity, force)
+        if status != "new":
+            damaged = self._damaged_units(deep=force)
+            if damaged is None:
+                if not force:
+                    raise UserError(f"{self.path} is damaged beyond its units (see `xmodel store verify {self.path}`): "
+                                    "rerun with --force to rebuild it")
+                status = "new"
+            elif damaged:
+                self._reopen(damaged)
+                return damaged
+        if status == "new":
+            self.create(extra_attrs)
+        return []
+
+    def _damaged_units(self, deep: bool) -> list[int] | None:
+        """Units that have a marker but fail the scan; None when some damage belongs to no unit."""
+        from store.reader import ActivationStore
+
+        store = ActivationStore(self.path, allow_incomplete=True)
+        problems = scan(self.path, store.root, store.attrs, deep=deep, read=lambda name, arr, lo, hi: store.read(name, slice(lo, hi)))
+        if any(p.unit is None for p in problems):
+            return None
+        return sorted({p.unit for p in problems if marker_path(self.path, p.unit).exists()})
+
+    def _reopen(self, units: list[int]) -> None:
+        # success marker first: a kill after it leaves an incomplete store that the rerun resumes
+        _set_complete(self.path, False)
+        for u in units:
+            marker_path(self.path, u).unlink(missing_ok=True)
+
     def create(self, extra_attrs: dict[str, Any]) -> None:
-        """Lay out an empty store (rank 0 only). Replaces whatever is at path."""
+        """Lay out an empty store (rank 0 only). Replaces the store at path, if any."""
         import zarr
         from zarr.codecs import Crc32cCodec
 
         # Built beside the target and renamed into place: a kill mid-creation leaves no half store.
-        tmp = self.path.with_name(self.path.name + ".creating")
-        shutil.rmtree(tmp, ignore_errors=True)
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        for name, (shape, dtype, chunk, shard) in self.layout.array_specs(self.store_dtype).items():
-            # crc32c on every inner chunk: `verify` finds a flipped byte and names the chunk.
-            root.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
-                              compressors=[Crc32cCodec()], fill_value=0)
-        (tmp / UNITS_DIR).mkdir()
+        target = self.path.absolute()
+        tmp = target.with_name(target.name + ".creating")
+        check_replaceable(tmp, _store_or_empty, "half-created store")
+        check_replaceable(self.path, _store_or_empty, "store")
         attrs = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "complete": False,
                  "store_dtype": self.store_dtype, "layers": self.layout.layers, "width": self.layout.width,
                  "n_seq": self.layout.n_seq, "n_tok": self.layout.n_tok, "n_units": self.layout.n_units,
                  "unit_size": self.layout.unit_size, **extra_attrs}
-        root.attrs.update(attrs)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(tmp, self.path)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # attributes first: from its first file on, a `.creating` folder is recognisably ours
+            root = zarr.create_group(str(tmp), zarr_format=3, attributes=attrs)
+            for name, (shape, dtype, chunk, shard) in self.layout.array_specs(self.store_dtype).items():
+                # crc32c on every inner chunk: `verify` finds a flipped byte and names the chunk.
+                root.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
+                                  compressors=[Crc32cCodec()], fill_value=0,
+                                  dimension_names=_dimension_names(name, len(shape)),
+                                  attributes=_array_attrs(name, self.store_dtype))
+            (tmp / UNITS_DIR).mkdir()
+            self.on_write("create")
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"creating store {self.path} failed ({e.strerror or e}): free space or fix the disk, "
+                            "then rerun") from None
 
     def _array(self, name: str):
         import zarr
@@ -100,33 +161,54 @@ class StoreWriter:
 
     def pending_units(self, rank: int, world: int) -> list[UnitSpan]:
         return [u for u in self.layout.units
-                if u.unit % world == rank and not _marker(self.path, u.unit).exists()]
+                if u.unit % world == rank and not marker_path(self.path, u.unit).exists()]
 
     def write_unit(self, span: UnitSpan, arrays: dict[str, np.ndarray]) -> None:
         """Write every shard of one unit, then its marker. arrays: name -> rows of this unit."""
         try:
             for name, data in arrays.items():
-                lo, hi = span.tok if name.startswith("tokens/") or name in ("token_ids", "char_end") else span.seq
+                lo, hi = span.tok if is_token_array(name) else span.seq
                 if hi > lo:
                     self._array(name)[lo:hi] = data
-                    fault_point("shards")
+                    self.on_write("shards")
         except OSError as e:
             raise UserError(f"writing unit {span.unit} of {self.path} failed ({e.strerror or e}): free space or "
                             "fix the disk, then rerun to resume (finished units are kept)") from None
-        marker = _marker(self.path, span.unit)
+        marker = marker_path(self.path, span.unit)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"unit": span.unit, "seq": span.seq, "tok": span.tok}))
         os.replace(tmp, marker)
 
     def finalize(self) -> None:
-        """Rank 0, after every rank is done: check markers, mark complete, consolidate metadata."""
+        """Rank 0, after every rank is done: check markers, consolidate metadata, then set the success
+        marker. Each step is one atomic rename, so a failure (disk full) leaves an incomplete store
+        that a rerun finalizes."""
         import zarr
 
-        missing = [u.unit for u in self.layout.units if not _marker(self.path, u.unit).exists()]
+        missing = [u.unit for u in self.layout.units if not marker_path(self.path, u.unit).exists()]
         if missing:
             raise RuntimeError(f"{self.path}: units {missing[:5]} have no marker after all ranks finished")
-        root = zarr.open_group(str(self.path), mode="r+")
-        root.attrs["complete"] = True
-        with warnings.catch_warnings():  # zarr notes our _units folder and that consolidation is v3-unofficial
-            warnings.simplefilter("ignore", UserWarning)
-            zarr.consolidate_metadata(str(self.path))
+        try:
+            self.on_write("finalize")
+            with warnings.catch_warnings():  # zarr notes our _units folder and that consolidation is v3-unofficial
+                warnings.simplefilter("ignore", UserWarning)
+                zarr.consolidate_metadata(str(self.path))
+            self.on_write("finalize")
+            _set_complete(self.path, True)
+        except OSError as e:
+            raise UserError(f"finalizing store {self.path} failed ({e.strerror or e}): free space or fix the disk, "
+                            "then rerun (every unit is written; the rerun only finalizes)") from None
+
+
+def _dimension_names(name: str, ndim: int) -> tuple[str, ...]:
+    # named dimensions, so xarray.open_zarr reads every group of the store
+    rows = "token" if is_token_array(name) else "seq"
+    return (rows, "hidden")[:ndim]
+
+
+def _array_attrs(name: str, store_dtype: str) -> dict[str, Any]:
+    kind = name.split("/")[0]
+    if kind in ("last", "tokens") and store_dtype == "bfloat16":
+        # marked on the array itself, so an outside reader knows these uint16 values are bf16 bits
+        return {"value_dtype": "bfloat16", "encoding": "bfloat16 bits as uint16: (x.astype(uint32) << 16).view(float32)"}
+    return {"value_dtype": "float32" if kind == "pooled" else store_dtype} if kind in ("pooled", "last", "tokens") else {}

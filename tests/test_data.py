@@ -42,6 +42,11 @@ def test_jsonl_and_txt_sources(tmp_path):
     ('{"text": "fine sentence that is long enough to keep"}\nnot json\n', "bad.jsonl", "bad.jsonl:2"),
     ('{"other": "x"}\n', "field.jsonl", "'text' field"),
     ("whatever", "corpus.csv", "expected 'pydoc', 'c4', or a .txt/.jsonl"),
+    ('{"text": "fine sentence that is long enough to keep"}\n{"text": 12345678901234567890123456789012345678901}\n',
+     "number.jsonl", "number.jsonl:2: field 'text' is a number"),
+    ('{"text": ["a list of words is not a text", "at all"]}\n', "list.jsonl", "field 'text' is a list"),
+    ('{"text": null}\n', "null.jsonl", "field 'text' is null"),
+    ('[1, 2]\n', "array.jsonl", "not a JSON object"),
 ])
 def test_bad_corpus_files(tmp_path, content, name, expected):
     path = tmp_path / name

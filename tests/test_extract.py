@@ -139,3 +139,47 @@ def test_complete_store_still_gets_its_metrics_file(tmp_path, tiny_models, capsy
     again = json.loads(metrics.read_text())
     assert again["tokens_per_s"] is None and {k: v for k, v in again.items() if k != "tokens_per_s"} == {
         k: v for k, v in first.items() if k != "tokens_per_s"}
+
+
+def test_a_store_is_one_computation_whatever_batch_tokens_a_resume_asks(tmp_path, tiny_models, monkeypatch):
+    """Batch shapes change the last bits of the states (GEMM and attention reduction order), so a
+    store begun with one batch_tokens and resumed with another would mix two computations: the
+    resume uses the value the store was begun with, and ends bit-identical to an uninterrupted run."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.config import CorpusConfig, ExtractConfig
+    from pipeline.distributed import init_dist
+    from pipeline.extract import extract_model
+    from pipeline.synthetic import SHAPES, random_model
+    from tests.helpers import store_arrays
+
+    # two heads of 64 and 48-token texts: a shape where batch composition shows in the last bits on CPU
+    monkeypatch.setitem(SHAPES, "bt-probe", dict(SHAPES["tiny-llama"], hidden_size=128, intermediate_size=256,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    model = random_model("bt-probe", tokenizer, init_std=0.08)
+    corpus = load_corpus(CorpusConfig(n=32, max_chars=300))
+    source = {"model_id": "bt-probe", "revision": None, "model_sha": "random"}
+    small = ExtractConfig(layers=[0, 1, 2], max_tokens=48, tokens_per_seq=4, unit_size=16, batch_tokens=48,
+                          device="cpu", dtype="float32")
+    large = replace(small, batch_tokens=1000)
+
+    def run(cfg, path):
+        extract_model(model, tokenizer, source, corpus, cfg, path, init_dist("cpu"), quiet=True)
+        return store_arrays(path)
+
+    ref = run(small, tmp_path / "small.zarr")
+    other = run(large, tmp_path / "large.zarr")
+    assert any(not np.array_equal(ref[k], other[k]) for k in ref)  # otherwise this test shows nothing
+    # as a kill after unit 0 leaves it: unit 1 unmarked, the store not finalized
+    path = tmp_path / "resumed.zarr"
+    run(small, path)
+    (path / "_units" / "u000001.json").unlink()
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["complete"] = False
+    (path / "zarr.json").write_text(json.dumps(meta))
+    resumed = run(large, path)
+    for name in ref:
+        assert np.array_equal(ref[name], resumed[name]), name

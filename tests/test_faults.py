@@ -108,6 +108,7 @@ def test_missing_upstream_stage_output(tmp_path, tiny_models, capsys):
     code, _, err = run_cli(capsys, "--params", str(params), "fit", "procrustes", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "xmodel extract" in err and "a.zarr" in err, err
 
+
 # -- artifacts (issue 12): every stage output whole or not at all, a full disk is one line -----------
 
 
@@ -200,3 +201,84 @@ def test_a_folder_swap_killed_between_its_renames_is_repaired_by_the_next_write(
     assert holds_only(["report.md"])(target)
     write_folder(target, {"report.md": "new"}, allowed=["report.md"])
     assert (target / "report.md").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+# -- inputs are what they claim (issue 12, item 8) -------------------------------------------------
+
+def _int_fields(cls, prefix=""):
+    """Dotted keys of every field of the typed config (nested sections included) that takes an int."""
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    from pipeline.config import _admits
+
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(hint):
+            yield from _int_fields(hint, f"{key}.")
+        elif _admits(hint, int) and not _admits(hint, bool):
+            yield key
+
+
+def test_a_boolean_is_refused_for_every_int_field():
+    from pipeline.config import Params, params_from_dict
+
+    keys = list(_int_fields(Params))
+    assert {"corpus.n", "extract.max_tokens", "extract.batch_tokens", "fit.pairwise_rows", "evaluate.batch_size"} <= set(keys)
+    for key in keys:
+        raw: dict = {}
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = True
+        with pytest.raises(UserError) as e:
+            params_from_dict(raw)
+        assert "\n" not in str(e.value), key
+    with pytest.raises(UserError, match=r"corpus.n = true is a boolean: expected int"):
+        params_from_dict({"corpus": {"n": True}})
+    with pytest.raises(UserError, match=r"extract.layers\[1\] = true is a boolean"):
+        params_from_dict({"extract": {"layers": [0, True]}})
+    assert params_from_dict({"evaluate": {"chat": False}}).evaluate.chat is False  # a bool field takes a bool
+
+
+# -- disk full outside a unit (issue 12, item 6) ---------------------------------------------------
+
+def _files(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_while_creating_a_store_keeps_the_old_one(two_rank_setup):
+    """`--force` over a store of other params, and the disk fills while the new one is laid out:
+    one line naming the store and the fix, the old store untouched, no half-made folder left."""
+    tmp, params = two_rank_setup
+    out = tmp / "replace.zarr"
+    first = xmodel_process(params, "-S", "extract.max_tokens=16", "extract", "--model", "a", "--quiet", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    before = _files(out)
+    failed = xmodel_process(params, "extract", "--model", "a", "--quiet", "--out", str(out), "--force",
+                            env={"XMODEL_FAULT": "ioerror_after_create:1"})
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert f"creating store {out} failed (No space left on device" in failed.stderr and "free space" in failed.stderr
+    assert _files(out) == before and not (tmp / "replace.zarr.creating").exists()
+    rerun = xmodel_process(params, "extract", "--model", "a", "--quiet", "--out", str(out), "--force")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_store(tmp / "ref.zarr", out)
+
+
+@pytest.mark.parametrize("point", [1, 2])  # before consolidating, and between consolidating and the success marker
+def test_disk_full_while_finalizing_then_rerun_finalizes(two_rank_setup, point):
+    tmp, params = two_rank_setup
+    out = tmp / f"finalize-{point}.zarr"
+    failed = xmodel_process(params, "extract", "--model", "a", "--quiet", "--out", str(out),
+                            env={"XMODEL_FAULT": f"ioerror_after_finalize:{point}"})
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert f"finalizing store {out} failed" in failed.stderr and "rerun" in failed.stderr
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["complete"] is False  # whole, not torn
+    with pytest.raises(UserError, match="store incomplete"):
+        ActivationStore(out)
+    rerun = xmodel_process(params, "extract", "--model", "a", "--quiet", "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_store(tmp / "ref.zarr", out)
+    assert verify_store(out) == []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import signal
 
+import numpy as np
 import pytest
 
 from pipeline.config import load_params
+from pipeline.errors import UserError
 from pipeline.extract import run_extract
 from store.verify import verify_store
 from tests.helpers import assert_same_store, run_cli, write_params, xmodel_process
@@ -119,6 +121,8 @@ def test_store_info_lists_arrays(tmp_path, params_file, capsys):
     ("extract.max_tokens=100000", "exceeds the model's context"),
     ("extract.unit_size=0", "extract.unit_size = 0"),
     ("extract.dtype=float8", "extract.dtype = 'float8'"),
+    ("extract.max_tokens=1", "extract.max_tokens = 1 keeps only special tokens"),  # tiny-llama prepends BOS
+    ("corpus.n=true", "corpus.n = true is a boolean"),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, params_file, capsys, override, expected):
     code, _, err = run_cli(capsys, "--params", str(params_file), "-S", override, "extract", "--model", "a", "--quiet")
@@ -132,3 +136,129 @@ def test_empty_corpus_file(tmp_path, params_file, capsys):
     corpus.write_text("\n\n")
     code, _, err = run_cli(capsys, "--params", str(params_file), "-S", f"corpus.source={corpus}", "extract", "--model", "a")
     assert code == 2 and "empty.txt" in err and err.count("\n") == 1
+
+
+# -- what --force may replace (issue 12, item 1) ----------------------------------------------------
+
+def _tree(path):
+    """Every file under path and its bytes (lock files beside a store aside: they hold no data)."""
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and ".lock" not in p.name}
+
+
+@pytest.mark.parametrize("case", ["user folder", "sub-group of a store", "cwd", "parent of cwd", "creating leftover"])
+def test_force_replaces_only_a_store_xmodel_made(tmp_path, params_file, case):
+    """--force (and the cleanup of `*.creating`) never removes a folder xmodel cannot recognise as a
+    store of its own, nor the current directory or a folder containing it: one line, exit 2."""
+    good = tmp_path / "good.zarr"
+    assert xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--out", str(good)).returncode == 0
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    out = {"user folder": user, "sub-group of a store": good / "last", "cwd": ".", "parent of cwd": "..",
+           "creating leftover": tmp_path / "new.zarr"}[case]
+    if case == "creating leftover":
+        user.rename(tmp_path / "new.zarr.creating")  # a user's folder that happens to bear the name
+    before = _tree(tmp_path)
+    run = xmodel_process(params_file, "extract", "--model", "a", "--quiet", "--force", "--out", str(out))
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert _tree(tmp_path) == before
+    assert verify_store(good) == []
+
+
+# -- damaged stores (issue 12, item 3) -------------------------------------------------------------
+
+def _follow_hint(capsys, params_file, message):
+    """Run the `xmodel extract ...` command an error message tells the user to run."""
+    hint = message.split("`xmodel ", 1)[1].split("`", 1)[0].split()
+    return run_cli(capsys, "--params", str(params_file), *hint)
+
+
+@pytest.mark.parametrize("damage", ["deleted shard", "flipped byte"])
+def test_damaged_store_is_refused_and_its_hint_repairs_it(tmp_path, params_file, capsys, damage):
+    """A store missing a shard file (or with a chunk failing its checksum) never reads as zeros:
+    opening (or reading) it is one line naming the file and a command; that command, which is
+    also what DVC's extract stage runs (--force), rewrites the damaged unit bit-identically."""
+    from store.reader import ActivationStore
+    from tests.helpers import store_arrays
+
+    path = run_extract(load_params(params_file), "a", quiet=True).path
+    reference = store_arrays(path)
+    already_open = ActivationStore(path)
+    shard = path / "last" / "L2" / "c" / "3" / "0"
+    if damage == "deleted shard":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        shard.write_bytes(bytes(data))
+    with pytest.raises(UserError) as read_error:  # a store opened before the damage: the read itself refuses
+        already_open.numpy("last", 2)
+    if damage == "deleted shard":
+        with pytest.raises(UserError) as open_error:
+            ActivationStore(path)
+        message = str(open_error.value)
+        assert "shard 3 (unit 3): shard file missing" in message
+    else:
+        message = str(read_error.value)
+    assert "\n" not in message and "last/L2" in message and "--force" in message, message
+    code, _, err = run_cli(capsys, "store", "verify", str(path))
+    assert code == 1 and "--force" in err
+    code, _, err = _follow_hint(capsys, params_file, message)
+    assert code == 0, err
+    assert verify_store(path) == []
+    repaired = store_arrays(path)
+    assert all(np.array_equal(reference[k], repaired[k]) for k in reference)
+    assert ActivationStore(path).numpy("last", 2).any()
+
+
+def test_fit_refuses_a_store_with_a_deleted_shard(tmp_path, params_file, capsys):
+    params = load_params(params_file)
+    for role in "ab":
+        run_extract(params, role, quiet=True)
+    (tmp_path / "data" / "stores" / "b.zarr" / "pooled" / "L2" / "c" / "0" / "0").unlink()
+    capsys.readouterr()
+    fit = ("--params", str(params_file), "-S", "fit.layers=[0.5, 0.5]", "fit", "procrustes", "--quiet")
+    code, _, err = run_cli(capsys, *fit)
+    assert code == 2 and err.count("\n") == 1 and "b.zarr" in err and "shard file missing" in err, err
+    assert not (tmp_path / "data" / "aligners" / "procrustes").exists()
+    assert _follow_hint(capsys, params_file, err)[0] == 0
+    code, _, err = run_cli(capsys, *fit)
+    assert code == 0, err
+
+
+# -- two writers (issue 12, item 5) ----------------------------------------------------------------
+
+def test_second_writer_exits_naming_the_holder(tmp_path, params_file, capsys):
+    import os
+
+    from pipeline.artifacts import exclusive
+
+    out = tmp_path / "s.zarr"
+    with exclusive(tmp_path / ".s.zarr.lock", out):  # what a running `xmodel extract --out s.zarr` holds
+        code, _, err = run_cli(capsys, "--params", str(params_file), "extract", "--model", "a", "--quiet",
+                               "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and f"pid {os.getpid()}" in err and "s.zarr" in err, err
+    assert not out.exists()
+    assert run_cli(capsys, "--params", str(params_file), "extract", "--model", "a", "--quiet", "--out", str(out))[0] == 0
+
+
+# -- outside readers (issue 13, item 5) ------------------------------------------------------------
+
+def test_xarray_opens_every_group_with_named_dimensions(tmp_path, tiny_models):
+    xr = pytest.importorskip("xarray")
+    from store.reader import ActivationStore
+
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"]}, extract={"dtype": "bfloat16"}))
+    path = run_extract(params, "a", quiet=True).path
+    store = ActivationStore(path)
+    root = xr.open_zarr(path)
+    assert root["token_ids"].dims == ("token",) and root["text_index"].dims == ("seq",)
+    np.testing.assert_array_equal(root["token_ids"].values, store.read("token_ids"))
+    for kind in ("pooled", "last", "tokens"):
+        group = xr.open_zarr(path, group=kind)
+        var = group["L3"]
+        assert var.dims == ("token" if kind == "tokens" else "seq", "hidden")
+        assert var.attrs["value_dtype"] == ("float32" if kind == "pooled" else "bfloat16")
+    bits = xr.open_zarr(path, group="last")["L3"].values
+    assert bits.dtype == np.uint16
+    np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), store.numpy("last", 3))

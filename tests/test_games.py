@@ -147,9 +147,14 @@ def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
 
 
 def test_same_model_last_layer_replace_gives_the_skyline_first_token(tiny_pair):
+    check_last_layer_graft_is_the_skyline(tiny_pair.model_b, tiny_pair.tok_b)
+
+
+def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 1e-4) -> None:
     """A = B, k = j = L, f = replace, and A reading the skyline prompt: B's last-token state after the
     last block is the skyline's own, so its first-token distribution is the skyline's (KL 0, same
-    top token); the diagnostics see exactly that. B's own state (norm ratio 1, cosine 1) likewise."""
+    top token); the diagnostics see exactly that. B's own state (norm ratio 1, cosine 1) likewise.
+    One layer lower it is no longer the skyline's. (tests/test_games_slow.py: the same on real weights.)"""
     import torch
 
     from pipeline.evaluation.diagnostics import graft_geometry, skyline_closeness
@@ -158,8 +163,7 @@ def test_same_model_last_layer_replace_gives_the_skyline_first_token(tiny_pair):
     from pipeline.injection import communicate, sender_states
     from pipeline.layers import num_layers
 
-    model, tok = tiny_pair.model_b, tiny_pair.tok_b
-    prompts = get_task("countries").prompts(GameConfig(n=5))
+    prompts = get_task("countries").prompts(GameConfig(n=n))
     sky = [encode(tok, t) for t in prompts.skyline]
     own = [encode(tok, t) for t in prompts.b]
     L = num_layers(model)
@@ -170,14 +174,14 @@ def test_same_model_last_layer_replace_gives_the_skyline_first_token(tiny_pair):
     gen = communicate(model, tok, own, L, sent.vectors, "replace", decoding, batch_size=2, keep_first_logits=True,
                       records=records)
     close = skyline_closeness(gen.first_logits, sky_logits)
-    assert max(close["kl_skyline"]) < 1e-6 and close["agree_skyline"] == [1.0] * 5
+    assert max(close["kl_skyline"]) < 1e-6 and close["agree_skyline"] == [1.0] * n
     other = communicate(model, tok, own, L - 1, sent.vectors, "replace", decoding, batch_size=2,
                         keep_first_logits=True)  # one layer lower is no longer the skyline
     assert max(skyline_closeness(other.first_logits, sky_logits)["kl_skyline"]) > 1e-4
     own_state = sender_states(model, tok, own, L, batch_size=2).vectors
     geo = graft_geometry(own_state, records)
-    assert geo["norm_ratio"] == pytest.approx([1.0] * 5, abs=1e-5) and geo["cosine"] == pytest.approx([1.0] * 5, abs=1e-5)
-    assert torch.allclose(gen.first_logits, sky_logits, atol=1e-4)
+    assert geo["norm_ratio"] == pytest.approx([1.0] * n, abs=1e-5) and geo["cosine"] == pytest.approx([1.0] * n, abs=1e-5)
+    assert torch.allclose(gen.first_logits, sky_logits, atol=atol)
 
 
 def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair):

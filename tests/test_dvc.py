@@ -1,9 +1,13 @@
-"""The DVC graph end to end, in a throwaway git + DVC repo: what goes stale when params change.
+"""The DVC graph end to end, in a throwaway git + DVC repo: what goes stale when something changes.
 
 One `dvc repro` of the whole DAG on the tiny profile (shrunk further below) is shared by every
-test of this module; the tests then change params and check that only the stages that read the
-change rerun. The project's code is copied in (not linked) so DVC hashes it like in a checkout and
-a concurrent edit of the working tree cannot change the code under a running test. Offline.
+test of this module; model A is a local directory, the corpus a local .txt and SQuAD a local
+.json, so every kind of input is there to change. The staleness matrix changes one thing at a time
+(a stage's code file, the corpus file, model A's weights, the SQuAD file, one params key per stage),
+checks that exactly the stages reading it are stale, and puts it back. A few changes are also
+reproduced for real. The project's code is copied in (not linked) so DVC hashes it like in a
+checkout and a concurrent edit of the working tree cannot change the code under a running test.
+Offline.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -27,12 +33,29 @@ SHRINK = {
     "extract": {"unit_size": 32, "max_tokens": 32, "tokens_per_seq": 8},
     "fit": {"aligners": {"procrustes": {},
                          "linear": {"loss": "mse", "lr": 0.001, "batch_size": 16, "epochs": 2, "patience": 2}}},
-    "evaluate": {"aligners": ["procrustes", "linear"], "n_boot": 50,
+    "evaluate": {"tasks": ["squad", "gsm8k", "similarity"], "aligners": ["procrustes", "linear"], "n_boot": 50,
                  "squad": {"n": 2, "max_new_tokens": 4}, "gsm8k": {"n": 2, "max_new_tokens": 4},
                  "similarity": {"n": 4}},
 }
-DOWNSTREAM_OF_ALIGNERS = {"grid", "evaluate@squad", "evaluate@gsm8k", "evaluate@similarity", "report"}
+EVALUATE = {"evaluate@squad", "evaluate@gsm8k", "evaluate@similarity"}
+DOWNSTREAM_OF_ALIGNERS = {"grid", *EVALUATE, "report"}
 UPSTREAM = {"prepare@a", "prepare@b", "extract@a", "extract@b"}
+FITS = {"fit@procrustes", "fit@linear"}
+ALWAYS = {"inputs"}  # always_changed: hashes the local input files on every repro
+# stage -> the stages that read its outputs (dvc.yaml)
+READERS = {"inputs": UPSTREAM | EVALUATE, "prepare@a": {"extract@a", *EVALUATE, "report"},
+           "prepare@b": {"extract@b", *EVALUATE, "report"}, "extract@a": FITS | {"grid", "report"},
+           "extract@b": FITS | {"grid", "report"}, **{f: {"grid", *EVALUATE, "report"} for f in FITS},
+           "grid": {"report"}, **{e: {"report"} for e in EVALUATE}, "report": set()}
+
+
+def downstream(stages: set[str]) -> set[str]:
+    out, todo = set(), list(stages)
+    while todo:
+        for reader in READERS[todo.pop()] - out:
+            out.add(reader)
+            todo.append(reader)
+    return out
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -62,13 +85,24 @@ class Repo:
     def dvc(self, *args: str) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "dvc", *args)
 
-    def repro(self) -> set[str]:
-        """Run `dvc repro`; the names of the stages it ran."""
-        out = self.dvc("repro").stdout
-        return set(re.findall(r"Running stage '([^']+)'", out))
+    def repro(self, *args: str) -> set[str]:
+        """Run `dvc repro`; the names of the stages it reproduced, by running them or by restoring
+        the outputs of an earlier run of the same inputs from DVC's run cache (`inputs` runs every
+        time: left out)."""
+        out = self.dvc("repro", *args).stdout
+        return set(re.findall(r"(?:Running stage|Stage) '([^']+)'(?=:| is cached)", out)) - ALWAYS
 
     def status(self) -> dict:
-        return json.loads(self.dvc("status", "--json").stdout or "{}")
+        """`dvc status`, less the always-changed `inputs` stage."""
+        status = json.loads(self.dvc("status", "--json").stdout or "{}")
+        return {k: v for k, v in status.items() if not (k in ALWAYS and v == ["always changed"])}
+
+    def stale(self, inputs: bool) -> set[str]:
+        """The stale stages; with `inputs`, once that stage has hashed the input files again (as
+        `dvc repro` would first)."""
+        if inputs:
+            self.dvc("repro", "--single-item", "inputs")
+        return set(self.status())
 
     def params(self) -> dict:
         return yaml.safe_load((self.path / "params.yaml").read_text())
@@ -81,7 +115,11 @@ class Repo:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Repo:
+def repo(tmp_path_factory, tiny_models) -> Repo:
+    from pipeline.config import merged_params
+    from pipeline.data import pydoc_sentences
+    from pipeline.tasks.squad import generate_items, write_squad_json
+
     root = tmp_path_factory.mktemp("dvcrepo")
     r = Repo(root / "repo", root / "cache")
     r.path.mkdir()
@@ -89,14 +127,24 @@ def repo(tmp_path_factory) -> Repo:
     for name in ("pipeline", "stages", "store"):
         shutil.copytree(ROOT / name, r.path / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", r.path / "dvc.yaml")
-    r.set_params(_merge(yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text()), SHRINK))
+    # inputs outside the repo, named by params: a local model directory, corpus file and task file
+    inputs = root / "inputs"
+    shutil.copytree(tiny_models["llama"], inputs / "model-a")
+    (inputs / "corpus.txt").write_text("\n".join(pydoc_sentences()[:400]) + "\n")
+    write_squad_json(generate_items(8, seed=5), inputs / "squad.json")
+    raw = merged_params(ROOT / "params.yaml", overlays=[ROOT / "profiles" / "tiny.yaml"])
+    raw["models"]["a"] = str(inputs / "model-a")
+    raw["corpus"]["source"] = str(inputs / "corpus.txt")
+    raw["evaluate"]["squad"]["source"] = str(inputs / "squad.json")
+    r.set_params(_merge(raw, SHRINK))
+    r.inputs = inputs
     (r.path / ".gitignore").write_text("/data/\n")
     r.run("git", "init", "-q")
     r.dvc("init", "-q")
     r.run("git", "add", "-A")
     r.run("git", "commit", "-qm", "tiny pipeline")
     ran = r.repro()
-    assert UPSTREAM | {"fit@procrustes", "fit@linear"} | DOWNSTREAM_OF_ALIGNERS <= ran
+    assert UPSTREAM | FITS | DOWNSTREAM_OF_ALIGNERS <= ran
     return r
 
 
@@ -119,7 +167,9 @@ def test_full_repro_is_up_to_date_and_reported(repo):
     linear = json.loads(repo.data("metrics", "fit-linear.json").read_text())
     row = next(line for line in report.splitlines() if line.startswith("| `linear` |"))
     assert f"| {linear['retrieval_top1']:.3f} | {linear['retrieval_top5']:.3f} |" in row
-    assert "## Evaluation: squad" in report and "_not run_" not in report.split("## Layer sweep")[0]
+    for task in ("squad", "gsm8k"):  # registered tasks not in evaluate.tasks are "not run"
+        section = report.split(f"## Evaluation: {task}\n")[1].split("\n## ")[0]
+        assert "_not run_" not in section, task
 
 
 def test_aligner_param_change_reruns_only_its_fit_and_downstream(repo):
@@ -179,3 +229,141 @@ def test_stage_alone_writes_what_the_dvc_stage_wrote(repo, name, tmp_path):
         shutil.move(tmp_path / "aligner", directory)
         shutil.move(tmp_path / "metrics.json", metrics)
     assert repo.status() == {}
+
+
+# --- the staleness matrix -------------------------------------------------------------------------
+
+
+@contextmanager
+def changed(path: Path, change: Callable[[bytes], bytes]) -> Iterator[None]:
+    """`path` with its content changed inside the block, and byte for byte restored after it."""
+    before = path.read_bytes()
+    path.write_bytes(change(before))
+    try:
+        yield
+    finally:
+        path.write_bytes(before)
+
+
+def _comment(data: bytes) -> bytes:
+    return data + b"\n# an edit\n"
+
+
+def _new_first_line(data: bytes) -> bytes:
+    return b"A sentence that was not in the corpus before, long enough to be kept.\n" + data
+
+
+def _set(key: str, value) -> Callable[[bytes], bytes]:
+    def change(data: bytes) -> bytes:
+        raw = yaml.safe_load(data)
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        return yaml.safe_dump(raw, sort_keys=False).encode()
+    return change
+
+
+def _fits(repo: Repo) -> set[str]:
+    """Every fit@<name> stage (earlier tests of this module add aligners)."""
+    return {f"fit@{name}" for name in repo.params()["fit"]["aligners"]}
+
+
+def _weights(repo: Repo) -> Path:
+    return next((repo.inputs / "model-a").glob("*.safetensors"))
+
+
+def _flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+# what changes -> the stages it must make stale, and nothing else
+MATRIX = {
+    # a code file of each stage (code deps: tests/test_imports.py)
+    "code stages/inputs.py": (lambda r: r.path / "stages" / "inputs.py", _comment, {"inputs"}),
+    "code stages/prepare.py": (lambda r: r.path / "stages" / "prepare.py", _comment, {"prepare@a", "prepare@b"}),
+    "code pipeline/staging.py": (lambda r: r.path / "pipeline" / "staging.py", _comment, {"extract@a", "extract@b"}),
+    "code stages/fit.py": (lambda r: r.path / "stages" / "fit.py", _comment, lambda r: _fits(r)),
+    "code pipeline/grid.py": (lambda r: r.path / "pipeline" / "grid.py", _comment, {"grid"}),
+    "code pipeline/stats.py": (lambda r: r.path / "pipeline" / "stats.py", _comment, EVALUATE),
+    "code pipeline/report.py": (lambda r: r.path / "pipeline" / "report.py", _comment, {"report"}),
+    # input files, by content (stage `inputs`); the corpus is also held out of the similarity
+    # probe, and every evaluate@* shares the dvc.yaml template
+    "corpus file": (lambda r: r.inputs / "corpus.txt", _new_first_line, {"extract@a", "extract@b", *EVALUATE}),
+    "model A's weights": (_weights, _flip_last_byte, {"prepare@a"}),
+    "SQuAD file": (lambda r: r.inputs / "squad.json", lambda d: d.replace(b'"question": "', b'"question": "So, ', 1),
+                   {"evaluate@squad"}),
+    # one params key per stage (report reads every section)
+    "models.b": (lambda r: r.path / "params.yaml", _set("models.b", "synthetic:tiny-llama"),
+                 {"prepare@b", "extract@b", *EVALUATE, "report"}),
+    "corpus.seed": (lambda r: r.path / "params.yaml", _set("corpus.seed", 7),
+                    {"extract@a", "extract@b", *EVALUATE, "report"}),
+    "extract.tokens_per_seq": (lambda r: r.path / "params.yaml", _set("extract.tokens_per_seq", 4),
+                               {"extract@a", "extract@b", "report"}),
+    # grid reads fit.aligners (the names it scores)
+    "fit.aligners.linear.lr": (lambda r: r.path / "params.yaml", _set("fit.aligners.linear.lr", 0.01),
+                               {"fit@linear", "grid", "report"}),
+    "fit.heldout_frac": (lambda r: r.path / "params.yaml", _set("fit.heldout_frac", 0.3),
+                         lambda r: _fits(r) | {"grid", "report"}),
+    "grid.knn_k": (lambda r: r.path / "params.yaml", _set("grid.knn_k", 3), {"grid", "report"}),
+    "evaluate.squad.n": (lambda r: r.path / "params.yaml", _set("evaluate.squad.n", 3), {"evaluate@squad", "report"}),
+    "evaluate.gsm8k.n": (lambda r: r.path / "params.yaml", _set("evaluate.gsm8k.n", 3), {"evaluate@gsm8k", "report"}),
+    "evaluate.n_boot": (lambda r: r.path / "params.yaml", _set("evaluate.n_boot", 60), EVALUATE | {"report"}),
+}
+
+
+@pytest.mark.parametrize("what", list(MATRIX))
+def test_a_change_makes_exactly_its_readers_stale(repo, what):
+    path, change, expected = MATRIX[what]
+    expected = expected(repo) if callable(expected) else expected
+    outside = not path(repo).is_relative_to(repo.path)  # an input file, seen through stage `inputs`
+    assert repo.status() == {}
+    with changed(path(repo), change):
+        assert repo.stale(inputs=outside) == expected
+    assert repo.stale(inputs=outside) == set()  # put back: nothing is stale
+
+
+@pytest.mark.parametrize("what", ["SQuAD file", "code pipeline/grid.py"])
+def test_a_change_reruns_its_readers_and_only_what_reads_their_outputs(repo, what):
+    """For real: `dvc repro` runs the stale stages, and beyond them only stages whose inputs they
+    rewrote (downstream in dvc.yaml); putting the change back reruns the same."""
+    path, change, expected = MATRIX[what]
+    with changed(path(repo), change):
+        ran = repo.repro()
+        assert expected <= ran <= expected | downstream(expected), ran
+        assert repo.status() == {}
+    ran = repo.repro()
+    assert expected <= ran <= expected | downstream(expected), ran
+    assert repo.status() == {}
+
+
+# --- the input manifests, without DVC ------------------------------------------------------------
+
+
+def test_inputs_name_local_files_by_content_and_other_sources_as_they_are(tmp_path, monkeypatch):
+    from pipeline.config import params_from_dict
+    from pipeline.inputs import HashCache, manifests, sha256_file
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "w.safetensors").write_bytes(b"weights")
+    (tmp_path / "corpus.txt").write_text("a line\n")
+    params = params_from_dict({"models": {"a": str(tmp_path / "model"), "b": "synthetic:tiny-qwen"},
+                               "corpus": {"source": str(tmp_path / "corpus.txt")},
+                               "evaluate": {"tasks": ["squad"], "squad": {"source": "generate"}}})
+    hashes = HashCache(tmp_path / "hashes.json")
+    got = manifests(params, hashes)
+    assert got["corpus"] == {"source": str(tmp_path / "corpus.txt"), "sha256": sha256_file(tmp_path / "corpus.txt")}
+    assert got["model-a"]["files"] == {"config.json": sha256_file(tmp_path / "model" / "config.json"),
+                                       "w.safetensors": sha256_file(tmp_path / "model" / "w.safetensors")}
+    assert got["model-b"] == {"source": "synthetic:tiny-qwen"} and got["evaluate-squad"] == {"source": "generate"}
+    hashes.save()
+
+    # an unchanged file is not read again (a large model directory costs one stat per file)
+    reads = []
+    monkeypatch.setattr("pipeline.inputs.sha256_file", lambda p: reads.append(p) or "x")
+    assert manifests(params, HashCache(tmp_path / "hashes.json")) == got and reads == []
+    (tmp_path / "corpus.txt").write_text("another line\n")  # new size: read again
+    manifests(params, HashCache(tmp_path / "hashes.json"))
+    assert reads == [tmp_path / "corpus.txt"]

@@ -3,7 +3,7 @@
 Layout. Every path under `paths.data` is built by `Layout` (PathsConfig and the stages ask it):
   stores/<role>.zarr           models/<role>.json          aligners/<name>/
   metrics/<name>.json          plots/<name>.png            evaluate/<task>/
-  report/                      .locks/<what>.lock
+  report/                      .locks/<what>.lock          inputs/<name>.json
 A `module:Class` aligner name is stored as `module.Class` (no colon in file names).
 
 Writing. `Outputs` collects everything one stage writes (JSON, text, JSONL, bytes, matplotlib
@@ -54,6 +54,10 @@ class Layout:
 
     def manifest(self, role: str) -> Path:
         return self.data / "models" / f"{role}.json"
+
+    def inputs(self, name: str) -> Path:
+        # content hashes of a local input file (stage `inputs`; pipeline/inputs.py names them)
+        return self.data / "inputs" / f"{name}.json"
 
     @property
     def aligners(self) -> Path:

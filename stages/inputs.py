@@ -16,9 +16,9 @@ def run(params: Params) -> list[Path]:
     from pipeline.inputs import HashCache, manifests
 
     hashes = HashCache(params.paths.cache_dir() / "input-hashes.json")
-    folder = layout(params).data / "inputs"
+    where = layout(params)
     with Outputs() as out:  # all or none: a failed hash leaves the previous manifests
-        written = [out.json(folder / f"{name}.json", value, sort_keys=True)
+        written = [out.json(where.inputs(name), value, sort_keys=True)
                    for name, value in manifests(params, hashes).items()]
     hashes.save()
     return written

@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.catalog import CATALOG, CatalogEntry, fetch_gguf, find_entry
 from pipeline.errors import UserError
+from pipeline.inputs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +155,8 @@ def _resolve_local_dir(spec: str, path: Path) -> ResolvedModel:
     files = sorted({f for pattern in LOCAL_IDENTITY_FILES for f in path.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.name}\0{_sha256_file(f)}\n".encode())
+        digest.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return ResolvedModel(spec, str(path), None, path, digest.hexdigest(), "local")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- synthetic: tiny random models built on the spot (tests, the CI profile) -------------------
@@ -200,7 +193,7 @@ def _resolve_gguf_file(spec: str, path: Path, cache_dir: Path) -> ResolvedModel:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (no GGUF header): check the path, or re-download it")
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     name = re.sub(r"[^a-z0-9.]+", "-", path.stem.lower()).strip("-") or "model"
     target = cache_dir / "models" / f"{name}-{sha[:16]}"
     if not target.is_dir():

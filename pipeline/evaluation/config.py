@@ -27,7 +27,7 @@ class KvSection:
 
     layers: list[str | list[int | float]] = field(default_factory=lambda: ["all", "top"])  # all | top | [layers]
     top_m: int | float = 0.3  # the top-m rule keeps this many layers (int) or this share of the depth (float)
-    prior_weight: float = 0.5  # weight of the depth prior against A's attention importance
+    prior_weight: float = 0.5  # weight of the depth prior against the importance (B's attention on A's cache)
     calib_items: int = 16  # items the top-m rule scores layers on
 
     def configs(self) -> list[Any]:

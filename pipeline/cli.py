@@ -191,7 +191,8 @@ def report(ctx: click.Context, quiet: bool, answer_dirs: tuple[Path, ...]) -> No
     if answer_dirs:
         from pipeline.report import answer_table, task_metrics
 
-        runs = [run for d in answer_dirs for run in task_metrics(d)]
+        tag = (lambda d: f" [{d.name}]") if len(answer_dirs) > 1 else (lambda d: "")  # which run a row is from
+        runs = [(label + tag(d), m) for d in answer_dirs for label, m in task_metrics(d)]
         if not runs:
             raise UserError(f"no evaluated task in {', '.join(map(str, answer_dirs))}: run `xmodel evaluate TASK` first")
         click.echo(answer_table(runs))

@@ -226,7 +226,7 @@ def test_answer_table_of_several_data_dirs(outputs, tmp_path, capsys):
     code, out, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report", "--answer", data,
                              "--answer", data)
     assert code == 0, err
-    assert out.count("| `countries` | qwen-0.5b → qwen-0.5b | 22 → 22 | 100 |") == 2 and "| `squad` |" in out
+    assert out.count("| `countries` | qwen-0.5b → qwen-0.5b [data] | 22 → 22 | 100 |") == 2 and "| `squad` |" in out
     assert "AC carries information here: `ac_sum`" in out
     assert not (outputs / "data" / "report").exists()  # prints only, writes nothing
     empty = tmp_path / "empty"

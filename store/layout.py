@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: fill values that no written value takes (FILL), named dimensions, value_dtype per array
 SEQ_CHUNK = 64  # rows per inner chunk of sequence arrays (read granularity)
 TOKEN_CHUNK = 256  # rows per inner chunk of token arrays
 TOKEN_SHARD_CHUNKS = 8  # inner chunks per token shard
@@ -69,6 +69,13 @@ class StoreLayout:
             if self.n_tok:
                 specs[f"tokens/L{layer}"] = ((t, d), raw, (TOKEN_CHUNK, d), (self.token_shard, d))
         return specs
+
+
+# Fill values no written value can take: zarr writes no file for a shard that holds only the fill
+# value (write_empty_chunks or not), so with a fill of 0 an all-zero shard (seq_len when
+# tokens_per_seq = 0) would look deleted; and a chunk that is somehow read unwritten shows as NaN
+# (refused as non-finite, never stored) or -1 (no index or id is negative), not as plausible zeros.
+FILL = {"int64": -1, "int32": -1, "float32": float("nan"), "float16": float("nan"), "uint16": 0x7FC0}  # bf16 NaN bits
 
 
 def zarr_dtype(store_dtype: str) -> str:

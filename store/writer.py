@@ -18,7 +18,7 @@ import numpy as np
 
 from store.check import UNITS_DIR, is_store, is_token_array, marker_path, read_attrs, scan
 from store.errors import UserError
-from store.layout import SCHEMA_VERSION, StoreLayout, UnitSpan
+from store.layout import FILL, SCHEMA_VERSION, StoreLayout, UnitSpan
 from store.owned import check_replaceable
 
 __all__ = ["UNITS_DIR", "StoreWriter", "check_existing", "read_attrs"]
@@ -137,7 +137,7 @@ class StoreWriter:
             for name, (shape, dtype, chunk, shard) in self.layout.array_specs(self.store_dtype).items():
                 # crc32c on every inner chunk: `verify` finds a flipped byte and names the chunk.
                 root.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
-                                  compressors=[Crc32cCodec()], fill_value=0,
+                                  compressors=[Crc32cCodec()], fill_value=FILL[dtype],
                                   dimension_names=_dimension_names(name, len(shape)),
                                   attributes=_array_attrs(name, self.store_dtype))
             (tmp / UNITS_DIR).mkdir()
@@ -154,7 +154,8 @@ class StoreWriter:
         import zarr
 
         if name not in self._arrays:
-            # Empty chunks are written too: every shard file must exist for `verify` to find deletions.
+            # Every shard file must exist for a deletion to be found: empty chunks are written, and
+            # no shard is all fill value (layout.FILL), which zarr would not write at all.
             self._arrays[name] = zarr.open_array(str(self.path / name), mode="r+",
                                                  config={"write_empty_chunks": True})
         return self._arrays[name]

@@ -262,3 +262,15 @@ def test_xarray_opens_every_group_with_named_dimensions(tmp_path, tiny_models):
     bits = xr.open_zarr(path, group="last")["L3"].values
     assert bits.dtype == np.uint16
     np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), store.numpy("last", 3))
+
+
+def test_a_store_without_per_token_rows_opens_and_verifies(tmp_path, tiny_models):
+    """tokens_per_seq = 0 makes seq_start and seq_len all zero: zarr writes no file for a shard that
+    holds only the fill value, so the fill values are ones no written value takes, and such a store
+    is not taken for one with deleted shards."""
+    from store.reader import ActivationStore
+
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"]}, corpus={"n": 20}, extract={"tokens_per_seq": 0}))
+    path = run_extract(params, "a", quiet=True).path
+    store = ActivationStore(path)
+    assert not store.read("seq_len").any() and verify_store(path) == []

@@ -410,7 +410,7 @@ class _StaticRunner:
             try:
                 with torch.cuda.graph(graph):
                     self.step_fn()  # recorded, not run
-            except RuntimeError as e:  # an op that cannot be captured: stay correct, decode eagerly
+            except Exception as e:  # an op that cannot be captured (or compiled): stay correct, decode eagerly
                 import warnings
 
                 warnings.warn(f"decoding step could not be captured as a CUDA graph ({e}); decoding eagerly")

@@ -153,3 +153,21 @@ def test_packed_gqa_attention_equals_hf_sdpa(models):
     assert torch.allclose(ours, ref, atol=1e-6)
     prefill, _ = packed_gqa_attention(module, torch.randn(3, 4, 9, 12, generator=g), k, v, None, scaling=0.3)
     assert prefill.shape == (3, 9, 4, 12)  # longer queries: HF's own path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("sampling", ["greedy", "nucleus"])
+def test_cuda_graph_decoder_equals_eager_decoder(models, sampling):
+    """On CUDA (float32), the compiled and captured step gives the eager dynamic decoder's tokens,
+    and a second call reuses the captured decoder."""
+    import copy
+
+    model, tok = models["llama"]
+    model = copy.deepcopy(model).cuda()
+    prompts = ids(tok, TEXTS)
+    d = Decoding(max_new_tokens=12, sampling=sampling, top_p=0.9, seed=4)
+    eager = generate(model, tok, prompts, d, batch_size=5, cache="dynamic")
+    graphed = generate(model, tok, prompts, d, batch_size=5)
+    again = generate(model, tok, prompts, d, batch_size=5)
+    assert graphed.extra["decoder"] == again.extra["decoder"] == "static+cuda-graph"
+    assert graphed.tokens == eager.tokens == again.tokens

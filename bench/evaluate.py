@@ -251,8 +251,8 @@ def main() -> None:
             step_ms = decode_s / max(1, len(length_batches(gen.prompt_tokens, b)) * (args.new_tokens - 1)) * 1e3
             decode_rate = decoded / decode_s if one else float("nan")
             phases = f"{'':>9} {'':>9}"
-        print(f"{name:<46} {x['a_seconds']:>6.2f} {phases} {sec:>8.2f} {step_ms:>8.2f} {new / sec:>10.1f} {decode_rate:>12.1f} "
-              f"{sec / ours:>7.2f}x {x['flops'] / sec / 1e12:>8.2f} {x.get('decoder', 'hf')}")
+        print(f"{name:<46} {x['a_seconds']:>6.2f} {phases} {sec:>8.2f} {step_ms:>8.2f} {new / sec:>10.1f} "
+              f"{decode_rate:>12.1f} {sec / ours:>7.2f}x {x['flops'] / sec / 1e12:>8.2f} {x.get('decoder', 'hf')}")
     single, batched = results[runs[0][0]][1].tokens, results[f"AC, batched x{b}"][1].tokens
     same, rate = agreement(single, batched)
     print(f"AC batched vs one at a time: {same}/{args.n} items identical, {rate:.3f} of token positions equal; "

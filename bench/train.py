@@ -73,7 +73,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.aligners import get_aligner
+    from pipeline.aligners.registry import get_aligner
     from pipeline.aligners.training import RowSplit, batch_loss
     from pipeline.models import pick_device
     from pipeline.synthetic import SHAPES

@@ -137,7 +137,7 @@ class FitResult:
 
 def make_aligner(name: str, cfg: FitConfig):
     """The aligner class for `name`, built with its hyper-parameters from fit.aligners.<name>."""
-    from pipeline.aligners import get_aligner
+    from pipeline.aligners.registry import get_aligner
 
     cls = get_aligner(name)
     try:

@@ -46,7 +46,7 @@ def layer_grid(params: Params, warn: Callable[[str], None] | None = None) -> dic
 
 def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
     """Held-out scores of the aligners named in params (fit.aligners), fitted on these stores and split."""
-    from pipeline.aligners import load_aligner
+    from pipeline.aligners.registry import load_aligner
     from pipeline.fitting import Paired, heldout_metrics
 
     paths = params.paths.layout

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from store.errors import UserError
+from store.layout import widen
 
 UNITS_DIR = "_units"
 TOKEN_ARRAYS = ("token_ids", "char_end")
@@ -148,8 +149,6 @@ def _read_problems(name: str, arr, shard: int, rows: int, attrs: dict[str, Any],
         return [str(e).split(": ", 1)[-1].split(";")[0]]
     kind = name.split("/")[0]
     if kind in ("pooled", "last", "tokens") and block.dtype.kind in "fu":
-        from store.reader import widen
-
         values = widen(block, attrs["store_dtype"] if kind != "pooled" else "float32")
         bad = int((~np.isfinite(values)).sum())
         if bad:

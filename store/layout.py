@@ -81,3 +81,10 @@ FILL = {"int64": -1, "int32": -1, "float32": float("nan"), "float16": float("nan
 def zarr_dtype(store_dtype: str) -> str:
     # Zarr v3 has no bfloat16: its bits are kept losslessly as uint16 and widened on read.
     return {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[store_dtype]
+
+
+def widen(raw: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Stored values as float32 (bfloat16 is kept as its raw uint16 bits on disk)."""
+    if store_dtype == "bfloat16" and raw.dtype == np.uint16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)

@@ -17,15 +17,10 @@ import numpy as np
 
 from store.check import arrays, is_store, read_attrs, scan, shard_rows
 from store.errors import UserError
+from store.layout import widen
 
 if TYPE_CHECKING:
     import torch
-
-
-def widen(raw: np.ndarray, store_dtype: str) -> np.ndarray:
-    if store_dtype == "bfloat16" and raw.dtype == np.uint16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
 
 
 def repair_hint(path: Path, attrs: dict[str, Any]) -> str:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.aligners as registry
+import pipeline.aligners.registry as registry
 from pipeline import metrics as M
-from pipeline.aligners import Aligner, get_aligner, load_aligner, register
+from pipeline.aligners.registry import Aligner, get_aligner, load_aligner, register
 from pipeline.aligners.adapters import LoRA, Linear
 from pipeline.aligners.procrustes import Procrustes, ProcrustesAffine
 from pipeline.aligners.projection import LearnedProjection

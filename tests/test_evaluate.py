@@ -35,7 +35,7 @@ def pair(tiny_pair):
 @pytest.fixture(scope="module")
 def aligner_dir(tmp_path_factory):
     """data/aligners/procrustes fitted on random rows 64 → 48, recorded as layers (2, 3)."""
-    from pipeline.aligners import get_aligner
+    from pipeline.aligners.registry import get_aligner
 
     data = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)

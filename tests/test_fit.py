@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.aligners import Aligner, load_aligner
+from pipeline.aligners.registry import Aligner, load_aligner
 from pipeline.aligners.procrustes import linear_module
 from pipeline.config import load_params
 from pipeline.errors import UserError

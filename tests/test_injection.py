@@ -36,7 +36,7 @@ def models(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def aligner(models):
     """A fitted Procrustes map from A's width (64) to B's (48), on random rows."""
-    from pipeline.aligners import get_aligner
+    from pipeline.aligners.registry import get_aligner
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 64)).astype(np.float32)
@@ -287,7 +287,7 @@ def test_graft_from_the_skyline_prompt_gives_the_skyline_answer(models):
     last-token state replaced by its own state from the prompt that holds the passage, predicts
     exactly the skyline's next-token distribution, so it starts the skyline's answer. Grafting the
     state of another item's passage does not."""
-    from pipeline.evaluation.prompts import squad_prompts
+    from pipeline.tasks.squad import squad_prompts
     from pipeline.tasks.squad import generate_items
 
     mb, tb = models["llama"]

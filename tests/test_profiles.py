@@ -23,7 +23,7 @@ def _xmodel(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("overlay", [None, *PROFILES], ids=lambda p: p.name if p else "params.yaml")
 def test_params_file_is_valid(overlay):
-    from pipeline.aligners import get_aligner
+    from pipeline.aligners.registry import get_aligner
 
     params = load_params(PARAMS, overlays=[overlay] if overlay else [])
     for name in params.fit.aligners:

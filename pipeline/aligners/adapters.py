@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.aligners import register
+from pipeline.aligners.registry import register
 from pipeline.aligners.base import require
 from pipeline.aligners.procrustes import accumulate, solve
 from pipeline.aligners.training import RowSplit, TrainableAligner, TrainParams

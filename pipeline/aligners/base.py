@@ -178,7 +178,7 @@ class Aligner:
         out.directory(directory, build, is_aligner_dir, "aligner directory")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, trust: str | None = None) -> Aligner:
+    def load(cls, directory: str | os.PathLike) -> Aligner:
         """Restore an aligner saved by `save`. Called on a subclass, the saved kind must match it;
         called on Aligner, the class is resolved from the saved kind: a registered name, a class
         whose module is already imported, or `trust` (a `module:Class` the caller was told to use,
@@ -188,13 +188,11 @@ class Aligner:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        cfg = read_json(directory / CONFIG, f"{directory} holds no finished aligner (no {CONFIG}): fit one first")
+        cfg = saved_config(directory)
         kind = cfg.get("kind", "?")
-        if cfg.get("format") != FORMAT:
-            raise UserError(f"{directory / CONFIG}: format {cfg.get('format')!r} is not {FORMAT}: refit the aligner")
-        if cls is Aligner:
-            cls = resolve_saved_kind(kind, directory, trust)
-        elif kind != cls.kind_name():
+        if cls is Aligner:  # which class a saved kind is, is the registry's to say
+            raise TypeError("Aligner.load needs the aligner's class: use pipeline.aligners.load_aligner(directory)")
+        if kind != cls.kind_name():
             raise UserError(f"{directory} holds a {kind!r} aligner, not {cls.kind_name()!r}")
         try:
             obj = cls(params_from_dict(cls.Params, cfg["params"], kind))
@@ -277,18 +275,12 @@ def is_aligner_dir(path: Path) -> bool:
         return False
 
 
-def resolve_saved_kind(kind: str, directory: Path, trust: str | None = None) -> type[Aligner]:
-    """The class of a saved `kind`, without importing anything aligner.json alone names."""
-    from pipeline.aligners import _REGISTRY, get_aligner
-
-    if kind in _REGISTRY or kind == trust:
-        return get_aligner(kind)
-    module, _, _ = kind.partition(":")
-    if ":" in kind and module in sys.modules:  # the caller imported it: the class is already there
-        return get_aligner(kind)
-    raise UserError(f"{directory / CONFIG} names kind {kind!r}, which is neither a registered aligner nor a class "
-                    "already imported, and aligner.json alone never decides what is imported: name it in "
-                    f"fit.aligners (or pass it to xmodel fit), or register it")
+def saved_config(directory: Path) -> dict[str, Any]:
+    """aligner.json of a finished aligner of this format (one line naming the fix otherwise)."""
+    cfg = read_json(directory / CONFIG, f"{directory} holds no finished aligner (no {CONFIG}): fit one first")
+    if cfg.get("format") != FORMAT:
+        raise UserError(f"{directory / CONFIG}: format {cfg.get('format')!r} is not {FORMAT}: refit the aligner")
+    return cfg
 
 
 def read_json(path: Path, missing: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.aligners import register
+from pipeline.aligners.registry import register
 from pipeline.aligners.base import Aligner, check_fields, require
 from pipeline.metrics import Moments, iter_row_blocks
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.aligners import register
+from pipeline.aligners.registry import register
 from pipeline.aligners.adapters import Linear
 from pipeline.aligners.training import TrainParams
 

@@ -63,7 +63,7 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
     evaluated models' (when the pair knows them), its widths A's and B's, and its layers (keys
     layer_a/layer_b, or layers = {a, b}) k and j. A `module:Class` name may import its module
     (params named it); a kind that only aligner.json names is never imported."""
-    from pipeline.aligners import load_aligner
+    from pipeline.aligners.registry import load_aligner
     from pipeline.artifacts import Layout
 
     out = {}

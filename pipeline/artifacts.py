@@ -172,6 +172,7 @@ class Outputs:
             fd, name = tempfile.mkstemp(prefix=_prefix(path, TMP), dir=path.parent)
             os.close(fd)
             tmp = Path(name)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; an artifact is an ordinary file
             self._files.append((tmp, path))
             write(tmp)
         return path
@@ -221,6 +222,7 @@ class Outputs:
             target.parent.mkdir(parents=True, exist_ok=True)
             recover(target)
             tmp = Path(tempfile.mkdtemp(prefix=_prefix(target, TMP), dir=target.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary folder
             self._dirs.append((tmp, target, is_ours, what))
             build(tmp)
         return target
@@ -265,6 +267,12 @@ def _swap(tmp: Path, target: Path) -> None:
     os.rename(target, old / "dir")  # a kill here leaves it at old/dir: `recover` renames it back
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _prefix(target: Path, kind: str) -> str:

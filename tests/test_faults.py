@@ -282,3 +282,21 @@ def test_disk_full_while_finalizing_then_rerun_finalizes(two_rank_setup, point):
     assert rerun.returncode == 0, rerun.stderr
     assert_same_store(tmp / "ref.zarr", out)
     assert verify_store(out) == []
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path):
+    """The atomic writer's temporaries are private (mkstemp, mkdtemp); what it renames into place
+    is an ordinary file or folder, as the umask says."""
+    import os
+
+    from pipeline.artifacts import Outputs, write_folder
+
+    old = os.umask(0o022)
+    try:
+        with Outputs() as out:
+            out.json(tmp_path / "m.json", {"a": 1})
+        write_folder(tmp_path / "f", {"t.md": "x"}, allowed=["t.md"])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o755 and (tmp_path / "f" / "t.md").stat().st_mode & 0o777 == 0o644

@@ -303,56 +303,67 @@ _PLAIN_AC = ("ac_replace", "ac_sum", "ac_mean")
 def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     """One row of "Does AC carry the information here?" for a task's metrics, and its sentence.
 
-    AC is the best of the plain f's that ran and AC(W) the best method through an aligner; the p of
-    each against B alone is multiplied by the number of variants it was picked from (Bonferroni),
-    so picking the best does not pass for evidence."""
+    Three families are each represented by their best method: plain AC (the f's that ran), AC through
+    an aligner, and KV communication. Each one's p against B alone is multiplied by the number of
+    methods it was picked from (Bonferroni), so picking the best does not pass for evidence."""
     methods, primary = m.get("methods", {}), m.get("primary")
     score = lambda name: (methods.get(name) or {}).get(primary) or {}  # noqa: E731
-
-    def best(names: list[str]) -> tuple[str | None, float]:
-        names = [n for n in names if isinstance(score(n).get("mean"), (int, float)) and math.isfinite(score(n)["mean"])]
-        return (max(names, key=lambda n: score(n)["mean"]), len(names)) if names else (None, 0)
-
-    def cell(name: str | None) -> str:
-        return f"{_pct_ci(score(name))}" + (f" `{name}`" if name and name.startswith(("ac_", "kv_")) else "") if name else "—"
-
-    def vs_b(name: str | None, tried: int) -> tuple[float | None, float | None]:
-        cmp = (methods.get(name) or {}).get("vs_b_alone", {}).get(primary) if name else None
-        if not cmp:
-            return None, None
-        p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
-        return cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * max(1, tried))
-
-    ac, n_ac = best([n for n in methods if n in _PLAIN_AC])
-    acw, n_acw = best([n for n in methods if n.startswith("ac_") and n not in _PLAIN_AC])
-    kv, n_kv = best([n for n in methods if n.startswith("kv_")])
-    diff, p = vs_b(ac, n_ac)
     agree = lambda name: (methods.get(name) or {}).get("diagnostics", {}).get("agree_skyline", {}).get("mean")  # noqa: E731
+
+    def best(names: list[str]) -> tuple[str | None, float | None, float | None]:
+        """The best finite method of a family, its difference from B alone and its corrected p."""
+        names = [n for n in names if isinstance(score(n).get("mean"), (int, float)) and math.isfinite(score(n)["mean"])]
+        if not names:
+            return None, None, None
+        name = max(names, key=lambda n: score(n)["mean"])
+        cmp = (methods.get(name) or {}).get("vs_b_alone", {}).get(primary)
+        if not cmp:
+            return name, None, None
+        p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
+        return name, cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * len(names))
+
+    def cell(name: str | None, p: float | None = None) -> str:
+        if not name:
+            return "—"
+        tag = f" `{name}`" if name.startswith(("ac_", "kv_")) else ""
+        return _pct_ci(score(name)) + tag + (f" (p {p:.2g})" if p is not None and tag else "")
+
+    ac, diff, p = best([n for n in methods if n in _PLAIN_AC])
+    acw, diff_w, p_w = best([n for n in methods if n.startswith("ac_") and n not in _PLAIN_AC])
+    kv, diff_kv, p_kv = best([n for n in methods if n.startswith("kv_")])
     layers = m.get("layers", {})
     row = [f"`{m.get('task')}`", label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
-           cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac),
-           cell(acw), cell(kv), cell("skyline" if "skyline" in methods else None),
-           f"{_num(_scaled(diff), '+.1f')} (p {_num(p, '.2g')})" if diff is not None else "—",
+           cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac, p),
+           cell(acw, p_w), cell(kv, p_kv), cell("skyline" if "skyline" in methods else None),
            f"{_num(_scaled(agree(ac)), '.0f')} / {_num(_scaled(agree('b_alone')), '.0f')}",
            PUBLISHED.get(m.get("task"), "—")]
     b, sky = score("b_alone").get("mean"), score("skyline").get("mean")
-    if ac is None or diff is None:
-        sentence = "AC was not run against B alone here."
-    elif diff > 0 and p is not None and p < 0.05:
-        share = f", {100 * diff / (sky - b):.0f}% of the way from B alone to the skyline" if (
-            isinstance(sky, float) and isinstance(b, float) and sky > b) else ""
-        sentence = (f"AC carries information here: `{ac}` is {100 * diff:+.1f} points over B alone "
-                    f"(p {p:.2g}, corrected){share}.")
-    else:
-        sentence = (f"AC does not carry the information detectably here: `{ac}` is {100 * diff:+.1f} points from "
-                    f"B alone (p {_num(p, '.2g')}, corrected); the closest signal is B's first token, which equals "
-                    f"the skyline's on {_num(_scaled(agree(ac)), '.0f')}% of items with AC against "
-                    f"{_num(_scaled(agree('b_alone')), '.0f')}% for B alone.")
+
+    def verdict(what: str, name: str | None, d: float | None, q: float | None) -> str:
+        if name is None or d is None:
+            return ""
+        if d > 0 and q is not None and q < 0.05:
+            share = (f", {100 * d / (sky - b):.0f}% of the way from B alone to the skyline"
+                     if isinstance(sky, float) and isinstance(b, float) and sky > b else "")
+            return f"{what} carries information here: `{name}` is {100 * d:+.1f} points over B alone (p {q:.2g}){share}."
+        return f"{what} does not carry it detectably: `{name}` is {100 * d:+.1f} points from B alone (p {_num(q, '.2g')})."
+
+    parts = [verdict("Plain AC", ac, diff, p), verdict("AC through an aligner", acw, diff_w, p_w),
+             verdict("KV communication", kv, diff_kv, p_kv)]
+    if ac is not None and diff is not None and not (diff > 0 and p is not None and p < 0.05):
+        parts.append(f"B's first token equals the skyline's on {_num(_scaled(agree(ac)), '.0f')}% of items with "
+                     f"plain AC, {_num(_scaled(agree('b_alone')), '.0f')}% alone.")
+    _, diff_sky, p_sky = best(["skyline"])
+    if diff_sky is not None and not (diff_sky > 0 and p_sky is not None and p_sky < 0.05):
+        parts.insert(0, f"B reading A's information itself (the skyline) is {100 * diff_sky:+.1f} points from B alone "
+                        f"(p {_num(p_sky, '.2g')}): this B cannot use the information even when it reads it, so no "
+                        "method can show it carried.")
+    sentence = " ".join(x for x in parts if x) or "No communication method was run against B alone here."
     return row, sentence
 
 
 ANSWER_HEAD = ["task", "A → B", "k → j", "n", "score", "B alone", "NL", "AC (best f)", "AC (W)", "KV",
-               "skyline", "AC − B alone (p)", "first token = skyline's, AC / B alone (%)", "published"]
+               "skyline", "first token = skyline's, AC / B alone (%)", "published"]
 
 
 def answer_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
@@ -369,9 +380,9 @@ def _answer_section(cfg: ReportConfig) -> str:
     head = ["## Does AC carry the information here?", "",
             "Per task: the primary score in percent with 95% intervals for B alone, natural language (A's "
             "message), AC with the best plain f and the best aligner, KV-cache communication, and the skyline "
-            "(B reading what A read). Δ and p: the best AC against B alone on the same items (McNemar or paired "
-            "bootstrap), Bonferroni-corrected for picking the best f. Published numbers are for the paper's or "
-            "KVComm's corresponding setting (other models).", ""]
+            "(B reading what A read). p: each family's best method against B alone on the same items (McNemar or "
+            "paired bootstrap), Bonferroni-corrected for picking the best of the family. Published numbers are for "
+            "the paper's or KVComm's corresponding setting (other models).", ""]
     runs = task_metrics(cfg.data)
     if not runs:
         return "\n".join(head + [f"No task was evaluated ({NOT_RUN})."])

@@ -127,11 +127,14 @@ def test_report_sections_and_numbers(outputs, capsys):
     answer = sections["Does AC carry the information here?"]
     # the best plain f (sum), its p doubled for picking it from two; the aligner-only task has no plain AC
     assert ("| `countries` | qwen-0.5b → qwen-0.5b | 22 → 22 | 100 | em | 1.0 [0.2, 5.4] | 40.0 [31.0, 50.0] | "
-            "28.0 [20.0, 38.0] `ac_sum` | — | — | 28.0 [20.0, 38.0] | +27.0 (p 3e-08) | 40 / 5 | paper, LLaMA-3.2-3B") in answer
-    assert "`countries`, qwen-0.5b → qwen-0.5b: AC carries information here: `ac_sum` is +27.0 points" in answer
-    assert "100% of the way from B alone to the skyline" in answer
-    assert "| `squad` | synthetic:tiny-llama → synthetic:tiny-qwen | 2 → 2 | 8 | em |" in answer
-    assert "`squad`, synthetic:tiny-llama → synthetic:tiny-qwen: AC was not run against B alone here." in answer
+            "28.0 [20.0, 38.0] `ac_sum` (p 3e-08) | — | — | 28.0 [20.0, 38.0] | 40 / 5 | paper, LLaMA-3.2-3B") in answer
+    assert "`countries`, qwen-0.5b → qwen-0.5b: Plain AC carries information here: `ac_sum` is +27.0 points" in answer
+    assert "100% of the way from B alone to the skyline" in answer and "cannot use the information" not in answer
+    # the squad run has AC only through an aligner: its p (0.25) is no evidence
+    assert ("| `squad` | synthetic:tiny-llama → synthetic:tiny-qwen | 2 → 2 | 8 | em | 12.5 [2.2, 47.1] | — | — | "
+            "50.0 [21.5, 78.5] `ac_procrustes_replace` (p 0.25) |") in answer
+    assert ("`squad`, synthetic:tiny-llama → synthetic:tiny-qwen: AC through an aligner does not carry it detectably: "
+            "`ac_procrustes_replace` is +37.5 points from B alone (p 0.25).") in answer
 
 
 def test_report_html_when_a_renderer_is_installed(outputs, capsys):
@@ -227,9 +230,28 @@ def test_answer_table_of_several_data_dirs(outputs, tmp_path, capsys):
                              "--answer", data)
     assert code == 0, err
     assert out.count("| `countries` | qwen-0.5b → qwen-0.5b [data] | 22 → 22 | 100 |") == 2 and "| `squad` |" in out
-    assert "AC carries information here: `ac_sum`" in out
+    assert "Plain AC carries information here: `ac_sum`" in out
     assert not (outputs / "data" / "report").exists()  # prints only, writes nothing
     empty = tmp_path / "empty"
     empty.mkdir()
     code, out, err = run_cli(capsys, "report", "--answer", str(empty))
     assert code == 2 and err.count("\n") == 1 and "no evaluated task" in err
+
+
+def test_answer_says_when_b_cannot_use_the_information_at_all():
+    from pipeline.report import answer_rows
+
+    def method(mean, diff=None, p=None):
+        e = {"n": 100, "option": _interval(mean, mean - 0.1, mean + 0.1, "wilson")}
+        if diff is not None:
+            e["vs_b_alone"] = {"option": {"paired_bootstrap": {"diff": diff}, "mcnemar": {"p_value": p}}}
+        return e
+
+    m = {"task": "tipsheets", "primary": "option", "n_items": 100, "layers": {"k": 22, "j": 22},
+         "methods": {"b_alone": method(0.47), "ac_replace": method(0.43, -0.04, 0.45),
+                     "skyline": method(0.36, -0.11, 0.0074)}}
+    row, sentence = answer_rows("q → q", m)
+    assert sentence.startswith("B reading A's information itself (the skyline) is -11.0 points from B alone (p 0.0074)")
+    assert "Plain AC does not carry it detectably: `ac_replace` is -4.0 points" in sentence
+    m["methods"]["skyline"] = method(0.9, 0.43, 1e-9)
+    assert "cannot use" not in answer_rows("q → q", m)[1]

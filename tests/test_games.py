@@ -184,7 +184,7 @@ def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 
     assert torch.allclose(gen.first_logits, sky_logits, atol=atol)
 
 
-def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair):
+def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair, monkeypatch):
     from pipeline.evaluation.config import EvaluateConfig, KvSection
     from pipeline.evaluation.methods import evaluate_task
     from pipeline.evaluation.pair import Pair
@@ -203,5 +203,8 @@ def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair):
     assert s["kv_L2"]["compute"]["a_blocks"] == 2 and s["kv_all"]["compute"]["a_blocks"] == 4
     assert s["kv_all"]["compute"]["a_tokens"] > 0 and s["kv_all"]["compute"]["flops"] > s["b_alone"]["compute"]["flops"]
     assert "agree_skyline" in s["kv_all"]["diagnostics"]
-    with pytest.raises(UserError):  # a pair of two architectures: one clear line, before any work
+    calls = []
+    monkeypatch.setattr("pipeline.evaluation.methods.generate", lambda *a, **k: calls.append(1))
+    with pytest.raises(UserError, match="one architecture"):  # a pair of two architectures: one line, before any work
         evaluate_task("countries", tiny_pair, cfg)
+    assert calls == []

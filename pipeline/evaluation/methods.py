@@ -43,6 +43,11 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
     has one, so that every B run can be compared with its first-token distribution."""
     aligners = aligners or {}
     log = log or (lambda s: None)
+    if "kv" in cfg.methods:  # a pair KV cannot run is refused before any method spends time
+        from pipeline.evaluation.kv import cache_shape, check_attention, check_pair
+
+        check_attention(pair.model_b)
+        check_pair(cache_shape(pair.model_a, "A"), cache_shape(pair.model_b, "B"))
     bs, chat, n = cfg.batch_size, cfg.chat, len(prompts.ids)
     seeds = list(range(n))
     enc_a = [encode(pair.tok_a, t, chat, prompts.cue) for t in prompts.a]

@@ -23,8 +23,12 @@ BINARY = ("agree_skyline",)
 
 
 def skyline_closeness(first_logits: Any, skyline_logits: Any) -> dict[str, list[float]]:
-    """Per item: KL(skyline ‖ method) of the first-token distributions and top-1 agreement."""
+    """Per item: KL(skyline ‖ method) of the first-token distributions and top-1 agreement; nothing
+    when the task has no skyline (skyline_logits None)."""
     import torch
+
+    if skyline_logits is None:
+        return {}
 
     logp = torch.log_softmax(first_logits.float(), dim=-1)
     logq = torch.log_softmax(skyline_logits.float(), dim=-1)

@@ -60,7 +60,7 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
                         keep_first_logits=keep_first_logits or sky_logits is not None)
 
     def closeness(gen: Generation) -> dict[str, list[float]]:
-        return skyline_closeness(gen.first_logits, sky_logits) if sky_logits is not None else {}
+        return skyline_closeness(gen.first_logits, sky_logits)
 
     def add(name, gen, compute, diagnostics=None):
         runs[name] = MethodRun(name, gen.texts, _score_all(prompts, gen.texts), compute, diagnostics or {})

@@ -35,7 +35,7 @@ def layer_sweep(pair: Pair, prompts: TaskPrompts, decoding: Decoding, layers_a: 
         reference["skyline"] = _means(_score_all(prompts, sky.texts))
     base = generate(pair.model_b, pair.tok_b, enc_b, decoding, batch_size=batch_size, seeds=seeds,
                     keep_first_logits=sky_logits is not None)
-    reference["b_alone"] = _means(_score_all(prompts, base.texts), _closeness(base, sky_logits))
+    reference["b_alone"] = _means(_score_all(prompts, base.texts), skyline_closeness(base.first_logits, sky_logits))
     keys = list(reference["b_alone"])
     grids = {key: [[math.nan] * len(layers_b) for _ in layers_a] for key in keys}
     for r, k in enumerate(layers_a):
@@ -43,17 +43,13 @@ def layer_sweep(pair: Pair, prompts: TaskPrompts, decoding: Decoding, layers_a: 
         for c, j in enumerate(layers_b):
             gen = communicate(pair.model_b, pair.tok_b, enc_b, j, sent.vectors, mode, decoding,
                               batch_size=batch_size, seeds=seeds, keep_first_logits=sky_logits is not None)
-            cell = _means(_score_all(prompts, gen.texts), _closeness(gen, sky_logits))
+            cell = _means(_score_all(prompts, gen.texts), skyline_closeness(gen.first_logits, sky_logits))
             for key in keys:
                 grids[key][r][c] = cell[key]
             log(f"k={k} j={j}: " + ", ".join(f"{key} {v:.3f}" for key, v in cell.items()))
     return {"layers_a": list(layers_a), "layers_b": list(layers_b), "mode": mode, "n": n, "metric": prompts.primary,
             "grid": grids[prompts.primary], "grids": grids, "b_alone": reference["b_alone"][prompts.primary],
             "reference": reference}
-
-
-def _closeness(gen: Any, sky_logits: Any) -> dict[str, list[float]]:
-    return skyline_closeness(gen.first_logits, sky_logits) if sky_logits is not None else {}
 
 
 def _means(*score_dicts: dict[str, list[float]]) -> dict[str, float]:

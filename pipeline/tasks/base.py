@@ -61,6 +61,12 @@ class TaskPrompts:
         self.columns = tuple(self.columns) or (self.primary,)
 
 
+def disjoint(load: Callable[[int], list], n: int, exclude: frozenset[str], a_prompt: Callable[[Any], str]) -> list:
+    """n items whose A prompt is not in `exclude`: load(n + len(exclude)) items (so that enough are
+    left after dropping every excluded one) and keep the first n of the others."""
+    return [it for it in load(n + len(exclude)) if a_prompt(it) not in exclude][:n]
+
+
 @dataclass(frozen=True)
 class Task:
     """One registry entry: the name is the `evaluate@<name>` stage and the `evaluate.<name>` section."""

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts
+from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
 
 
 @dataclass(frozen=True)
@@ -268,9 +268,9 @@ class GameConfig(TaskConfig):
 
 def _builder(game: str):
     def build(cfg: GameConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
-        items = [it for it in load_game(game, cfg.source, (n or cfg.n) + len(exclude), cfg.seed)
-                 if it.prompt_a not in exclude]
-        return game_prompts(game, items[:n or cfg.n])
+        items = disjoint(lambda k: load_game(game, cfg.source, k, cfg.seed), n or cfg.n, exclude,
+                         lambda it: it.prompt_a)
+        return game_prompts(game, items)
     return build
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts
+from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
 from pipeline.tasks.scoring import parse_number
 
 # reasoning-gym appends this instruction to every question; our prompt states the format itself
@@ -151,9 +151,9 @@ def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate") -> TaskPromp
 
 def _build(cfg: Gsm8kConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
     ask = DEBATE if cfg.prompt == "debate" else BRIEF
-    items = [it for it in load_gsm8k(cfg.source, (n or cfg.n) + len(exclude), cfg.seed)
-             if ask.format(question=it.question) not in exclude]
-    return gsm8k_prompts(items[:n or cfg.n], cfg.prompt)
+    items = disjoint(lambda k: load_gsm8k(cfg.source, k, cfg.seed), n or cfg.n, exclude,
+                     lambda it: ask.format(question=it.question))
+    return gsm8k_prompts(items, cfg.prompt)
 
 
 TASK = Task("gsm8k", Gsm8kConfig, _build, "grade-school maths; both agents see the question")

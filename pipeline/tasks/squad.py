@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts
+from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,8 @@ def squad_prompts(items: Sequence[QAItem], setting: str = "private") -> TaskProm
 
 
 def _build(cfg: SquadConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
-    items = [it for it in load_squad(cfg.source, (n or cfg.n) + len(exclude), cfg.seed) if _read(it) not in exclude]
-    return squad_prompts(items[:n or cfg.n], cfg.setting)
+    items = disjoint(lambda k: load_squad(cfg.source, k, cfg.seed), n or cfg.n, exclude, _read)
+    return squad_prompts(items, cfg.setting)
 
 
 TASK = Task("squad", SquadConfig, _build, "SQuAD-format reading comprehension (private: only A reads the passage)")

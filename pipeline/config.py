@@ -35,7 +35,7 @@ class CorpusConfig:
 class ExtractConfig:
     # int = layer index (0 = embedding output, l = output of decoder block l);
     # float in [0, 1] = relative depth, rounded to the nearest index, so models of other depths pair up
-    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.93])
     max_tokens: int = 48  # sequences are truncated to this many tokens (special tokens included)
     tokens_per_seq: int = 32  # per-token states kept for the first N tokens of each sequence; 0 = none
     unit_size: int = 256  # sequences per work unit; one unit = one shard of each sequence array
@@ -57,8 +57,8 @@ class FitConfig:
     # pooled | last | tokens; "last" is what AC sends and what the paper's W is trained on
     kind: str = "last"
     # (A layer, B layer): ints or relative depths, resolved against each store's model depth; the
-    # pair must be among the stored layers. 0.75 is the stored depth nearest the paper's k = j = 26 of 32.
-    layers: list[int | float] = field(default_factory=lambda: [0.75, 0.75])
+    # pair must be among the stored layers. 0.93 is the paper's k = j = 26 of 28.
+    layers: list[int | float] = field(default_factory=lambda: [0.93, 0.93])
     heldout_frac: float = 0.1  # texts held out (hashed text_index) from every fit; all scores use them
     seed: int = 0  # the held-out split
     pairwise_rows: int = 4096  # held-out rows used by O(rows²) metrics (retrieval, InfoNCE, kNN, uniformity)
@@ -113,7 +113,7 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class Params:
-    models: dict[str, str] = field(default_factory=lambda: {"a": "smollm2-135m-instruct", "b": "qwen2.5-coder-0.5b-instruct"})
+    models: dict[str, str] = field(default_factory=lambda: {"a": "qwen2.5-coder-0.5b-instruct", "b": "qwen2.5-coder-0.5b-instruct"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     fit: FitConfig = field(default_factory=FitConfig)

@@ -129,6 +129,7 @@ def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
     from pipeline.evaluation.methods import evaluate_task
 
     cfg = EvaluateConfig(layer_a=2, layer_b=3, batch_size=4, n_boot=100, modes=["replace", "sum", "mean"],
+                         methods=["b_alone", "a_alone", "nl", "ac", "skyline"],  # two architectures: no kv
                          tipsheets=GameConfig(n=4, max_new_tokens=3))
     result = evaluate_task("tipsheets", tiny_pair, cfg)
     runs = {r.name: r for r in result.runs}

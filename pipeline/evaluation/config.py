@@ -25,7 +25,7 @@ class SimilarityConfig:
 class KvSection:
     """KV-cache communication (pipeline/evaluation/kv.py): one method per entry of `layers`."""
 
-    layers: list[str | list[int | float]] = field(default_factory=lambda: ["all", "top"])  # all | top | [layers]
+    layers: list[str | list[int | float]] = field(default_factory=lambda: ["all"])  # all | top | [layers]
     top_m: int | float = 0.3  # the top-m rule keeps this many layers (int) or this share of the depth (float)
     prior_weight: float = 0.5  # weight of the depth prior against the importance (B's attention on A's cache)
     calib_items: int = 16  # items the top-m rule scores layers on
@@ -44,8 +44,8 @@ class SweepConfig:
     n: int = 24
     seed: int = 1  # the sweep's items: drawn with this seed and disjoint from the evaluation's, so that a
     #                (k, j) picked from the sweep is not picked on the items it is then scored on
-    layers_a: list[int | float] | str = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # or "all": 1..L
-    layers_b: list[int | float] | str = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    layers_a: list[int | float] | str = field(default_factory=lambda: [0.5, 0.75, 0.93, 1.0])  # or "all": 1..L
+    layers_b: list[int | float] | str = field(default_factory=lambda: [0.5, 0.75, 0.93, 1.0])
     mode: str = "replace"
     max_new_tokens: int = 0  # 0 = the task's own
 
@@ -55,12 +55,12 @@ class _Shared:
     """The keys every evaluate@<task> stage reads; each task's own section is added from the registry."""
 
     tasks: list[str] = field(default_factory=lambda: ["squad", "similarity"])  # the evaluate@<task> stages dvc.yaml has
-    layer_a: int | float = 0.75  # k: A's layer (int index, or relative depth in [0, 1]); 0 = embeddings
-    layer_b: int | float = 0.75  # j: B's layer, same convention; the graft edits the output of block j
+    layer_a: int | float = 0.93  # k: A's layer (int index, or relative depth in [0, 1]); 0 = embeddings
+    layer_b: int | float = 0.93  # j: B's layer, same convention; the graft edits the output of block j
     modes: list[str] = field(default_factory=lambda: ["replace"])  # f for plain AC (of MODES)
     aligners: list[str] = field(default_factory=lambda: ["lora"])  # fitted aligners: names under <data>/aligners/ or dirs
     aligner_modes: list[str] = field(default_factory=lambda: ["replace"])  # f for AC through an aligner
-    methods: list[str] = field(default_factory=lambda: ["b_alone", "a_alone", "nl", "ac", "skyline"])  # of METHODS
+    methods: list[str] = field(default_factory=lambda: ["b_alone", "nl", "ac", "kv", "skyline"])  # of METHODS
     chat: bool = True  # wrap prompts in the model's chat template when it has one
     batch_size: int = 16
     device: str = "auto"

@@ -3,7 +3,10 @@
 Layout. Every path under `paths.data` is built by `Layout` (PathsConfig and the stages ask it):
   stores/<role>.zarr           models/<role>.json          aligners/<name>/
   metrics/<name>.json          plots/<name>.png            evaluate/<task>/
-  report/                      .locks/<what>.lock          inputs/<name>.json
+  details/<name>.json          report/                     .locks/<what>.lock
+  inputs/<name>.json
+A stage's record is two files of one name: details/<name>.json holds all of it (the report reads
+it), metrics/<name>.json its few headline numbers (DVC shows it; pipeline/headlines.py picks them).
 A `module:Class` aligner name is stored as `module.Class` (no colon in file names).
 
 Writing. `Outputs` collects everything one stage writes (JSON, text, JSONL, bytes, matplotlib
@@ -72,6 +75,13 @@ class Layout:
 
     def metrics(self, name: str) -> Path:
         return self.metrics_dir / f"{file_name(name)}.json"
+
+    @property
+    def details_dir(self) -> Path:
+        return self.data / "details"
+
+    def details(self, name: str) -> Path:
+        return self.details_dir / f"{file_name(name)}.json"
 
     def plot(self, name: str) -> Path:
         return self.data / "plots" / f"{file_name(name)}.png"
@@ -338,6 +348,15 @@ def _outputs() -> Iterator[Outputs]:
 def write_json(path: Path | str, value: Any, sort_keys: bool = False) -> Path:
     with _outputs() as out:
         return out.json(path, value, sort_keys=sort_keys)
+
+
+def write_record(paths: Layout, name: str, details: Any, headline: Callable[[Any], dict[str, Any]]) -> Path:
+    """A stage's record `name`: every detail in details/<name>.json, and headline(details) (a few
+    numbers: pipeline/headlines.py) in metrics/<name>.json, together or neither; returns the details' path."""
+    details = to_json(details)
+    with _outputs() as out:
+        out.json(paths.metrics(name), headline(details))
+        return out.json(paths.details(name), details)
 
 
 def write_text(path: Path | str, text: str) -> Path:

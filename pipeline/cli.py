@@ -189,10 +189,10 @@ def report(ctx: click.Context, quiet: bool, answer_dirs: tuple[Path, ...]) -> No
     from stages import report as stage
 
     if answer_dirs:
-        from pipeline.report import answer_table, task_metrics
+        from pipeline.report import answer_table, task_details
 
         tag = (lambda d: f" [{d.name}]") if len(answer_dirs) > 1 else (lambda d: "")  # which run a row is from
-        runs = [(label + tag(d), m) for d in answer_dirs for label, m in task_metrics(d)]
+        runs = [(label + tag(d), m) for d in answer_dirs for label, m in task_details(d)]
         if not runs:
             raise UserError(f"no evaluated task in {', '.join(map(str, answer_dirs))}: run `xmodel evaluate TASK` first")
         click.echo(answer_table(runs))

@@ -153,14 +153,16 @@ def identity(aligner, paired: Paired) -> dict[str, Any]:
 def fit_from_stores(params: Params, name: str, force: bool = False,
                     log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Fit aligner `name` on the configured rows of stores a and b and score it on the held-out
-    texts; data/aligners/<name>/ and data/metrics/fit-<name>.json then appear together (rank 0), or,
+    texts; data/aligners/<name>/ and its record (data/details/ and data/metrics/fit-<name>.json) then
+    appear together (rank 0), or,
     if anything fails (too few rows, a diverged training, a full disk), neither changes. Under
     torchrun the trainable aligners train with DDP; the checkpoint of an interrupted run
     (<dir>/ckpt) is resumed. One process at a time fits a given aligner directory."""
     import torch
 
     from pipeline.aligners.training import Diverged
-    from pipeline.artifacts import Outputs, exclusive, layout
+    from pipeline import headlines
+    from pipeline.artifacts import Outputs, exclusive, layout, write_record
     from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import pick_device
 
@@ -174,7 +176,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         raise UserError(f"{len(paired.heldout)} held-out row(s) cannot score an aligner (at least 2 are needed): "
                         "use more texts (corpus.n) or a larger fit.heldout_frac")
     paths = layout(params)
-    directory, metrics_path = paths.aligner(name), paths.metrics(f"fit-{name}")
+    directory = paths.aligner(name)
     inputs = identity(aligner, paired)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
@@ -227,7 +229,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
                 # interrupted run: one kept would let a rerun after a code change skip training)
                 with Outputs() as out:
                     aligner.stage_save(out, directory)
-                    out.json(metrics_path, report)
+                    write_record(paths, f"fit-{name}", report, headlines.fit)  # details/ and metrics/fit-<name>.json
             except UserError as e:
                 failure = e
         if not dist.all_ok(failure is None):

@@ -1,9 +1,10 @@
 """One Markdown report of a pipeline run, built only from the files the stages wrote.
 
-Reads data/models/*.json, the stores' zarr.json attributes, data/metrics/*.json and links
-data/plots/*.png; it never imports model or evaluation code and never loads a model, so it takes
+Reads data/models/*.json, the stores' zarr.json attributes, data/details/*.json (each stage's
+full record; data/metrics/ holds only their headline numbers, for DVC) and links data/plots/*.png;
+it never imports model or evaluation code and never loads a model, so it takes
 well under a second and works on a copy of data/ without the stores' arrays. An upstream output
-that is missing (a task that was not run) makes its section say "not run"; no metrics at all is a
+that is missing (a task that was not run) makes its section say "not run"; no details at all is a
 UserError, since a report of nothing is a mistake (wrong data dir, or `dvc repro` not run yet).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.headlines import best, best_of_family  # the family rule (plain AC, AC (W), KV), one owner
 
 from pipeline.tasks.registry import TASKS  # names only: the registry imports no model or evaluation code
 
@@ -43,8 +45,8 @@ class ReportConfig:
     def out_dir(self) -> Path:
         return self.layout.report_dir
 
-    def metrics(self, name: str) -> Path:
-        return self.layout.metrics(name)
+    def details(self, name: str) -> Path:
+        return self.layout.details(name)
 
     def plot(self, name: str) -> Path:
         return self.layout.plot(name)
@@ -94,11 +96,11 @@ def build_report(cfg: ReportConfig) -> str:
 
 
 def _check_inputs(cfg: ReportConfig) -> None:
-    metrics = cfg.layout.metrics_dir
+    details = cfg.layout.details_dir
     if not cfg.data.is_dir():
         raise UserError(f"report: data dir {cfg.data} does not exist: run `dvc repro` first, or set paths.data")
-    if not metrics.is_dir() or not any(metrics.glob("*.json")):
-        raise UserError(f"report: no metrics in {metrics}: run `dvc repro` (or the stages) first")
+    if not details.is_dir() or not any(details.glob("*.json")):
+        raise UserError(f"report: no stage records in {details}: run `dvc repro` (or the stages) first")
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def _run_section(cfg: ReportConfig) -> str:
     rows = []
     for role in ROLES:
         manifest = _read(cfg.layout.manifest(role)) or {}
-        extract = _read(cfg.metrics(f"extract-{role}")) or {}
+        extract = _read(cfg.details(f"extract-{role}")) or {}
         attrs = _store_attrs(cfg, role)
         layers = extract.get("layers") or attrs.get("layers")
         depth = attrs.get("num_layers")
@@ -222,7 +224,7 @@ def _run_section(cfg: ReportConfig) -> str:
 
 
 def _cka_section(cfg: ReportConfig) -> str:
-    grid = _read(cfg.metrics("grid"))
+    grid = _read(cfg.details("grid"))
     head = ["## Layer similarity (CKA)", ""]
     if grid is None:
         return "\n".join(head + [f"Grid {NOT_RUN} (`xmodel grid`)."])
@@ -246,7 +248,7 @@ ALIGNER_COLUMNS = (("retrieval_top1", "top-1", ".3f"), ("retrieval_top5", "top-5
 def _aligner_section(cfg: ReportConfig) -> str:
     rows, scored = [], {}
     for name in cfg.aligners:
-        m = _read(cfg.metrics(f"fit-{name}"))
+        m = _read(cfg.details(f"fit-{name}"))
         if m is None:
             rows.append([f"`{name}`", NOT_RUN] + ["—"] * (len(ALIGNER_COLUMNS) + 3))
             continue
@@ -259,7 +261,7 @@ def _aligner_section(cfg: ReportConfig) -> str:
                     + [_num(m.get(key), fmt) for key, _, fmt in ALIGNER_COLUMNS]
                     + [epochs, _num(m.get("fit_seconds"), ".1f")])
     out = ["## Aligners", "",
-           "Held-out scores from `data/metrics/fit-NAME.json`: retrieval of each mapped A vector among the "
+           "Held-out scores from `data/details/fit-NAME.json`: retrieval of each mapped A vector among the "
            "held-out B vectors (top-1, top-5), MSE and R² of the map, CKA of mapped vs target, InfoNCE, "
            "alignment and uniformity (Wang & Isola).", ""]
     if not cfg.aligners:
@@ -297,11 +299,10 @@ PUBLISHED = {
     "gsm8k": "paper, 3.2-3B → 3.1-8B, both see the question: B alone 60, NL 75, AC 64, AC(W) 66",
     "squad": "not reported by the paper or KVComm",
 }
-_PLAIN_AC = ("ac_replace", "ac_sum", "ac_mean")
 
 
 def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
-    """One row of "Does AC carry the information here?" for a task's metrics, and its sentence.
+    """One row of "Does AC carry the information here?" for a task's details, and its sentence.
 
     Three families are each represented by their best method: plain AC (the f's that ran), AC through
     an aligner, and KV communication. Each one's p against B alone is multiplied by the number of
@@ -310,27 +311,15 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     score = lambda name: (methods.get(name) or {}).get(primary) or {}  # noqa: E731
     agree = lambda name: (methods.get(name) or {}).get("diagnostics", {}).get("agree_skyline", {}).get("mean")  # noqa: E731
 
-    def best(names: list[str]) -> tuple[str | None, float | None, float | None]:
-        """The best finite method of a family, its difference from B alone and its corrected p."""
-        names = [n for n in names if isinstance(score(n).get("mean"), (int, float)) and math.isfinite(score(n)["mean"])]
-        if not names:
-            return None, None, None
-        name = max(names, key=lambda n: score(n)["mean"])
-        cmp = (methods.get(name) or {}).get("vs_b_alone", {}).get(primary)
-        if not cmp:
-            return name, None, None
-        p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
-        return name, cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * len(names))
-
     def cell(name: str | None, p: float | None = None) -> str:
         if not name:
             return "—"
         tag = f" `{name}`" if name.startswith(("ac_", "kv_")) else ""
         return _pct_ci(score(name)) + tag + (f" (p {p:.2g})" if p is not None and tag else "")
 
-    ac, diff, p = best([n for n in methods if n in _PLAIN_AC])
-    acw, diff_w, p_w = best([n for n in methods if n.startswith("ac_") and n not in _PLAIN_AC])
-    kv, diff_kv, p_kv = best([n for n in methods if n.startswith("kv_")])
+    ac, diff, p = best_of_family(m, "ac")
+    acw, diff_w, p_w = best_of_family(m, "ac_w")
+    kv, diff_kv, p_kv = best_of_family(m, "kv")
     layers = m.get("layers", {})
     row = [f"`{m.get('task')}`", label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
            cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac, p),
@@ -353,7 +342,7 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     if ac is not None and diff is not None and not (diff > 0 and p is not None and p < 0.05):
         parts.append(f"B's first token equals the skyline's on {_num(_scaled(agree(ac)), '.0f')}% of items with "
                      f"plain AC, {_num(_scaled(agree('b_alone')), '.0f')}% alone.")
-    _, diff_sky, p_sky = best(["skyline"])
+    _, diff_sky, p_sky = best(m, ["skyline"])
     if diff_sky is not None and not (diff_sky > 0 and p_sky is not None and p_sky < 0.05):
         parts.insert(0, f"B reading A's information itself (the skyline) is {100 * diff_sky:+.1f} points from B alone "
                         f"(p {_num(p_sky, '.2g')}): this B cannot use the information even when it reads it, so no "
@@ -367,7 +356,7 @@ ANSWER_HEAD = ["task", "A → B", "k → j", "n", "score", "B alone", "NL", "AC 
 
 
 def answer_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """The answer table and one sentence per row, for (pair label, task metrics) pairs."""
+    """The answer table and one sentence per row, for (pair label, task details) pairs."""
     rows, sentences = [], []
     for label, m in runs:
         row, sentence = answer_rows(label, m)
@@ -383,19 +372,23 @@ def _answer_section(cfg: ReportConfig) -> str:
             "(B reading what A read). p: each family's best method against B alone on the same items (McNemar or "
             "paired bootstrap), Bonferroni-corrected for picking the best of the family. Published numbers are for "
             "the paper's or KVComm's corresponding setting (other models).", ""]
-    runs = task_metrics(cfg.data)
+    runs = task_details(cfg.data)
     if not runs:
         return "\n".join(head + [f"No task was evaluated ({NOT_RUN})."])
     return "\n".join(head + [answer_table(runs)])
 
 
-def task_metrics(data: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(pair label, metrics) of every registered task evaluated in a data dir, in registry order."""
+def task_details(data: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(pair label, details) of every registered task evaluated in a data dir, in registry order. A
+    records folder (results/<run>/) holds the same files flat: <dir>/evaluate-<task>.json."""
     from pipeline.artifacts import Layout
 
     runs = []
     for task in TASKS:
-        m = _read(Layout(Path(data)).metrics(f"evaluate-{task}"))
+        name = f"evaluate-{task}"
+        m = _read(Layout(Path(data)).details(name))
+        if m is None:
+            m = _read(Path(data) / f"{name}.json")
         if m is not None:
             models = m.get("models", {})
             runs.append((f"{models.get('a')} → {models.get('b')}", m))
@@ -403,14 +396,14 @@ def task_metrics(data: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _task_section(cfg: ReportConfig, task: str) -> str:
-    m = _read(cfg.metrics(f"evaluate-{task}"))
+    m = _read(cfg.details(f"evaluate-{task}"))
     head = [f"## Evaluation: {task}", ""]
     if m is None:
         return "\n".join(head + [f"{NOT_RUN} (`dvc repro evaluate@{task}` or `xmodel evaluate {task}`)."])
     methods: dict[str, Any] = m.get("methods", {})
     primary = m.get("primary")
     first = next(iter(methods.values()), {})
-    # the task's columns (primary first); older metrics files: every entry carrying an interval
+    # the task's columns (primary first); older records: every entry carrying an interval
     keys = m.get("columns") or [primary] + [k for k, v in first.items()
                                             if k != primary and isinstance(v, dict) and "lo" in v]
     rows = []
@@ -444,7 +437,7 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
 
 
 def _similarity_section(cfg: ReportConfig) -> str:
-    m = _read(cfg.metrics("evaluate-similarity"))
+    m = _read(cfg.details("evaluate-similarity"))
     head = ["## Similarity probe", ""]
     if m is None:
         return "\n".join(head + [f"{NOT_RUN} (`dvc repro evaluate@similarity` or `xmodel evaluate similarity`)."])
@@ -470,7 +463,7 @@ def _similarity_section(cfg: ReportConfig) -> str:
 
 
 def _sweep_section(cfg: ReportConfig) -> str:
-    m = _read(cfg.metrics("evaluate-sweep"))
+    m = _read(cfg.details("evaluate-sweep"))
     head = ["## Layer sweep (k, j)", ""]
     if m is None:
         return "\n".join(head + [f"{NOT_RUN} (`xmodel evaluate sweep`; not a DVC stage)."])

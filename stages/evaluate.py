@@ -5,7 +5,8 @@ Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evalua
 loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
   data/evaluate/<task>/predictions.jsonl   every method's output and score per item
   data/evaluate/<task>/table.md            the Markdown table
-  data/metrics/evaluate-<task>.json        scores with intervals, paired tests, compute (dvc metrics)
+  data/details/evaluate-<task>.json        scores with intervals, paired tests, compute, diagnostics (the report's)
+  data/metrics/evaluate-<task>.json        its headline numbers (dvc metrics; pipeline/headlines.py)
   data/plots/evaluate-<task>.png           bar chart with 95% intervals (similarity: KL per aligner and f;
                                            sweep: the (k, j) heatmap)
 """
@@ -40,7 +41,8 @@ def outputs(params: Any, task: str) -> dict[str, Path]:
     paths = layout(params)
     folder = paths.evaluate_dir(task)
     return {"predictions": folder / "predictions.jsonl", "table": folder / "table.md",
-            "metrics": paths.metrics(f"evaluate-{task}"), "plot": paths.plot(f"evaluate-{task}")}
+            "details": paths.details(f"evaluate-{task}"), "metrics": paths.metrics(f"evaluate-{task}"),
+            "plot": paths.plot(f"evaluate-{task}")}
 
 
 def _write_folder(out: dict[str, Path], files: dict[str, str]) -> None:
@@ -70,24 +72,25 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         return _similarity(params, cfg, pair, aligners, k, j, out)
 
     from pipeline.evaluation.methods import evaluate_task
-    from pipeline.artifacts import Outputs, dumps
-    from pipeline.evaluation.results import plot_scores, write_json
+    from pipeline.artifacts import Outputs, dumps, layout, write_record
+    from pipeline.evaluation.results import plot_scores
+    from pipeline.headlines import evaluation
 
     result = evaluate_task(task, pair, cfg, aligners, log)
     with Outputs():  # the folder, the metrics and the plot appear together, or none of them changes
         _write_folder(out, {"predictions.jsonl": "".join(dumps(row, indent=None) + "\n" for row in result.predictions()),
                             "table.md": result.table() + "\n"})
-        write_json(out["metrics"], result.metrics())
+        write_record(layout(params), f"evaluate-{task}", result.metrics(), evaluation)
         plot_scores(result.summary, result.prompts.primary, out["plot"],
                     f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
     return out
 
 
 def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
-    from pipeline.artifacts import Outputs
+    from pipeline.artifacts import Outputs, layout, write_record
     from pipeline.data import load_corpus
-    from pipeline.evaluation.results import write_json
     from pipeline.evaluation.similarity import plot_similarity, similarity_probe, similarity_table, similarity_texts
+    from pipeline.headlines import similarity
 
     training = load_corpus(params.corpus).texts  # the aligners were fitted on these: hold them out
     texts = similarity_texts(cfg.similarity, exclude=training)
@@ -96,9 +99,9 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     result["models"] = {"a": pair.name_a, "b": pair.name_b}
     with Outputs():
         _write_folder(out, {"table.md": similarity_table(result) + "\n"})
-        write_json(out["metrics"], result)
+        write_record(layout(params), "evaluate-similarity", result, similarity)
         plot_similarity(result, out["plot"])
-    return {k_: v for k_, v in out.items() if k_ in ("table", "metrics", "plot")}
+    return {k_: v for k_, v in out.items() if k_ in ("table", "details", "metrics", "plot")}
 
 
 def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
@@ -125,6 +128,6 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     result = layer_sweep(pair, prompts, decoding, layers_a, layers_b, s.mode, cfg.batch_size, cfg.chat, log)
     result.update(task=s.task, models={"a": pair.name_a, "b": pair.name_b})
     with Outputs():
-        write_json(out["metrics"], result)
+        write_json(out["details"], result)  # run by hand, not a DVC stage: no metrics file
         plot_sweep(result, out["plot"], f"{s.task}: AC {s.mode}, {pair.name_a} → {pair.name_b}, n = {result['n']}")
-    return {k_: v for k_, v in out.items() if k_ in ("metrics", "plot")}
+    return {k_: v for k_, v in out.items() if k_ in ("details", "plot")}

@@ -14,19 +14,22 @@ def metrics_path(params: Params, role: str) -> Path:
 
 
 def run(params: Params, role: str, out: Path | None = None, force: bool = False, quiet: bool = False):
-    from pipeline.artifacts import write_json
+    from pipeline import headlines
+    from pipeline.artifacts import layout, write_record
     from pipeline.distributed import is_main
     from pipeline.extract import run_extract
     from store.verify import store_info
 
     result = run_extract(params, role, out=out, force=force, quiet=quiet)
-    path = metrics_path(params, role)
-    # a store found complete (e.g. built earlier under torchrun) still gets its metrics file, which
-    # the DVC stage declares; its speed is known only to the run that wrote it
-    if out is None and is_main() and (result.status == "written" or not path.exists()):
+    paths, name = layout(params), f"extract-{role}"
+    # a store found complete (e.g. built earlier under torchrun) still gets its record, which the DVC
+    # stage declares; its speed is known only to the run that wrote it
+    missing = not (paths.metrics(name).exists() and paths.details(name).exists())
+    if out is None and is_main() and (result.status == "written" or missing):
         info = store_info(result.path)
-        metrics = {"n_seq": info["attrs"]["n_seq"], "n_tok": info["attrs"]["n_tok"],
+        details = {"n_seq": info["attrs"]["n_seq"], "n_tok": info["attrs"]["n_tok"],
                    "layers": info["attrs"]["layers"], "bytes_on_disk": info["bytes_on_disk"],
-                   "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None}
-        write_json(path, metrics)
+                   "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None,
+                   "seconds": round(result.seconds, 1) if result.seconds else None}
+        write_record(paths, name, details, headlines.extract)
     return result

@@ -1,6 +1,7 @@
 """Stage `grid`: raw similarity of every stored layer pair, and each fitted aligner's held-out scores.
 
-Writes data/metrics/grid.json and data/plots/cka.png together, or neither (pipeline.artifacts)."""
+Writes data/details/grid.json (every layer pair, every aligner), data/metrics/grid.json (its headline:
+pipeline/headlines.py) and data/plots/cka.png together, or none of them (pipeline.artifacts)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ def plot_path(params: Params) -> Path:
 
 
 def run(params: Params, warn=None) -> dict:
-    from pipeline.artifacts import Outputs
+    from pipeline.artifacts import Outputs, layout, write_record
     from pipeline.grid import heatmap, layer_grid
+    from pipeline.headlines import grid
 
     result = layer_grid(params, warn=warn)
-    with Outputs() as out:
-        out.json(metrics_path(params), result)
-        heatmap(result, plot_path(params))  # joins `out`
+    with Outputs():
+        write_record(layout(params), "grid", result, grid)  # joins the block's outputs
+        heatmap(result, plot_path(params))
     return result

@@ -154,22 +154,54 @@ def _mtimes(paths: list[Path]) -> dict[Path, int]:
 
 def _kept_outputs(repo: Repo, aligner: str) -> list[Path]:
     """Outputs that must not be rewritten when only another aligner changes: stores (their unit
-    markers included), model manifests, and the other aligner's weights and metrics."""
+    markers included), model manifests, and the other aligner's weights and record."""
     stores = [p for role in ("a", "b") for p in repo.data("stores", f"{role}.zarr").rglob("*") if p.is_file()]
     return stores + [repo.data("models", "a.json"), repo.data("models", "b.json"),
-                     repo.data("metrics", "extract-a.json"), repo.data("aligners", aligner, "weights.safetensors"),
-                     repo.data("metrics", f"fit-{aligner}.json")]
+                     repo.data("metrics", "extract-a.json"), repo.data("details", "extract-a.json"),
+                     repo.data("aligners", aligner, "weights.safetensors"),
+                     repo.data("details", f"fit-{aligner}.json"), repo.data("metrics", f"fit-{aligner}.json")]
 
 
 def test_full_repro_is_up_to_date_and_reported(repo):
     assert repo.status() == {}
     report = repo.data("report", "report.md").read_text()
-    linear = json.loads(repo.data("metrics", "fit-linear.json").read_text())
+    linear = json.loads(repo.data("details", "fit-linear.json").read_text())
     row = next(line for line in report.splitlines() if line.startswith("| `linear` |"))
     assert f"| {linear['retrieval_top1']:.3f} | {linear['retrieval_top5']:.3f} |" in row
     for task in ("squad", "gsm8k"):  # registered tasks not in evaluate.tasks are "not run"
         section = report.split(f"## Evaluation: {task}\n")[1].split("\n## ")[0]
         assert "_not run_" not in section, task
+
+
+def test_metrics_are_a_few_headline_numbers_and_the_report_reads_the_details(repo):
+    """Every metrics file DVC shows holds at most MAX_KEYS numbers, named alike across stages (so
+    `dvc metrics show` stays one readable table), and its full record is beside it in data/details/,
+    where the report finds what it prints."""
+    from pipeline.headlines import MAX_KEYS
+
+    shown = json.loads(repo.dvc("metrics", "show", "--json").stdout)
+    files = {path: value["data"] for rev in shown.values() for path, value in rev["data"]["metrics"].items()}
+    assert len(files) == len(list(repo.data("metrics").glob("*.json"))) >= 10, sorted(files)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    columns = set()
+    for path, values in files.items():
+        keys = flat(values)
+        assert 0 < len(keys) <= MAX_KEYS, (path, sorted(keys))
+        assert all(isinstance(v, (int, float)) for v in keys.values()), (path, keys)
+        columns |= set(keys)
+        assert repo.path.joinpath(path.replace("metrics", "details", 1)).is_file(), path
+    assert len(columns) <= 16, sorted(columns)  # shared names: the table does not grow with methods or aligners
+    table = repo.dvc("metrics", "show").stdout
+    assert max(len(line) for line in table.splitlines()) <= 200, table
+    details = json.loads(repo.data("details", "evaluate-squad.json").read_text())
+    headline = json.loads(repo.data("metrics", "evaluate-squad.json").read_text())
+    assert headline["n"] == details["n_items"] and headline["b_alone"] == details["methods"]["b_alone"]["em"]["mean"]
+    squad = repo.data("report", "report.md").read_text().split("## Evaluation: squad\n")[1].split("\n## ")[0]
+    assert all(f"| `{method}` |" in squad for method in details["methods"]), squad
 
 
 def test_aligner_param_change_reruns_only_its_fit_and_downstream(repo):
@@ -194,7 +226,7 @@ def test_new_aligner_is_fitted_from_the_existing_stores(repo):
     raw = repo.params()
     raw["fit"]["aligners"]["procrustes-affine"] = {}
     repo.set_params(raw)
-    kept = _mtimes(_kept_outputs(repo, "linear") + _kept_outputs(repo, "procrustes")[-2:])
+    kept = _mtimes(_kept_outputs(repo, "linear") + _kept_outputs(repo, "procrustes")[-3:])
 
     assert "fit@procrustes-affine" in repo.status()
     ran = repo.repro()
@@ -202,9 +234,9 @@ def test_new_aligner_is_fitted_from_the_existing_stores(repo):
     assert ran == {"fit@procrustes-affine"} | DOWNSTREAM_OF_ALIGNERS
     assert _mtimes(list(kept)) == kept
     assert repo.data("aligners", "procrustes-affine", "weights.safetensors").exists()
-    metrics = json.loads(repo.data("metrics", "fit-procrustes-affine.json").read_text())
-    assert metrics["aligner"] == "procrustes-affine"
-    grid = json.loads(repo.data("metrics", "grid.json").read_text())
+    details = json.loads(repo.data("details", "fit-procrustes-affine.json").read_text())
+    assert details["aligner"] == "procrustes-affine"
+    grid = json.loads(repo.data("details", "grid.json").read_text())
     assert "procrustes-affine" in grid["aligners"]
     assert "| `procrustes-affine` |" in repo.data("report", "report.md").read_text()
     assert repo.status() == {}
@@ -213,21 +245,25 @@ def test_new_aligner_is_fitted_from_the_existing_stores(repo):
 @pytest.mark.parametrize("name", ["procrustes", "linear"])
 def test_stage_alone_writes_what_the_dvc_stage_wrote(repo, name, tmp_path):
     """`xmodel fit NAME` by hand (the dvc.yaml command) refits to the same bytes and scores."""
-    directory, metrics = repo.data("aligners", name), repo.data("metrics", f"fit-{name}.json")
+    directory = repo.data("aligners", name)
+    record = {kind: repo.data(kind, f"fit-{name}.json") for kind in ("details", "metrics")}
     shutil.move(directory, tmp_path / "aligner")  # gone, so the command really refits
-    shutil.move(metrics, tmp_path / "metrics.json")
+    for kind, path in record.items():
+        shutil.move(path, tmp_path / kind)
     try:
         repo.run(sys.executable, "-m", "pipeline", "fit", name, "--quiet", "--force")
         for file in ("weights.safetensors", "aligner.json"):
             assert (directory / file).read_bytes() == (tmp_path / "aligner" / file).read_bytes(), file
         assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in (tmp_path / "aligner").iterdir())
-        timing = {"fit_seconds"}
-        by_hand, by_dvc = (json.loads(p.read_text()) for p in (metrics, tmp_path / "metrics.json"))
-        assert {k: v for k, v in by_hand.items() if k not in timing} == {k: v for k, v in by_dvc.items() if k not in timing}
-    finally:  # put DVC's outputs back (fit_seconds differs) so the other tests see an up-to-date repo
+        timing = {"fit_seconds", "seconds"}
+        for kind, path in record.items():
+            by_hand, by_dvc = (json.loads(p.read_text()) for p in (path, tmp_path / kind))
+            assert {k: v for k, v in by_hand.items() if k not in timing} == {k: v for k, v in by_dvc.items() if k not in timing}
+    finally:  # put DVC's outputs back (the seconds differ) so the other tests see an up-to-date repo
         shutil.rmtree(directory, ignore_errors=True)
         shutil.move(tmp_path / "aligner", directory)
-        shutil.move(tmp_path / "metrics.json", metrics)
+        for kind, path in record.items():
+            shutil.move(tmp_path / kind, path)
     assert repo.status() == {}
 
 

@@ -123,22 +123,28 @@ def test_float16_overflow_is_refused_with_one_line(tmp_path, tiny_models, capsys
 
 
 def test_complete_store_still_gets_its_metrics_file(tmp_path, tiny_models, capsys):
-    """DVC declares data/metrics/extract-<role>.json: a rerun that finds the store complete (built
-    earlier, e.g. under torchrun) writes it when it is missing and keeps the measured speed otherwise."""
+    """DVC declares data/metrics/ and data/details/extract-<role>.json: a rerun that finds the store
+    complete (built earlier, e.g. under torchrun) writes them when one is missing and keeps the
+    measured speed otherwise."""
     from tests.helpers import run_cli
 
     params_file = write_params(tmp_path, {"a": tiny_models["llama"]}, corpus={"n": 12})
-    metrics = tmp_path / "data" / "metrics" / "extract-a.json"
+    record = {kind: tmp_path / "data" / kind / "extract-a.json" for kind in ("details", "metrics")}
     args = ("--params", str(params_file), "extract", "--model", "a", "--quiet")
     assert run_cli(capsys, *args)[0] == 0
-    first = json.loads(metrics.read_text())
-    assert first["n_seq"] == 12 and first["tokens_per_s"] > 0
-    assert run_cli(capsys, *args)[0] == 0 and json.loads(metrics.read_text()) == first  # kept
-    metrics.unlink()
+    first = {kind: json.loads(path.read_text()) for kind, path in record.items()}
+    assert first["details"]["n_seq"] == 12 and first["details"]["tokens_per_s"] > 0 and first["details"]["seconds"] > 0
+    assert set(first["metrics"]) == {"n", "tokens_per_s", "seconds"} and first["metrics"]["n"] == 12  # the headline
     assert run_cli(capsys, *args)[0] == 0
-    again = json.loads(metrics.read_text())
-    assert again["tokens_per_s"] is None and {k: v for k, v in again.items() if k != "tokens_per_s"} == {
-        k: v for k, v in first.items() if k != "tokens_per_s"}
+    assert {kind: json.loads(path.read_text()) for kind, path in record.items()} == first  # kept
+    speed = {"tokens_per_s", "seconds"}
+    for gone in record.values():
+        gone.unlink()
+        assert run_cli(capsys, *args)[0] == 0
+        again = json.loads(record["details"].read_text())
+        assert again["tokens_per_s"] is None and again["seconds"] is None
+        assert {k: v for k, v in again.items() if k not in speed} == {k: v for k, v in first["details"].items() if k not in speed}
+        assert json.loads(record["metrics"].read_text()) == {"n": 12}
 
 
 def test_a_store_is_one_computation_whatever_batch_tokens_a_resume_asks(tmp_path, tiny_models, monkeypatch):

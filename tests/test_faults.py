@@ -96,7 +96,7 @@ def test_adapter_training_killed_and_resumed_ends_with_the_same_heldout_metrics(
             assert not (tmp / "data" / "metrics" / "fit-linear.json").exists()
         done = xmodel_process(params, "fit", "linear", "--quiet")
         assert done.returncode == 0, done.stderr
-        metrics = json.loads((tmp / "data" / "metrics" / "fit-linear.json").read_text())
+        metrics = json.loads((tmp / "data" / "details" / "fit-linear.json").read_text())
         runs[name] = {k: v for k, v in metrics.items() if not k.endswith("seconds") and k != "resumed_from_step"}
         fit_report = json.loads((tmp / "data" / "aligners" / "linear" / "aligner.json").read_text())["fit"]
         assert (fit_report["resumed_from_step"] > 0) == bool(fault)  # the rerun did resume, not restart
@@ -138,16 +138,16 @@ def test_disk_full_in_grid_keeps_its_metrics_and_plot_together(tmp_path_factory,
     params = tmp / "params.yaml"
     params.write_text(shared.read_text().replace(str(shared.parent / "data"), str(tmp / "data")))
     paths = load_params(params).paths
-    metrics, plot = paths.metrics("grid"), paths.layout.plot("cka")
+    metrics, details, plot = paths.metrics("grid"), paths.layout.details("grid"), paths.layout.plot("cka")
     assert run_cli(capsys, "--params", str(params), "grid", "--quiet")[0] == 0
-    before = _artifact_bytes(metrics, plot)
-    for after in (1, 2):  # grid.json, then the heatmap: a new grid.json never pairs with an old plot
+    before = _artifact_bytes(metrics, details, plot)
+    for after in (1, 2, 3):  # metrics and details, then the heatmap: a new grid.json never pairs with an old plot
         _fail_writes_after(monkeypatch, after)
         code, _, err = run_cli(capsys, "--params", str(params), "-S", "grid.knn_k=3", "grid", "--quiet")
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides warnings
         assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0], err
-        assert _artifact_bytes(metrics, plot) == before
-        assert not [p for p in (*metrics.parent.iterdir(), *plot.parent.iterdir()) if ".tmp-" in p.name]
+        assert _artifact_bytes(metrics, details, plot) == before
+        assert not [p for d in (metrics, details, plot) for p in d.parent.iterdir() if ".tmp-" in p.name]
 
 
 def test_disk_full_in_evaluate_keeps_every_output_of_the_previous_run(tiny_models, tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_disk_full_in_evaluate_keeps_every_output_of_the_previous_run(tiny_model
     out = stage.run(params, "squad", cfg=cfg, pair=pair)
     before = _artifact_bytes(*out.values())
     assert all(before.values())
-    for after in (1, 2, 3, 4):  # predictions, table, metrics, plot
+    for after in (1, 2, 3, 4, 5):  # predictions, table, metrics, details, plot
         _fail_writes_after(monkeypatch, after)
         with pytest.raises(UserError, match="No space left on device"):
             stage.run(params, "squad", cfg=replace(cfg, methods=["b_alone"]), pair=pair)

@@ -103,7 +103,7 @@ def test_new_aligner_class_fits_from_the_store_without_loading_a_model(capsys, p
     w = np.linalg.solve(xc.T @ xc + 0.5 * np.eye(x.shape[1]), xc.T @ yc).T
     np.testing.assert_allclose(aligner.net.weight.numpy(), w, rtol=1e-4, atol=1e-5)
     assert aligner.meta["train_rows"] == len(x)
-    metrics = json.loads(params.paths.metrics("fit-tests.test_fit:Ridge").read_text())
+    metrics = json.loads(params.paths.layout.details("fit-tests.test_fit:Ridge").read_text())
     assert metrics["heldout_rows"] == len(paired.heldout) and 0 <= metrics["retrieval_top1"] <= 1
 
 
@@ -118,7 +118,7 @@ def test_builtin_aligner_writes_its_directory_and_metrics(capsys, params_path, n
     inputs = aligner.meta["inputs"]
     assert inputs["activation_kind"] == "last" and inputs["layers"] == {"a": 2, "b": 2}
     assert inputs["stores"]["a"] == json.loads((a_store / "zarr.json").read_text())["attributes"]["params_hash"]
-    metrics = json.loads(params.paths.metrics(f"fit-{name}").read_text())
+    metrics = json.loads(params.paths.layout.details(f"fit-{name}").read_text())
     for key in ("retrieval_top1", "retrieval_top5", "mse", "r2", "cka", "infonce", "alignment", "uniformity"):
         assert key in metrics, key
     assert metrics["retrieval_top5"] >= metrics["retrieval_top1"]
@@ -128,7 +128,7 @@ def test_builtin_aligner_writes_its_directory_and_metrics(capsys, params_path, n
 def test_per_token_fit_pairs_tokens_by_offset(capsys, params_path):
     code, _, err = fit(capsys, params_path, "procrustes", "-S", "fit.kind=tokens")
     assert code == 0, err
-    metrics = json.loads(load_params(params_path).paths.metrics("fit-procrustes").read_text())
+    metrics = json.loads(load_params(params_path).paths.layout.details("fit-procrustes").read_text())
     assert metrics["activation_kind"] == "tokens" and metrics["train_rows"] > 96
 
 
@@ -165,12 +165,12 @@ def test_grid_writes_json_and_heatmap_of_every_layer_pair(capsys, params_path):
     code, out, err = run_cli(capsys, "--params", str(params_path), "grid")
     assert code == 0, err
     params = load_params(params_path)
-    grid = json.loads(params.paths.metrics("grid").read_text())
+    grid = json.loads(params.paths.layout.details("grid").read_text())
     assert grid["layers_a"] == [0, 2, 3] and grid["layers_b"] == [0, 2, 4]
     for table in ("cka", "mutual_knn"):
         assert sorted(grid[table]) == ["a0", "a2", "a3"]
         assert all(sorted(row) == ["b0", "b2", "b4"] for row in grid[table].values())
-    fitted = json.loads(params.paths.metrics("fit-procrustes").read_text())
+    fitted = json.loads(params.paths.layout.details("fit-procrustes").read_text())
     assert grid["aligners"]["procrustes"]["mse"] == pytest.approx(fitted["mse"], rel=1e-6)
     png = params.paths.data + "/plots/cka.png"
     from matplotlib.image import imread
@@ -314,13 +314,14 @@ def test_disk_full_at_aligner_save_is_one_line_and_keeps_the_old_aligner(capsys,
     params = load_params(params_path)
     directory = params.paths.aligner("procrustes")
     before, metrics_before = _snapshot(directory), params.paths.metrics("fit-procrustes").read_bytes()
-    for after in (1, 2, 3):  # the weights, aligner.json, the metrics file
+    for after in (1, 2, 3, 4):  # the weights, aligner.json, the metrics file, the details
         monkeypatch.setattr(pipeline.faults, "_passed", Counter())
         monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{after}")
         code, _, err = run_cli(capsys, "--params", str(params_path), "-S", "fit.aligners.procrustes.refine_iters=3",
                                "fit", "procrustes", "--quiet", "--force")
         assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
-        assert str(directory) in err or str(params.paths.metrics("fit-procrustes")) in err, err
+        assert any(str(p) in err for p in (directory, params.paths.metrics("fit-procrustes"),
+                                           params.paths.layout.details("fit-procrustes"))), err
         assert _snapshot(directory) == before and params.paths.metrics("fit-procrustes").read_bytes() == metrics_before
         assert sorted(p.name for p in directory.parent.iterdir()) == ["procrustes"]  # no temporaries left
     monkeypatch.delenv("XMODEL_FAULT")

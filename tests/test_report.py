@@ -1,7 +1,7 @@
 """`xmodel report`: one Markdown file from the files the stages wrote; nothing is loaded or recomputed.
 
-The inputs are written here in the stages' formats (the keys of extract-*.json, fit-*.json,
-grid.json, evaluate-*.json and the stores' zarr.json attributes), so the report is checked
+The inputs are written here in the stages' formats (the keys of data/details/: extract-*.json,
+fit-*.json, grid.json, evaluate-*.json, and the stores' zarr.json attributes), so the report is checked
 against known numbers without running the pipeline (tests/test_dvc.py runs it for real).
 """
 
@@ -44,20 +44,20 @@ def outputs(tmp_path) -> Path:
         _write(data / "stores" / f"{role}.zarr" / "zarr.json",
                {"zarr_format": 3, "node_type": "group",
                 "attributes": {"width": width, "num_layers": depth, "layers": layers, "model_spec": spec}})
-        _write(data / "metrics" / f"extract-{role}.json",
+        _write(data / "details" / f"extract-{role}.json",
                {"n_seq": 160, "n_tok": 2560, "layers": layers, "bytes_on_disk": 3 * 2**20, "tokens_per_s": 900.0})
-    _write(data / "metrics" / "fit-procrustes.json",
+    _write(data / "details" / "fit-procrustes.json",
            {"aligner": "procrustes", "activation_kind": "last", "layer_a": 2, "layer_b": 2, "train_rows": 120,
             "heldout_rows": 40, "d_source": 64, "d_target": 48, "fit_seconds": 0.1, "mse": 0.1937, "r2": -2.991,
             "cka": 0.0362, "alignment": 1.458, "retrieval_top1": 0.175, "retrieval_top5": 0.275, "infonce": 4.267,
             "uniformity": -3.168, "uniformity_target": -1.2, "pairwise_rows": 40})
-    _write(data / "metrics" / "fit-linear.json",
+    _write(data / "details" / "fit-linear.json",
            {"aligner": "linear", "activation_kind": "last", "layer_a": 2, "layer_b": 2, "train_rows": 120,
             "heldout_rows": 40, "d_source": 64, "d_target": 48, "fit_seconds": 1.4, "mse": 0.05842, "r2": None,
             "cka": -0.004, "alignment": 1.903, "retrieval_top1": 0.025, "retrieval_top5": 0.175, "infonce": 4.94,
             "uniformity": -3.367, "uniformity_target": -1.2, "pairwise_rows": 40, "epochs_run": 5, "best_epoch": 4,
             "stopped_early": False})
-    _write(data / "metrics" / "grid.json",
+    _write(data / "details" / "grid.json",
            {"activation_kind": "last", "rows": 40, "knn_k": 10, "layers_a": [0, 2], "layers_b": [0, 4],
             "cka": {"a0": {"b0": 0.3612, "b4": 0.0701}, "a2": {"b0": 0.2451, "b4": None}},
             "mutual_knn": {"a0": {"b0": 0.335, "b4": 0.305}, "a2": {"b0": 0.302, "b4": 0.275}}, "aligners": {}})
@@ -65,7 +65,7 @@ def outputs(tmp_path) -> Path:
     ac = _method(8, (0.5, 0.2152, 0.7848), (0.6, 0.3, 0.9), 0.7)
     ac["vs_b_alone"] = {"em": {"paired_bootstrap": {"diff": 0.375, "lo": 0.0, "hi": 0.75, "p_value": 0.04},
                                "mcnemar": {"only_x": 3, "only_y": 0, "p_value": 0.25}}}
-    _write(data / "metrics" / "evaluate-squad.json",
+    _write(data / "details" / "evaluate-squad.json",
            {"task": "squad", "setting": "private", "layers": {"k": 2, "j": 2}, "primary": "em",
             "methods": {"b_alone": b_alone, "ac_procrustes_replace": ac}, "n_items": 8,
             "models": {"a": "synthetic:tiny-llama", "b": "synthetic:tiny-qwen"},
@@ -79,11 +79,11 @@ def outputs(tmp_path) -> Path:
                                            "mcnemar": {"p_value": 1.5e-8}}}
     game["ac_replace"]["vs_b_alone"] = {"em": {"paired_bootstrap": {"diff": 0.19, "p_value": 0.0002},
                                                "mcnemar": {"p_value": 1e-5}}}
-    _write(data / "metrics" / "evaluate-countries.json",
+    _write(data / "details" / "evaluate-countries.json",
            {"task": "countries", "setting": "private", "layers": {"k": 22, "j": 22}, "primary": "em",
             "columns": ["em"], "methods": game, "n_items": 100, "models": {"a": "qwen-0.5b", "b": "qwen-0.5b"}})
     kl = {"kl": _interval(0.099, 0.088, 0.108), "cosine": _interval(0.668, 0.634, 0.707)}
-    _write(data / "metrics" / "evaluate-similarity.json",
+    _write(data / "details" / "evaluate-similarity.json",
            {"k": 2, "j": 2, "n": 16, "variants": {"procrustes": {
                "vector_cosine": _interval(0.538, 0.491, 0.579), "vector_rel_sq_error": _interval(1.684, 1.487, 1.879),
                "replace/matched": kl, "replace/shuffled": {"kl": _interval(0.112, 0.1, 0.12),
@@ -155,13 +155,15 @@ def test_report_without_outputs_is_one_line(tmp_path, capsys):
     code, out, err = run_cli(capsys, "--params", str(params), "report")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "does not exist" in err and "dvc repro" in err
-    (tmp_path / "data" / "metrics").mkdir(parents=True)  # a data dir, but no stage has written metrics
+    # a data dir with headline numbers but no details: they are not what the report reads
+    (tmp_path / "data" / "metrics").mkdir(parents=True)
+    (tmp_path / "data" / "metrics" / "evaluate-squad.json").write_text('{"n": 8, "b_alone": 0.1}')
     code, _, err = run_cli(capsys, "--params", str(params), "report")
-    assert code == 2 and err.count("\n") == 1 and "no metrics" in err
+    assert code == 2 and err.count("\n") == 1 and f"no stage records in {tmp_path / 'data' / 'details'}" in err
 
 
-def test_report_names_a_corrupt_metrics_file(outputs, capsys):
-    bad = outputs / "data" / "metrics" / "grid.json"
+def test_report_names_a_corrupt_details_file(outputs, capsys):
+    bad = outputs / "data" / "details" / "grid.json"
     bad.write_text('{"cka": ')
     code, _, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
     assert code == 2 and err.count("\n") == 1 and str(bad) in err and "rerun the stage" in err
@@ -183,7 +185,7 @@ def test_report_loads_no_model_code(outputs):
 
 def test_a_non_finite_aligner_is_flagged_and_never_named_best(outputs, capsys):
     # as old code wrote an all-NaN aligner: retrieval 1.0 (NaN rows "ranked first"), MSE NaN
-    (outputs / "data" / "metrics" / "fit-lora.json").write_text(
+    (outputs / "data" / "details" / "fit-lora.json").write_text(
         '{"aligner": "lora", "d_source": 64, "d_target": 48, "retrieval_top1": 1.0, "retrieval_top5": 1.0, '
         '"mse": NaN, "r2": NaN, "cka": NaN}')
     code, _, err = run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")
@@ -193,7 +195,7 @@ def test_a_non_finite_aligner_is_flagged_and_never_named_best(outputs, capsys):
     assert "| `lora` ⚠ non-finite (MSE) |" in text
     assert "**Warning: non-finite values (NaN/inf) in" in text and "fit-lora.json" in text
     # a file written by the fit stage itself: NaN is null, and nonfinite_rows says why
-    (outputs / "data" / "metrics" / "fit-lora.json").write_text(json.dumps(
+    (outputs / "data" / "details" / "fit-lora.json").write_text(json.dumps(
         {"aligner": "lora", "retrieval_top1": 0.9, "retrieval_top5": 1.0, "mse": 0.01, "nonfinite_rows": 3}))
     assert run_cli(capsys, "--params", str(outputs / "params.yaml"), "report")[0] == 0
     text = (outputs / "data" / "report" / "report.md").read_text()
@@ -209,7 +211,7 @@ def test_report_folder_is_replaced_whole_and_only_when_ours(outputs, capsys, mon
     assert run_cli(capsys, "--params", params, "report")[0] == 0
     folder = outputs / "data" / "report"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    (outputs / "data" / "metrics" / "fit-linear.json").unlink()  # the next report differs
+    (outputs / "data" / "details" / "fit-linear.json").unlink()  # the next report differs
     for after in (1, 2):  # report.md, report.html
         monkeypatch.setattr(pipeline.faults, "_passed", Counter())
         monkeypatch.setenv("XMODEL_FAULT", f"ioerror_after_writes:{after}")
@@ -255,3 +257,40 @@ def test_answer_says_when_b_cannot_use_the_information_at_all():
     assert "Plain AC does not carry it detectably: `ac_replace` is -4.0 points" in sentence
     m["methods"]["skyline"] = method(0.9, 0.43, 1e-9)
     assert "cannot use" not in answer_rows("q → q", m)[1]
+
+
+# -- what DVC shows: a few headline numbers per record, named alike across stages (issue 13) --
+
+
+def test_metrics_files_hold_a_few_shared_headline_numbers(outputs):
+    from pipeline import headlines
+
+    details = outputs / "data" / "details"
+    read = lambda name: json.loads((details / f"{name}.json").read_text())  # noqa: E731
+    countries = headlines.evaluation(read("evaluate-countries"))
+    # the best plain f (sum) is `ac`; its p is McNemar's, doubled for picking it from two f's
+    assert countries == {"n": 100, "b_alone": 0.01, "nl": 0.4, "skyline": 0.28, "ac": 0.28, "p": 3e-08}
+    assert headlines.evaluation(read("evaluate-squad")) == {"n": 8, "b_alone": 0.125, "ac_w": 0.5}
+    assert headlines.similarity(read("evaluate-similarity")) == {"n": 16, "kl_w": 0.099}
+    assert headlines.fit(read("fit-procrustes")) == {"n": 40, "top1": 0.175, "r2": -2.991, "cka": 0.0362}
+    assert headlines.fit(read("fit-linear"))["n"] == 40 and "r2" not in headlines.fit(read("fit-linear"))  # null
+    assert headlines.grid(read("grid")) == {"n": 40, "cka": 0.3612}
+    assert headlines.extract(read("extract-a")) == {"n": 160, "tokens_per_s": 900.0}
+    # more methods, aligners and kv variants add no key: the columns of `dvc metrics show` stay put
+    many = read("evaluate-countries")
+    for i in range(40):
+        many["methods"][f"ac_aligner{i}_mean"] = many["methods"]["ac_sum"]
+        many["methods"][f"kv_L{i}"] = many["methods"]["ac_replace"]
+    wide = headlines.evaluation(many)
+    assert set(wide) == {"n", "b_alone", "nl", "skyline", "ac", "ac_w", "kv", "p"} and len(wide) <= headlines.MAX_KEYS
+    assert wide["kv"] == 0.2 and wide["p"] == countries["p"]
+
+
+def test_answer_of_a_records_folder(capsys):
+    """results/<run>/ holds the records flat (evaluate-<task>.json): README's table is
+    `xmodel report --answer results/same05 ...`, with the numbers those files hold."""
+    code, out, err = run_cli(capsys, "report", "--answer", str(ROOT / "results" / "same05"))
+    assert code == 0, err
+    assert "| 0.0 [0.0, 3.7] | 44.0 [34.7, 53.8] | 9.0 [4.8, 16.2] `ac_replace` (p 0.0039) | — | " \
+           "77.0 [67.8, 84.2] `kv_all` (p 1.3e-23) | 79.0 [70.0, 85.8] | 87 / 22 |" in out
+    assert out.count("\n| `") == 3  # squad, countries, tipsheets

@@ -7,12 +7,6 @@ from pathlib import Path
 from pipeline.config import Params
 
 
-def metrics_path(params: Params, role: str) -> Path:
-    from pipeline.artifacts import layout
-
-    return layout(params).metrics(f"extract-{role}")
-
-
 def run(params: Params, role: str, out: Path | None = None, force: bool = False, quiet: bool = False):
     from pipeline import headlines
     from pipeline.artifacts import layout, write_record

@@ -1,16 +1,11 @@
 """Stage `fit@<name>`: fit one aligner from the two activation stores (no model is loaded).
 
-Writes data/aligners/<name>/ and data/metrics/fit-<name>.json together (pipeline.fitting)."""
+Writes data/aligners/<name>/ and its record, data/details/ and data/metrics/fit-<name>.json, together
+(pipeline.fitting)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import Params
-
-
-def metrics_path(params: Params, name: str) -> Path:
-    return params.paths.metrics(f"fit-{name}")
 
 
 def run(params: Params, name: str, force: bool = False, log=None):

@@ -10,6 +10,6 @@ t $X $T extract --model a --quiet
 t $X $T extract --model b --quiet
 t $X $T fit lora --quiet
 t $X $T fit procrustes --quiet
-cat data/in-task/metrics/fit-lora.json data/in-task/metrics/fit-procrustes.json
+cat data/in-task/details/fit-lora.json data/in-task/details/fit-procrustes.json
 t $X -S 'evaluate.aligners=[data/in-task/aligners/lora, data/in-task/aligners/procrustes]' -S 'evaluate.methods=[b_alone, ac, skyline]' evaluate countries
 echo DONE

@@ -156,7 +156,7 @@ def grid(ctx: click.Context, quiet: bool) -> None:
         click.echo(f"{'A' + str(la):>6}" + "".join(f"{row[f'b{lb}']:8.3f}" for lb in result["layers_b"]))
     for name, m in result["aligners"].items():
         click.echo(f"{name}: L{m['layer_a']}->L{m['layer_b']} top-1 {m['retrieval_top1']:.3f}, MSE {m['mse']:.4g}")
-    click.echo(f"wrote {stage.metrics_path(params)} and {stage.plot_path(params)}")
+    click.echo(f"wrote {params.paths.layout.details('grid')}, {stage.metrics_path(params)} and {stage.plot_path(params)}")
 
 
 @cli.command()

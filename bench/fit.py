@@ -88,7 +88,8 @@ def build_stores(directory: Path, n: int, d: int, seed: int, dtype: str, d_b: in
                  "text_index": np.arange(lo, hi, dtype=np.int64)}
         for r, values in (("a", x), ("b", y)):
             if span.unit in pending[r]:
-                writers[r].write_unit(span, {**index, "last/L0": values.astype(dtype)})
+                # pooled too: a store's open check wants every array's shards (the bench reads last)
+                writers[r].write_unit(span, {**index, "last/L0": values.astype(dtype), "pooled/L0": values})
         if span.unit % 25 == 0:
             print(f"  wrote rows {hi:,} of {n:,} ({time.perf_counter() - t0:.0f} s)", flush=True)
     for w in writers.values():

@@ -6,8 +6,12 @@ on local disk, y = W x + noise) through the store's own writer, then for each ad
 epochs through the library (`pipeline.aligners` fit, the path `xmodel fit` takes):
   store, on device   the default on a GPU: the training rows are read from the store once and held
                      in device memory; batches are gathered there
-  store, streamed    the path for rows that do not fit: shuffled windows read from the store on a
-                     thread, each batch copied to the device
+  store, streamed    the path for rows that do not fit (forced here with fit(rows_on_device=False)):
+                     shuffled windows read from the store (blocks in parallel, windows ahead),
+                     each copied to the device whole and batches gathered there; held-out rows
+                     read once and kept on the device; blocks kept in host memory after their
+                     first read (they fit in its HOST_CACHE_FRACTION)
+  streamed, no host cache   the same reading the store every epoch (a store larger than host memory)
   ceiling            the same module, optimizer and number of steps on random batches already on the
                      device (nothing read, no held-out passes): what the GPU can do alone
 Prints samples/s over the whole fit and over the epochs after the rows reached the device, the
@@ -74,6 +78,7 @@ def main() -> None:
     import torch
 
     from pipeline.aligners.registry import get_aligner
+    from pipeline.aligners import training
     from pipeline.aligners.training import RowSplit, batch_loss
     from pipeline.models import pick_device
     from pipeline.synthetic import SHAPES
@@ -91,32 +96,30 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     common = dict(loss="mse", batch_size=args.batch, epochs=args.epochs, patience=0, lr=1e-3)
 
-    rows = []
+    rows, ratios, waits = [], [], []
+    host_cache = training.HOST_CACHE_FRACTION
     for name in args.adapters.split(","):
         hp = {**common, **ADAPTERS[name]}
         make_aligner(name, {**hp, "epochs": 1}).fit(x[:8192], y[:8192], device=device)  # warm-up
         results = {}
         feeds = (("store, on device", True),) if device.type == "cuda" else ()
-        for label, resident in feeds + (("store, streamed", False),):
-            fits = RowSplit.fits_on
-            if not resident:
-                RowSplit.fits_on = lambda self, dev, budget=0.5: False
-            try:
-                aligner = make_aligner(name, hp)
-
-                def run():
-                    aligner.fit(x, y, device=device)
-
-                sync()
-                t = time.perf_counter()
-                run()
-                sync()
-                wall = time.perf_counter() - t
-                busy = busy_fraction(lambda: make_aligner(name, hp).fit(x, y, device=device))[1] if args.profile else None
-            finally:
-                RowSplit.fits_on = fits
+        feeds += (("store, streamed", False), ("streamed, no host cache", False))
+        for label, resident in feeds:
+            # the second streamed run reads every epoch from the store (a store larger than host memory)
+            training.HOST_CACHE_FRACTION = 0 if "no host" in label else host_cache
+            aligner = make_aligner(name, hp)
+            sync()
+            t = time.perf_counter()
+            aligner.fit(x, y, device=device, rows_on_device=resident)
+            sync()
+            wall = time.perf_counter() - t
+            busy = busy_fraction(lambda: make_aligner(name, hp).fit(x, y, device=device, rows_on_device=resident))[1] \
+                if args.profile and "no host" not in label else None
+            training.HOST_CACHE_FRACTION = host_cache
             steps = aligner.fit_info["steps"]
             results[label] = (wall, steps, busy, aligner.fit_info.get("rows_to_device_seconds", 0.0))
+            if "window_wait_seconds" in aligner.fit_info:
+                waits.append((f"{name} {label}", aligner.fit_info["window_wait_seconds"], wall))
         # the ceiling: the same net and optimizer, the same steps, on batches already on the device
         split = RowSplit(x[:4096], y[:4096])
         net = make_aligner(name, hp).init_net(split, torch.Generator().manual_seed(0)).to(device)
@@ -144,10 +147,13 @@ def main() -> None:
         every = sum(q.numel() for q in net.parameters())
         trained = sum(q.numel() for q in net.parameters() if q.requires_grad)
         flops_per_sample = 2 * every + 4 * trained
+        on_device = results.get("store, on device")
         for label, (wall, steps, busy, load_s) in results.items():
             rate, after = steps * args.batch / wall, steps * args.batch / (wall - load_s)
             rows.append((name, label, steps, wall, load_s, rate, after, after / ceil_rate, busy,
                          after * flops_per_sample / 1e12))
+            if on_device and "streamed" in label:  # the ratio: streamed / rows-on-GPU, whole fits
+                ratios.append((f"{name} {label}", on_device[0] / wall, on_device[3] * args.epochs / wall))
         rows.append((name, "ceiling (batches on device)", steps, ceil_s, 0.0, ceil_rate, ceil_rate, 1.0, None,
                      ceil_rate * flops_per_sample / 1e12))
 
@@ -159,13 +165,19 @@ def main() -> None:
         b = f"{busy:.2f}" if busy is not None else "-"
         print(f"{name:<8}{label:<30}{steps:>7}{wall:>9.2f}{load_s:>10.2f}{rate:>12,.0f}{after:>12,.0f}{ratio:>12.2f}"
               f"{b:>10}{tflops:>9.2f}")
+    for name, wait, wall in waits:
+        print(f"{name}: {wait:.2f} s of {wall:.2f} s waiting for windows (reads not hidden by the steps)")
+    for name, ratio, read_share in ratios:
+        print(f"{name}: streamed / rows on the GPU (whole fits) {ratio:.2f}; one store pass per epoch (the "
+              f"on-device run's load time x epochs) is {read_share:.2f} of the streamed fit")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train-{args.shape_a}-{args.shape_b}-b{args.batch}.json").write_text(json.dumps(
             {"card": card, "n": args.n, "d": [d_a, d_b], "batch": args.batch, "epochs": args.epochs,
              "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "to_device_seconds", "samples_per_s",
                                 "samples_per_s_after_load", "vs_ceiling_after_load", "gpu_busy", "tflops_after_load"),
                                r))
-                      for r in rows]}, indent=2))
+                      for r in rows],
+             "streamed_vs_on_device": {n: r for n, r, _ in ratios}}, indent=2))
 
 
 if __name__ == "__main__":

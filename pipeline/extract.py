@@ -38,7 +38,9 @@ class ExtractResult:
     units: int  # units written by this rank
     tokens: int  # tokens run through the model by this rank
     seconds: float  # model work and store writes of this rank
-    phases: dict[str, float] | None = None  # seconds: prepare (tokenize, lay out), compute, drain (last writes), finalize
+    # seconds: prepare (tokenize, lay out), compute, drain (last writes), finalize; writing: the writer thread's
+    # time in write_unit (overlapping compute)
+    phases: dict[str, float] | None = None
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> Tokenized:
@@ -249,6 +251,7 @@ def _extract_units(model, tok: Tokenized, text_index: list[int], layout, layers:
             phases["compute"] = t_drain - t_start
         sink.close()
         phases["drain"] = time.perf_counter() - t_drain
+        phases["writing"] = sink.busy
     finally:
         sink.abort()
         bar.close()

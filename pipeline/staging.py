@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -129,6 +130,7 @@ class AsyncUnitWriter:
         self.writer = writer
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.busy = 0.0  # seconds spent writing units (compared with compute, it says who waits)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -149,7 +151,9 @@ class AsyncUnitWriter:
                                     "use extract.dtype/store_dtype float32 or bfloat16")
                 arrays = {k: (v.numpy().view(np.uint16) if str(v.dtype) == "torch.int16" else
                               v.numpy() if hasattr(v, "numpy") else v) for k, v in host.items()}
+                t0 = time.perf_counter()
                 self.writer.write_unit(span, arrays)
+                self.busy += time.perf_counter() - t0
             except BaseException as e:  # surfaced on the main thread at the next put/close
                 self.error = e
 
@@ -160,12 +164,14 @@ class AsyncUnitWriter:
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+        self.writer.close()
         self._raise()
 
     def abort(self) -> None:
         if self.thread.is_alive():
             self.q.put(None)
             self.thread.join()
+        self.writer.close()
 
     def _raise(self) -> None:
         if self.error is not None:

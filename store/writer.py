@@ -3,14 +3,20 @@
 Crash safety rests on one rule: a unit's marker file is written (atomically, by rename) only after
 every shard of that unit is on disk. A rerun rewrites every unit without a marker, so a shard torn
 by a kill is always rewritten, never trusted. Rank 0 finalizes once all markers exist.
+
+A unit's shards are written WRITERS at a time: by worker processes when the unit is large
+(store/shardpool.py says why), else by threads, each shard encoded and written through zarr's async
+API on the thread's own event loop (zarr's sync API runs every codec on its one event-loop thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +28,9 @@ from store.layout import FILL, SCHEMA_VERSION, StoreLayout, UnitSpan
 from store.owned import check_replaceable
 
 __all__ = ["UNITS_DIR", "StoreWriter", "check_existing", "read_attrs"]
+
+WRITERS = min(8, os.cpu_count() or 1)  # shards encoded and written at once
+PROCESS_MIN_BYTES = 256 << 20  # units at least this large go to worker processes (starting them takes ~1 s)
 
 
 def _store_or_empty(path: Path) -> bool:
@@ -69,15 +78,17 @@ def _set_complete(path: Path, value: bool) -> None:
 
 class StoreWriter:
     def __init__(self, path: Path, layout: StoreLayout, store_dtype: str, identity: dict[str, Any],
-                 on_write: Callable[[str], None] | None = None):
-        """on_write(what) is called at each write point ("create", "shards", "finalize"): the
-        crash tests inject kills and I/O errors there."""
+                 on_write: Callable[[str], None] | None = None, writers: int | None = None):
+        """on_write(what) is called at each write point ("create", each shard written, "finalize"):
+        the crash tests inject kills and I/O errors there. writers: shards written at once (default
+        WRITERS, read when the writer is made; 1: one at a time, in this process)."""
         self.path = Path(path)
         self.layout = layout
         self.store_dtype = store_dtype
         self.identity = identity
         self.on_write = on_write or (lambda what: None)
-        self._arrays: dict[str, Any] = {}
+        self.writers = max(1, WRITERS if writers is None else writers)
+        self._pool = None  # a ShardPool, started for the first large unit
 
     def prepare(self, force: bool, extra_attrs: dict[str, Any]) -> list[int]:
         """Rank 0, holding the store's lock: create the store, replace it (force, other inputs), or
@@ -150,31 +161,62 @@ class StoreWriter:
             raise UserError(f"creating store {self.path} failed ({e.strerror or e}): free space or fix the disk, "
                             "then rerun") from None
 
-    def _array(self, name: str):
-        import zarr
+    def _pieces(self, span: UnitSpan, arrays: dict[str, np.ndarray]) -> list[tuple[str, int, int, int]]:
+        """(array, first store row, stop row, first row in arrays[array]) of every shard of the unit,
+        arrays in the given order."""
+        pieces = []
+        for name in arrays:
+            lo, hi = span.tok if is_token_array(name) else span.seq
+            step = self.layout.token_shard if is_token_array(name) else self.layout.unit_size
+            pieces += [(name, a, min(a + step, hi), a - lo) for a in range(lo, hi, step)]
+        return pieces
 
-        if name not in self._arrays:
-            # Every shard file must exist for a deletion to be found: empty chunks are written, and
-            # no shard is all fill value (layout.FILL), which zarr would not write at all.
-            self._arrays[name] = zarr.open_array(str(self.path / name), mode="r+",
-                                                 config={"write_empty_chunks": True})
-        return self._arrays[name]
+    def _shard_pool(self, nbytes: int):
+        from store.shardpool import ShardPool
+
+        if self._pool is None and self.writers > 1 and nbytes >= PROCESS_MIN_BYTES and ShardPool.fits(nbytes):
+            self._pool = ShardPool(self.writers)
+        return self._pool if self._pool is not None and ShardPool.fits(nbytes) else None
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _write_piece(self, name: str, lo: int, hi: int, data: np.ndarray) -> None:
+        # A fresh event loop on this thread: the encoding runs here, beside the other threads'.
+        asyncio.run(_set_rows(self.path / name, lo, hi, data))
 
     def pending_units(self, rank: int, world: int) -> list[UnitSpan]:
         return [u for u in self.layout.units
                 if u.unit % world == rank and not marker_path(self.path, u.unit).exists()]
 
     def write_unit(self, span: UnitSpan, arrays: dict[str, np.ndarray]) -> None:
-        """Write every shard of one unit, then its marker. arrays: name -> rows of this unit."""
+        """Write every shard of one unit (`writers` at once), then its marker. arrays: name -> rows of
+        this unit."""
+        pieces = self._pieces(span, arrays)
+        pool = self._shard_pool(sum(a.nbytes for a in arrays.values()))
+        threads = None if pool is not None else ThreadPoolExecutor(max_workers=min(self.writers, max(1, len(pieces))))
+        futures = []
         try:
-            for name, data in arrays.items():
-                lo, hi = span.tok if is_token_array(name) else span.seq
-                if hi > lo:
-                    self._array(name)[lo:hi] = data
-                    self.on_write("shards")
+            if pool is not None:
+                futures = pool.submit(self.path, pieces, arrays)
+            else:
+                futures = [threads.submit(self._write_piece, name, lo, hi, arrays[name][at:at + hi - lo])
+                           for name, lo, hi, at in pieces]
+            for f in futures:  # in submission order, so a fault point's count means the same each run
+                f.result()
+                self.on_write("shards")
         except OSError as e:
             raise UserError(f"writing unit {span.unit} of {self.path} failed ({e.strerror or e}): free space or "
                             "fix the disk, then rerun to resume (finished units are kept)") from None
+        finally:
+            for f in futures:
+                f.cancel()  # after a failure: no more shards; those in flight finish before the raise
+            wait(futures)
+            if threads is not None:
+                threads.shutdown()
         marker = marker_path(self.path, span.unit)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"unit": span.unit, "seq": span.seq, "tok": span.tok}))
@@ -199,6 +241,15 @@ class StoreWriter:
         except OSError as e:
             raise UserError(f"finalizing store {self.path} failed ({e.strerror or e}): free space or fix the disk, "
                             "then rerun (every unit is written; the rerun only finalizes)") from None
+
+
+async def _set_rows(path: Path, lo: int, hi: int, data: np.ndarray) -> None:
+    import zarr.api.asynchronous as za
+
+    # Every shard file must exist for a deletion to be found: empty chunks are written, and no
+    # shard is all fill value (layout.FILL), which zarr would not write at all.
+    arr = await za.open_array(store=str(path), mode="r+", config={"write_empty_chunks": True})
+    await arr.setitem(slice(lo, hi), data)
 
 
 def _dimension_names(name: str, ndim: int) -> tuple[str, ...]:

@@ -274,3 +274,59 @@ def test_a_store_without_per_token_rows_opens_and_verifies(tmp_path, tiny_models
     path = run_extract(params, "a", quiet=True).path
     store = ActivationStore(path)
     assert not store.read("seq_len").any() and verify_store(path) == []
+
+
+def _unit_arrays(layout, span, rng):
+    """Every array of one unit, random values of the store's dtypes (bf16 kept as uint16 bits)."""
+    lo, hi = span.seq
+    t = span.tok[1] - span.tok[0]
+    out = {"seq_start": layout.seq_start[lo:hi], "seq_len": layout.seq_len[lo:hi],
+           "text_index": np.arange(lo, hi, dtype=np.int64), "token_ids": rng.integers(0, 99, t).astype(np.int32),
+           "char_end": rng.integers(1, 999, t).astype(np.int32)}
+    for layer in layout.layers:
+        out[f"pooled/L{layer}"] = rng.standard_normal((hi - lo, layout.width), dtype=np.float32)
+        out[f"last/L{layer}"] = rng.integers(0, 0x7F00, (hi - lo, layout.width)).astype(np.uint16)
+        out[f"tokens/L{layer}"] = rng.integers(0, 0x7F00, (t, layout.width)).astype(np.uint16)
+    return out
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_parallel_shard_writers_write_the_one_writer_bytes(tmp_path, monkeypatch, how):
+    """Units whose token arrays span several shards, written by 3 threads or 3 worker processes,
+    give the same files byte for byte as one writer; an I/O error mid-unit leaves that unit
+    unmarked (a rerun rewrites it)."""
+    from store import writer as store_writer
+    from store.layout import StoreLayout
+    from store.writer import StoreWriter
+
+    if how == "processes":
+        monkeypatch.setattr(store_writer, "PROCESS_MIN_BYTES", 0)
+    layout = StoreLayout(np.full(16, 700), 8, [0, 3], 24)  # 5600 token rows a unit: 3 token shards each
+    assert all((u.tok[1] - u.tok[0]) // layout.token_shard == 3 for u in layout.units)
+    files = {}
+    for writers in (1, 3):
+        w = StoreWriter(tmp_path / f"w{writers}.zarr", layout, "bfloat16", {"k": 1}, writers=writers)
+        w.create({})
+        rng = np.random.default_rng(7)
+        for span in layout.units:
+            w.write_unit(span, _unit_arrays(layout, span, rng))
+        assert (w._pool is not None) == (how == "processes" and writers > 1)
+        w.close()
+        w.finalize()
+        files[writers] = {str(p.relative_to(w.path)): p.read_bytes() for p in sorted(w.path.rglob("*")) if p.is_file()}
+    assert len(files[1]) > 30 and files[1] == files[3]
+    assert verify_store(tmp_path / "w3.zarr") == []
+
+    seen = []
+
+    def fail_second_shard(what):
+        if what == "shards" and len(seen) == 2:
+            raise OSError(28, "No space left on device")
+        seen.append(what)
+
+    w = StoreWriter(tmp_path / "f.zarr", layout, "bfloat16", {"k": 1}, on_write=fail_second_shard, writers=3)
+    w.create({})
+    with pytest.raises(UserError, match="writing unit 0 .*No space left"):
+        w.write_unit(layout.units[0], _unit_arrays(layout, layout.units[0], np.random.default_rng(7)))
+    w.close()
+    assert w.pending_units(0, 1) == layout.units

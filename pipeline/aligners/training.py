@@ -14,8 +14,12 @@ uninterrupted run exactly.
 Devices. On a GPU the training rows are copied to device memory once when they fit in half of
 what is free (`RowSplit.to_device`); every epoch's batches are then gathered there in the same
 order as the streamed path, so the GPU never waits on store reads after the first pass. Rows that
-do not fit are streamed as above and copied per batch. The loss is summed on the device, so no
-step waits for the host.
+do not fit are streamed as above: a window's blocks are read READ_THREADS at a time, the window is
+copied to the device whole on a side stream (two windows read ahead), and batches are gathered
+there, so no step copies from the host or waits for it. The held-out rows are read once and kept
+on the device when they fit, else in host memory up to HELDOUT_CACHE_BYTES; the blocks read are kept
+in host memory for the later epochs when they fit in HOST_CACHE_FRACTION of it. The loss is summed on
+the device, so no step waits for the host.
 
 DDP. When torch.distributed is initialized, each epoch's blocks are dealt round-robin to the ranks,
 every rank takes the same number of steps (the smallest rank's count), gradients are averaged
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -50,7 +55,14 @@ from pipeline.errors import UserError
 from pipeline.faults import fault_point
 from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
 
-HELDOUT_CACHE_BYTES = 256 << 20  # held-out rows kept in memory between evaluations when this small
+HELDOUT_CACHE_BYTES = 1 << 30  # held-out rows kept in host memory between evaluations when this small
+HELDOUT_DEVICE_BUDGET = 0.25  # ... or on the GPU when they take at most this fraction of its free memory
+READ_THREADS = 8  # row blocks read and decompressed at once (zarr's and numpy's work releases the GIL)
+WINDOWS_AHEAD = 2  # streamed windows read ahead of the one being consumed (assembled at the same time)
+# Streaming to a GPU, row blocks read once are kept in host memory for the later epochs when all of
+# them take at most this fraction of the machine's memory: decoding the store, not the disk, is what
+# limits a pass (about 0.6 GB/s of float16 rows on an H200 host). 0: read every epoch from the store.
+HOST_CACHE_FRACTION = 0.25
 RETRIEVAL_ROWS = 2048  # held-out rows used for the final retrieval score (it is O(rows²))
 
 
@@ -118,25 +130,54 @@ class RowSplit:
         self._heldout_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None  # training rows on the device
         self._resident_heldout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._heldout_device: torch.device | None = None  # where heldout_batches caches its first pass
+        self.window_wait = 0.0  # seconds the streamed path waited for a window (reads not hidden)
+        self._host_blocks: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # block -> rows, once read
 
-    def fits_on(self, device: torch.device, budget: float = 0.5) -> bool:
-        """Whether all rows (float32) take at most `budget` of the GPU's free memory. Never on the
-        CPU, whose path keeps memory bounded by the shuffle buffer."""
-        need = self.n * (self.d_source + self.d_target) * 4
+    def fits_on(self, device: torch.device, budget: float = 0.5, rows: int | None = None) -> bool:
+        """Whether `rows` rows (default all; float32) take at most `budget` of the GPU's free memory.
+        Never on the CPU, whose path keeps memory bounded by the shuffle buffer."""
+        need = (self.n if rows is None else rows) * (self.d_source + self.d_target) * 4
         return device.type == "cuda" and need <= budget * torch.cuda.mem_get_info(device)[0]
+
+    def keep_blocks_in_memory(self, fraction: float | None = None) -> bool:
+        """Keep every block read in host memory from now on, when all rows (float32) take at most
+        `fraction` (default HOST_CACHE_FRACTION, read now) of the machine's memory. Returns whether
+        they will be kept."""
+        fraction = HOST_CACHE_FRACTION if fraction is None else fraction
+        need = self.n * (self.d_source + self.d_target) * 4
+        if fraction > 0 and need <= fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            self._host_blocks = {} if self._host_blocks is None else self._host_blocks
+        return self._host_blocks is not None
+
+    def _load_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._host_blocks is not None and b in self._host_blocks:
+            return self._host_blocks[b]
+        rows = self.blocks.load(b)
+        if self._host_blocks is not None:
+            self._host_blocks[b] = rows
+        return rows
+
+    def keep_heldout_on(self, device: torch.device) -> None:
+        """Let the first held-out pass leave the held-out rows on `device` for the later ones."""
+        self._heldout_device = device
+
+    def _blocks_in_order(self, pool: ThreadPoolExecutor, blocks: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x, y) of each block in order, READ_THREADS of them read and decompressed at once."""
+        futures = [pool.submit(self._load_block, b) for b in blocks[:READ_THREADS]]
+        for i in range(len(blocks)):
+            if i + READ_THREADS < len(blocks):
+                futures.append(pool.submit(self._load_block, blocks[i + READ_THREADS]))
+            yield futures[i].result()
+            futures[i] = None  # a consumed block is not kept alive by the list
 
     def to_device(self, device: torch.device) -> None:
         """Copy every row to `device` (float32, row-id order) in one pass over the store;
         train_batches then gathers batches there, in the same order as the streamed path, and
         heldout_batches slices the held-out rows there."""
         parts: dict[bool, list[tuple[torch.Tensor, ...]]] = {False: [], True: []}
-        ahead = 8  # blocks read and decompressed in parallel (the codecs release the GIL)
-        with ThreadPoolExecutor(max_workers=ahead) as pool:
-            futures = {b: pool.submit(self.blocks.load, b) for b in range(min(ahead, len(self.blocks)))}
-            for b in range(len(self.blocks)):
-                x, y = futures.pop(b).result()
-                if b + ahead < len(self.blocks):
-                    futures[b + ahead] = pool.submit(self.blocks.load, b + ahead)
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            for b, (x, y) in enumerate(self._blocks_in_order(pool, list(range(len(self.blocks))))):
                 start, stop = self.blocks.bounds[b]
                 held = self.heldout[start:stop]
                 for which in (False, True):
@@ -170,19 +211,26 @@ class RowSplit:
         rows = [sum(len(w.ids) for w in self.plan(epoch, r, world)) for r in range(world)]
         return min(math.ceil(r / batch_size) for r in rows)
 
-    def _load_window(self, w: _Window) -> tuple[np.ndarray, np.ndarray]:
+    def _load_window(self, w: _Window, pool: ThreadPoolExecutor, device: torch.device | None = None) -> tuple:
+        """The window's training rows (float32, in `w.ids` order), its blocks read in parallel. With
+        a device: (x, y, position in x of each row of w.order) as tensors on it, so batches are
+        gathered there with no copy from the host."""
         xs, ys = [], []
-        for b in w.blocks:
-            x, y = self.blocks.load(b)
+        for b, (x, y) in zip(w.blocks, self._blocks_in_order(pool, w.blocks)):
             keep = ~self.heldout[slice(*self.blocks.bounds[b])]
             xs.append(x[keep])
             ys.append(y[keep])
-        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+        x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+        if device is None:
+            return x, y
+        return tuple(_upload(a, device) for a in (x, y, np.searchsorted(w.ids, w.order)))
 
     def train_batches(self, epoch: int, batch_size: int, rank: int = 0, world: int = 1,
-                      skip: int = 0, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches `skip` … `steps`-1 of this rank's epoch as float32 tensors. A batch may straddle
-        two windows (leftover rows carry over), so at most two windows are held, plus one read ahead."""
+                      skip: int = 0, steps: int | None = None,
+                      device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `skip` … `steps`-1 of this rank's epoch as float32 tensors (on `device` when
+        given, gathered there). A batch may straddle two windows (leftover rows carry over), so at
+        most two windows are held, plus WINDOWS_AHEAD read ahead."""
         windows = self.plan(epoch, rank, world)
         seq = np.concatenate([w.order for w in windows])
         ends = np.cumsum([len(w.order) for w in windows])
@@ -194,25 +242,40 @@ class RowSplit:
                 rows = pos[k * batch_size:(k + 1) * batch_size]
                 yield x_all.index_select(0, rows), y_all.index_select(0, rows)
             return
-        loaded: dict[int, Any] = {}  # window index → future of its (x, y)
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        loaded: dict[int, Any] = {}  # window index → future of its (x, y[, positions])
+        # windows are assembled on one pool (the next ones while the current is consumed), their
+        # blocks read on the other, first come first served: the current window's blocks go first
+        with ThreadPoolExecutor(max_workers=1 + WINDOWS_AHEAD) as pool, ThreadPoolExecutor(max_workers=READ_THREADS) as reads:
             for k in range(skip, steps):
                 lo, hi = k * batch_size, min((k + 1) * batch_size, len(seq))
                 first, last = np.searchsorted(ends, lo, "right"), np.searchsorted(ends, hi - 1, "right")
                 for w in list(loaded):
                     if w < first:
                         del loaded[w]  # fully consumed
-                for w in range(first, min(last + 2, len(windows))):  # needed now, and the next one
+                for w in range(first, min(last + 1 + WINDOWS_AHEAD, len(windows))):  # needed now, and ahead
                     if w not in loaded:
-                        loaded[w] = pool.submit(self._load_window, windows[w])
+                        loaded[w] = pool.submit(self._load_window, windows[w], reads, device)
                 xs, ys = [], []
+                t0 = time.perf_counter()
+                for w in range(first, last + 1):
+                    loaded[w].result()
+                self.window_wait += time.perf_counter() - t0
                 for w in range(first, last + 1):
                     a, b = max(lo, windows[w].start), min(hi, int(ends[w]))
-                    x, y = loaded[w].result()
-                    rows = np.searchsorted(windows[w].ids, seq[a:b])
-                    xs.append(x[rows])
-                    ys.append(y[rows])
-                yield torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+                    if device is None:
+                        x, y = loaded[w].result()
+                        rows = np.searchsorted(windows[w].ids, seq[a:b])
+                        xs.append(x[rows])
+                        ys.append(y[rows])
+                    else:
+                        x, y, pos = loaded[w].result()
+                        rows = pos[a - windows[w].start:b - windows[w].start]
+                        xs.append(x.index_select(0, rows))
+                        ys.append(y.index_select(0, rows))
+                if device is None:
+                    yield torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+                else:
+                    yield (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
 
     def iter_train_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Training rows block by block, in row order (for one-pass statistics such as a base map)."""
@@ -232,23 +295,55 @@ class RowSplit:
             for s in range(0, len(x), batch_size):
                 yield torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size])
             return
-        cache = self.n_heldout * (self.d_source + self.d_target) * 4 <= HELDOUT_CACHE_BYTES
+        on_device = self._heldout_device is not None and self.fits_on(self._heldout_device, HELDOUT_DEVICE_BUDGET,
+                                                                      self.n_heldout)
+        cache = on_device or self.n_heldout * (self.d_source + self.d_target) * 4 <= HELDOUT_CACHE_BYTES
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         bx = by = None
-        for start, stop, (x, y) in self.blocks.iter():
-            keep = self.heldout[start:stop]
-            x, y = x[keep].astype(np.float32), y[keep].astype(np.float32)
-            if cache:
-                kept.append((x, y))
-            bx = x if bx is None else np.concatenate([bx, x])
-            by = y if by is None else np.concatenate([by, y])
-            while len(bx) >= batch_size:
-                yield torch.from_numpy(bx[:batch_size]), torch.from_numpy(by[:batch_size])
-                bx, by = bx[batch_size:], by[batch_size:]
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            for b, (x, y) in enumerate(self._blocks_in_order(pool, list(range(len(self.blocks))))):
+                keep = self.heldout[slice(*self.blocks.bounds[b])]
+                x, y = x[keep].astype(np.float32), y[keep].astype(np.float32)
+                if cache:
+                    kept.append((x, y))
+                bx = x if bx is None else np.concatenate([bx, x])
+                by = y if by is None else np.concatenate([by, y])
+                while len(bx) >= batch_size:
+                    yield torch.from_numpy(bx[:batch_size]), torch.from_numpy(by[:batch_size])
+                    bx, by = bx[batch_size:], by[batch_size:]
         if bx is not None and len(bx):
             yield torch.from_numpy(bx), torch.from_numpy(by)
         if cache:
-            self._heldout_cache = (np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept]))
+            x, y = np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
+            if on_device:
+                self._resident_heldout = (_upload(x, self._heldout_device), _upload(y, self._heldout_device))
+            else:
+                self._heldout_cache = (x, y)
+
+
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`. On a GPU the copy runs on a side stream and this
+    thread waits for it, so a loader thread's copy overlaps the training steps; the memory is
+    allocated on the default stream, where the steps use (and free) it."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type != "cuda":
+        return t.to(device)
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    stream = _upload_stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))  # the block may be one the steps just freed
+    with torch.cuda.stream(stream):
+        out.copy_(t)
+    stream.synchronize()
+    return out
+
+
+_UPLOAD_STREAMS: dict[torch.device, Any] = {}
+
+
+def _upload_stream(device: torch.device):
+    if device not in _UPLOAD_STREAMS:
+        _UPLOAD_STREAMS[device] = torch.cuda.Stream(device)
+    return _UPLOAD_STREAMS[device]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,9 +508,11 @@ def heldout_scores(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> dic
 
 def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Checkpoint | None = None,
           checkpoint_every: int = 0, stop_after_steps: int | None = None,
-          log: Callable[[dict[str, Any]], None] | None = None, device: Any = None) -> dict[str, Any]:
+          log: Callable[[dict[str, Any]], None] | None = None, device: Any = None,
+          rows_on_device: bool | None = None) -> dict[str, Any]:
     """Train `net` in place with Adam on `device` (default: where net is); at the end it holds the
-    weights of the best held-out epoch.
+    weights of the best held-out epoch. rows_on_device: hold every training row on the device
+    (True), stream them (False), or hold them when they fit (None).
     Returns the fit report (history, held-out scores). With `stop_after_steps` it checkpoints and
     returns early, marked interrupted (to test or to split a long run); a later call with the same
     checkpoint resumes."""
@@ -423,10 +520,14 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
     dev = torch.device(device) if device is not None else _device_of(net)
     net.to(dev)
     rows_on_device_s = None
-    if split.fits_on(dev):
+    if split.fits_on(dev) if rows_on_device is None else rows_on_device:
         t0 = time.perf_counter()
         split.to_device(dev)
         rows_on_device_s = time.perf_counter() - t0
+    elif dev.type == "cuda":
+        split.keep_heldout_on(dev)
+        split.keep_blocks_in_memory()
+    stream_to = dev if dev.type == "cuda" else None  # streamed windows go to the GPU whole
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # this epoch's, not yet in st
@@ -452,7 +553,8 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
         if steps == 0:
             raise UserError(f"{world} ranks but only {len(split.blocks)} row blocks: some rank gets no "
                             "training rows; use fewer ranks or smaller blocks (block_rows)")
-        for x, y in split.train_batches(st.epoch, p.batch_size, rank, world, skip=st.step_in_epoch, steps=steps):
+        for x, y in split.train_batches(st.epoch, p.batch_size, rank, world, skip=st.step_in_epoch, steps=steps,
+                                        device=stream_to):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = batch_loss(net(x), y, p)
@@ -490,6 +592,8 @@ def train(net: torch.nn.Module, split: RowSplit, p: TrainParams, checkpoint: Che
               "heldout": heldout_scores(net, split, p)}
     if rows_on_device_s is not None:
         report["rows_to_device_seconds"] = rows_on_device_s
+    elif stream_to is not None:  # streamed to a GPU: how much of the reading the steps did not hide
+        report["window_wait_seconds"] = split.window_wait
     return report
 
 
@@ -538,10 +642,12 @@ class TrainableAligner(Aligner):
 
     def fit(self, source: Any, target: Any, *, checkpoint_dir: str | Path | None = None,
             checkpoint_every: int = 0, stop_after_steps: int | None = None, block_rows: int | None = None,
-            log: Callable[[dict[str, Any]], None] | None = None, device: Any = None) -> TrainableAligner:
+            log: Callable[[dict[str, Any]], None] | None = None, device: Any = None,
+            rows_on_device: bool | None = None) -> TrainableAligner:
         """Train on (source, target), on `device` (default CPU). With `checkpoint_dir`, checkpoints at
         each epoch end (and every `checkpoint_every` steps) and resumes from a checkpoint found there.
-        The fitted module is returned to the CPU, where transform and save expect it."""
+        The fitted module is returned to the CPU, where transform and save expect it. rows_on_device:
+        see `train` (None: automatic)."""
         p = self.params
         split = RowSplit(source, target, p.seed, p.heldout_frac, max(p.shuffle_buffer, p.batch_size), block_rows)
         self.d_source, self.d_target = split.d_source, split.d_target
@@ -553,7 +659,7 @@ class TrainableAligner(Aligner):
                 torch.manual_seed(p.seed)
                 self.net = self.init_net(split, torch.Generator().manual_seed(p.seed))
         self.net.train()
-        self.fit_info = train(self.net, split, p, ckpt, checkpoint_every, stop_after_steps, log, device)
+        self.fit_info = train(self.net, split, p, ckpt, checkpoint_every, stop_after_steps, log, device, rows_on_device)
         self.net.cpu().eval()
         return self
 

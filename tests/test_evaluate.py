@@ -98,6 +98,26 @@ def test_prompts_private_and_shared():
     assert decoding.sampling == "nucleus" and decoding.top_p == 0.9 and prompts.a == prompts.b
 
 
+def test_with_a_equal_to_b_a_reading_the_skyline_prompt_reuses_the_skyline_run(pair, monkeypatch):
+    import copy
+
+    import pipeline.evaluation.methods as methods
+
+    calls = []
+    real = methods.generate
+    monkeypatch.setattr(methods, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, methods=["a_alone", "nl", "skyline"], **FAST)
+    same = Pair(pair.model_b, pair.tok_b, pair.model_b, pair.tok_b, "b", "b")
+    runs = {r.name: r for r in evaluate_task("squad", same, cfg).runs}
+    assert len(calls) == 2  # the skyline and NL's B: A's answer is the skyline's (squad private: one prompt)
+    assert runs["a_alone"].texts == runs["skyline"].texts
+    assert runs["a_alone"].compute.a_tokens == runs["skyline"].compute.b_tokens > 0  # still charged to A
+    # two model objects that are not known to be one model (no content hash given): A runs on its own
+    calls.clear()
+    evaluate_task("squad", Pair(pair.model_b, pair.tok_b, copy.deepcopy(pair.model_b), pair.tok_b), cfg)
+    assert len(calls) == 3
+
+
 def test_aligners_are_checked_against_models_and_layers(pair, aligner_dir):
     assert set(load_aligners(["procrustes"], aligner_dir, pair, 2, 3)) == {"procrustes"}
     with pytest.raises(UserError, match="fitted on layers"):

@@ -53,7 +53,7 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
     enc_a = [encode(pair.tok_a, t, chat, prompts.cue) for t in prompts.a]
     enc_b = [encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.b]
     runs: dict[str, MethodRun] = {}
-    sky_logits = None
+    sky_logits = sky_ids = sky_gen = None
 
     def gen_b(ids, keep_first_logits: bool = False) -> Generation:
         return generate(pair.model_b, pair.tok_b, ids, decoding, batch_size=bs, seeds=seeds,
@@ -71,7 +71,8 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
             + f" ({compute.seconds:.1f}s)")
 
     if "skyline" in cfg.methods and prompts.skyline is not None:
-        gen = gen_b([encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.skyline], keep_first_logits=True)
+        sky_ids = [encode(pair.tok_b, t, chat, prompts.cue) for t in prompts.skyline]
+        gen = sky_gen = gen_b(sky_ids, keep_first_logits=True)
         sky_logits = gen.first_logits
         c = Compute()
         c.add_run(pair.model_b, "b", gen)
@@ -85,7 +86,12 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
 
     a_gen = None
     if "a_alone" in cfg.methods or "nl" in cfg.methods:
-        a_gen = generate(pair.model_a, pair.tok_a, enc_a, decoding, batch_size=bs, seeds=seeds)
+        if pair.same_model and sky_ids == enc_a:
+            # A = B reading the skyline's prompt (SQuAD's private setting) is the skyline's run: same
+            # weights, ids, seeds and decoding; it is still charged to A below
+            a_gen = sky_gen
+        else:
+            a_gen = generate(pair.model_a, pair.tok_a, enc_a, decoding, batch_size=bs, seeds=seeds)
         if "a_alone" in cfg.methods:
             c = Compute()
             c.add_run(pair.model_a, "a", a_gen)

@@ -26,6 +26,11 @@ class Pair:
     sha_b: str | None = None
 
     @property
+    def same_model(self) -> bool:
+        """A and B are one model (one object, or the same weights by content): a run of one is a run of the other."""
+        return self.model_a is self.model_b or (self.sha_a is not None and self.sha_a == self.sha_b)
+
+    @property
     def width_a(self) -> int:
         return int(_text_config(self.model_a).hidden_size)
 

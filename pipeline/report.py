@@ -335,6 +335,8 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
             share = (f", {100 * d / (sky - b):.0f}% of the way from B alone to the skyline"
                      if isinstance(sky, float) and isinstance(b, float) and sky > b else "")
             return f"{what} carries information here: `{name}` is {100 * d:+.1f} points over B alone (p {q:.2g}){share}."
+        if d < 0 and q is not None and q < 0.05:  # a graft that misleads B is a finding, not a null
+            return f"{what} hurts here: `{name}` is {100 * d:+.1f} points below B alone (p {q:.2g})."
         return f"{what} does not carry it detectably: `{name}` is {100 * d:+.1f} points from B alone (p {_num(q, '.2g')})."
 
     parts = [verdict("Plain AC", ac, diff, p), verdict("AC through an aligner", acw, diff_w, p_w),

@@ -294,3 +294,14 @@ def test_answer_of_a_records_folder(capsys):
     assert "| 0.0 [0.0, 3.7] | 44.0 [34.7, 53.8] | 9.0 [4.8, 16.2] `ac_replace` (p 0.0039) | — | " \
            "77.0 [67.8, 84.2] `kv_all` (p 1.3e-23) | 79.0 [70.0, 85.8] | 87 / 22 |" in out
     assert out.count("\n| `") == 3  # squad, countries, tipsheets
+
+
+def test_the_answer_says_when_a_method_hurts(capsys):
+    """A method significantly below B alone is reported as hurting, not as a null (the cross-family
+    pair's Tip Sheets record: AC replace 21 against B alone's 47)."""
+    code, out, err = run_cli(capsys, "report", "--answer", str(ROOT / "results" / "cross-family"))
+    assert code == 0, err
+    tipsheets = next(line for line in out.splitlines() if line.startswith("- `tipsheets`"))
+    assert "Plain AC hurts here: `ac_replace` is -26.0 points below B alone (p 6.2e-06)." in tipsheets
+    squad = next(line for line in out.splitlines() if line.startswith("- `squad`"))
+    assert "Plain AC does not carry it detectably" in squad and "hurts" not in squad

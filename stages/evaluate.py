@@ -107,9 +107,8 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
 def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     from dataclasses import replace
 
-    from pipeline.artifacts import Outputs
+    from pipeline.artifacts import Outputs, write_json  # strict JSON (NaN as null), joins the block's Outputs
     from pipeline.evaluation.prompts import task_prompts
-    from pipeline.evaluation.results import write_json
     from pipeline.evaluation.sweep import layer_sweep, plot_sweep
     from pipeline.layers import num_layers, resolve_layers
 

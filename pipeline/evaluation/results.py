@@ -107,12 +107,3 @@ def plot_scores(summary: dict[str, Any], key: str, path: Path, title: str = "") 
     save_figure(fig, path, dpi=120)  # atomic; joins the stage's artifacts.Outputs
     plt.close(fig)
     return path
-
-
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Strict JSON (NaN as null), written atomically by pipeline.artifacts (joins the stage's Outputs)."""
-    from pipeline.artifacts import write_json as write
-
-    return write(path, obj)

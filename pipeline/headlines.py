@@ -10,6 +10,7 @@ columns of `dvc metrics show` (the union of every file's keys) stay few whatever
   n             what was measured: items (evaluate), held-out rows (fit, grid), texts (extract)
   b_alone, nl, skyline   those methods' primary score (evaluate)
   ac, ac_w, kv  the best plain AC, AC through an aligner, KV communication (primary score)
+  latent        the best cross-model latent method: multi-vector AC, mapped KV, the learned fuser
   p             plain AC's best against B alone, Bonferroni-corrected for the f's it was picked from
   kl, kl_w      similarity probe: lowest KL(B ‖ B + graft) over f of the raw graft, over the aligners
   top1, r2, cka held-out retrieval top-1, R² and CKA of an aligner (fit); grid: best raw CKA, best top-1
@@ -26,10 +27,20 @@ from typing import Any, Iterable
 
 MAX_KEYS = 12  # per metrics file, once flattened: a DVC table a person reads
 PLAIN_AC = ("ac_replace", "ac_sum", "ac_mean")
+# the headline groups of the method families a record names (pipeline/evaluation/methods/base.py):
+# one-vector AC plain and through an aligner, B reading A's own cache, and the cross-model latent
+# methods (multi-vector AC, mapped KV, the learned fuser); references and controls are no group
+GROUPS = {"ac": "ac", "ac_w": "ac_w", "kv": "kv", "mv_ac": "latent", "mapped_kv": "latent", "fuser": "latent"}
 
 
-def family(method: str) -> str | None:
-    """`ac` (plain AC, one f), `ac_w` (AC through an aligner), `kv`, or None (a reference method)."""
+def family(method: str, entry: dict[str, Any] | None = None) -> str | None:
+    """`ac` (plain AC, one f), `ac_w` (AC through an aligner), `kv`, `latent` (the cross-model
+    methods), or None (a reference method or a control). Records name each method's family; older
+    ones are read by name."""
+    if entry and "family" in entry:
+        return GROUPS.get(entry["family"])
+    if "~" in method:  # a control run
+        return None
     if method in PLAIN_AC:
         return "ac"
     if method.startswith("ac_"):
@@ -64,7 +75,7 @@ def best(details: dict[str, Any], names: Iterable[str]) -> tuple[str | None, flo
 
 
 def best_of_family(details: dict[str, Any], fam: str) -> tuple[str | None, float | None, float | None]:
-    return best(details, [n for n in details.get("methods", {}) if family(n) == fam])
+    return best(details, [n for n, e in details.get("methods", {}).items() if family(n, e) == fam])
 
 
 def evaluation(details: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +83,7 @@ def evaluation(details: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": details.get("n_items")}
     for method in ("b_alone", "nl", "skyline"):
         out[method] = primary_mean(details, method)
-    for fam in ("ac", "ac_w", "kv"):
+    for fam in ("ac", "ac_w", "kv", "latent"):
         name = best_of_family(details, fam)[0]
         out[fam] = primary_mean(details, name) if name else None
     out["p"] = best_of_family(details, "ac")[2]

@@ -187,3 +187,124 @@ def prefill(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, lay
 @contextmanager
 def _null():
     yield None
+
+
+# Multi-vector AC: the bandwidth axis ---------------------------------------------------------------
+#
+# A sends the states of the last m tokens of prompt_a after layer k (m = 1 is plain AC). B's prompt
+# gets m - 1 placeholder tokens inserted just before its last token, and at layer j the m message
+# vectors, in order, combine with the states of B's last m positions: the placeholders and the last
+# token itself, so A's last token always lands on B's last token as in plain AC. With m = 1 nothing
+# is inserted and the edit is exactly `inject`'s (tested). Layers after j read the m positions as
+# context; the placeholders' own token (B's pad token, or EOS) is never seen there, since their
+# states are replaced.
+
+
+@dataclass
+class TokenStates:
+    states: dict[int, list[Any]]  # layer -> per item (P_i, d_A) float32 on CPU: prompt_a's tokens after the layer
+    tokens: int  # prompt tokens A processed
+    blocks: int  # blocks A ran per token (the deepest layer)
+    seconds: float
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.states)
+
+
+def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
+                 batch_size: int = 8) -> TokenStates:
+    """A's states of every real token of each prompt after each of `layers`, from one forward pass
+    stopped after the deepest (left padding removed)."""
+    import torch
+
+    from pipeline.layers import num_layers, run_captured
+
+    n_layers = num_layers(model)
+    layers = sorted(set(int(l) for l in layers))
+    for layer in layers:
+        if not 0 <= layer <= n_layers:
+            raise UserError(f"sender layer {layer} is out of range: model A has layers 0..{n_layers}")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: dict[int, list[Any]] = {l: [None] * len(prompts) for l in layers}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for rows in length_batches([len(p) for p in prompts], batch_size):
+            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
+            got = run_captured(model, layers, input_ids=ids, attention_mask=mask, position_ids=pos)
+            for l in layers:
+                h = got[l].float().cpu()
+                for r, i in enumerate(rows):
+                    out[l][i] = h[r, ids.shape[1] - len(prompts[i]):].clone()
+    return TokenStates(out, sum(len(p) for p in prompts), max(layers, default=0), time.perf_counter() - start)
+
+
+def with_placeholders(prompt: Sequence[int], m: int, placeholder: int) -> list[int]:
+    """B's prompt with m - 1 placeholder tokens before its last token (module section above)."""
+    prompt = list(prompt)
+    return prompt[:-1] + [placeholder] * (m - 1) + prompt[-1:]
+
+
+def placeholder_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+@contextmanager
+def inject_rows(model: Any, layer: int, messages: Sequence[Any], mode: str, record: Graft | None = None
+                ) -> Iterator[Graft]:
+    """Within the block, the first forward pass of `model` has, in each row r, the states after
+    `layer` of its last len(messages[r]) positions combined with messages[r] ((m_r, d), in order);
+    later passes are left alone."""
+    import torch
+
+    from pipeline.layers import at_layer, num_layers
+
+    check_mode(mode)
+    n_layers = num_layers(model)
+    if not 0 <= layer <= n_layers:
+        raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
+    record = record if record is not None else Graft()
+
+    def edit(hidden: Any) -> Any:
+        if record.calls:
+            return None
+        if hidden.shape[0] != len(messages):
+            raise ValueError(f"{len(messages)} messages for a batch of {hidden.shape[0]} rows")
+        out = hidden.clone()
+        for r, msg in enumerate(messages):
+            m = msg.shape[0]
+            out[r, -m:] = combine(msg.to(device=hidden.device), hidden[r, -m:], mode)
+        record.before, record.after = hidden[:, -1].detach().float().cpu(), out[:, -1].detach().float().cpu()
+        record.calls += 1
+        return out
+
+    with at_layer(model, layer, edit), torch.no_grad():
+        yield record
+
+
+def communicate_rows(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int,
+                     messages: Sequence[Any], mode: str, decoding: Decoding, *, batch_size: int = 8,
+                     seeds: Sequence[int] | None = None, keep_first_logits: bool = False,
+                     records: list[Graft] | None = None) -> Generation:
+    """B generates for its prompts with item i's message ((m_i, d) states) placed on its last m_i
+    positions at layer j, once, in prefill. The prompts must already hold the placeholders
+    (`with_placeholders`)."""
+    check_mode(mode)
+    if len(messages) != len(prompts):
+        raise ValueError(f"{len(messages)} messages for {len(prompts)} prompts")
+    for i, (p, msg) in enumerate(zip(prompts, messages)):
+        if msg.shape[0] > len(p):
+            raise ValueError(f"item {i}: a message of {msg.shape[0]} states for a prompt of {len(p)} tokens")
+
+    def hook(rows: list[int]):
+        rec = Graft(rows=list(rows))
+        if records is not None:
+            records.append(rec)
+        return inject_rows(model, layer, [messages[i] for i in rows], mode, rec)
+
+    return generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seeds=seeds, prefill_hook=hook,
+                    keep_first_logits=keep_first_logits)

@@ -21,7 +21,7 @@ from pipeline.tasks.games import GameConfig
 from pipeline.tasks.gsm8k import Gsm8kConfig
 from pipeline.tasks.squad import SquadConfig
 
-FAST = dict(batch_size=4, n_boot=200, squad=SquadConfig(n=4, max_new_tokens=3),
+FAST = dict(batch_size=4, n_boot=200, controls=[], squad=SquadConfig(n=4, max_new_tokens=3),
             gsm8k=Gsm8kConfig(n=3, max_new_tokens=4), countries=GameConfig(n=4, max_new_tokens=3),
             tipsheets=GameConfig(n=3, max_new_tokens=3), similarity=SimilarityConfig(n=6),
             sweep=SweepConfig(n=3, layers_a=[0, 3], layers_b=[2, 4], max_new_tokens=2))
@@ -101,7 +101,7 @@ def test_prompts_private_and_shared():
 def test_with_a_equal_to_b_a_reading_the_skyline_prompt_reuses_the_skyline_run(pair, monkeypatch):
     import copy
 
-    import pipeline.evaluation.methods as methods
+    import pipeline.evaluation.methods.base as methods
 
     calls = []
     real = methods.generate

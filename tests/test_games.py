@@ -133,7 +133,13 @@ def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
                          tipsheets=GameConfig(n=4, max_new_tokens=3))
     result = evaluate_task("tipsheets", tiny_pair, cfg)
     runs = {r.name: r for r in result.runs}
-    assert list(runs) == ["b_alone", "a_alone", "nl", "ac_replace", "ac_sum", "ac_mean", "skyline"]
+    # every latent variant runs beside its mismatched control (the default), on the same items
+    assert list(runs) == ["b_alone", "a_alone", "nl", "ac_replace", "ac_replace~mismatched", "ac_sum",
+                          "ac_sum~mismatched", "ac_mean", "ac_mean~mismatched", "skyline"]
+    control = result.summary["ac_sum~mismatched"]
+    assert control["family"] == "control" and control["control_of"] == "ac_sum"
+    assert "vs_mismatched" in result.summary["ac_sum"] and "vs_mismatched" not in result.summary["nl"]
+    assert result.summary["ac_sum"]["family"] == "ac" and result.summary["nl"]["bytes_sent"] > 0
     assert result.setting == "private" and result.prompts.columns == ("option", "em", "f1")
     for name in ("ac_replace", "ac_sum", "ac_mean"):
         d = runs[name].diagnostics
@@ -191,7 +197,7 @@ def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair, monkeypatch):
     from pipeline.evaluation.pair import Pair
 
     same = Pair(tiny_pair.model_b, tiny_pair.tok_b, tiny_pair.model_b, tiny_pair.tok_b, "tiny-qwen", "tiny-qwen")
-    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=2, n_boot=100, methods=["b_alone", "ac", "kv", "skyline"],
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=2, n_boot=100, methods=["b_alone", "ac", "kv", "skyline"], controls=[],
                          modes=["replace"], kv=KvSection(layers=["all", "top", [2]], top_m=2, calib_items=2),
                          countries=GameConfig(n=3, max_new_tokens=2))
     result = evaluate_task("countries", same, cfg)
@@ -205,7 +211,7 @@ def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair, monkeypatch):
     assert s["kv_all"]["compute"]["a_tokens"] > 0 and s["kv_all"]["compute"]["flops"] > s["b_alone"]["compute"]["flops"]
     assert "agree_skyline" in s["kv_all"]["diagnostics"]
     calls = []
-    monkeypatch.setattr("pipeline.evaluation.methods.generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("pipeline.evaluation.methods.base.generate", lambda *a, **k: calls.append(1))
     with pytest.raises(UserError, match="one architecture"):  # a pair of two architectures: one line, before any work
         evaluate_task("countries", tiny_pair, cfg)
     assert calls == []

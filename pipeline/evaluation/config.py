@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.injection import MODES
 from pipeline.tasks.registry import PROBES, TASKS
 
-METHODS = ("b_alone", "a_alone", "nl", "ac", "kv", "skyline")  # "ac" = every f and aligner; "kv" = every kv.layers choice
+# the communication methods (pipeline/evaluation/methods/registry.py, whose keys a test holds equal
+# to these): "ac" = every f and aligner; "mv_ac" = every m of evaluate.mv; "kv" = every kv.layers choice
+METHODS = ("b_alone", "a_alone", "nl", "ac", "mv_ac", "kv", "skyline")
+AC_MODES = (*MODES, "gated")  # gated: b + g·v, the gated residual (g = evaluate.gate)
+CONTROLS = ("mismatched", "noise", "zero")  # of every latent method (pipeline/evaluation/methods/latent.py)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,16 @@ class KvSection:
 
 
 @dataclass(frozen=True)
+class MultiVectorSection:
+    """Multi-vector AC (method mv_ac): the states of A's last m tokens of prompt_a at layer k, each
+    through each aligner (a per-token one, fit.kind: tokens; "none": raw), on B's last m positions."""
+
+    m: list[int | str] = field(default_factory=lambda: [1, 4, 16, "all"])  # tokens sent, or "all" of prompt_a
+    aligners: list[str] = field(default_factory=lambda: ["none"])  # "none" or names in evaluate.aligners
+    mode: str = "replace"  # f on each of the m positions (of AC_MODES)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     task: str = "squad"  # any registered task
     n: int = 24
@@ -61,12 +77,15 @@ class _Shared:
     aligners: list[str] = field(default_factory=lambda: ["lora"])  # fitted aligners: names under <data>/aligners/ or dirs
     aligner_modes: list[str] = field(default_factory=lambda: ["replace"])  # f for AC through an aligner
     methods: list[str] = field(default_factory=lambda: ["b_alone", "nl", "ac", "kv", "skyline"])  # of METHODS
+    controls: list[str] = field(default_factory=lambda: ["mismatched"])  # of CONTROLS, for every latent method
+    gate: float = 0.5  # g of f = gated (b + g·v), fixed before any run
     chat: bool = True  # wrap prompts in the model's chat template when it has one
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
     n_boot: int = 10_000
     kv: KvSection = field(default_factory=KvSection)
+    mv: MultiVectorSection = field(default_factory=MultiVectorSection)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -87,8 +106,9 @@ EvaluateConfig.__doc__ = "The `evaluate` params section: the shared keys, the pr
 
 
 def validate(cfg: _Shared) -> None:
-    for key, values, allowed in (("modes", cfg.modes, MODES), ("aligner_modes", cfg.aligner_modes, MODES),
-                                 ("methods", cfg.methods, METHODS), ("tasks", cfg.tasks, (*TASKS, *PROBES))):
+    for key, values, allowed in (("modes", cfg.modes, AC_MODES), ("aligner_modes", cfg.aligner_modes, AC_MODES),
+                                 ("methods", cfg.methods, METHODS), ("tasks", cfg.tasks, (*TASKS, *PROBES)),
+                                 ("controls", cfg.controls, CONTROLS), ("mv.mode", [cfg.mv.mode], AC_MODES)):
         for v in values:
             if v not in allowed:
                 raise UserError(f"evaluate.{key}: {v!r} is not one of {', '.join(allowed)}")
@@ -103,6 +123,16 @@ def validate(cfg: _Shared) -> None:
         if hasattr(cfg, name):  # the base alone (no sections) is validated by the subclass's call
             cfg.section(name).check(name)
     cfg.kv.configs()
+    for m in cfg.mv.m:
+        if m != "all" and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise UserError(f"evaluate.mv.m: {m!r} is neither a token count (int >= 1) nor 'all'")
+    for name in cfg.mv.aligners:
+        if name != "none" and name not in [Path(a).name for a in cfg.aligners]:
+            raise UserError(f"evaluate.mv.aligners: {name!r} is neither 'none' nor one of evaluate.aligners "
+                            f"({', '.join(cfg.aligners) or 'none listed'}): add it there or remove it")
+    if not (isinstance(cfg.gate, (int, float)) and not isinstance(cfg.gate, bool) and math.isfinite(cfg.gate)
+            and 0.0 < cfg.gate <= 10.0):
+        raise UserError(f"evaluate.gate = {cfg.gate!r} must be a finite number in (0, 10]")
     positive = {"batch_size": cfg.batch_size, "similarity.n": cfg.similarity.n, "sweep.n": cfg.sweep.n,
                 "n_boot": cfg.n_boot}
     for key, value in positive.items():

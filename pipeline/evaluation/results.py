@@ -34,12 +34,20 @@ def summarize(prompts: TaskPrompts, runs: Sequence[Any], n_boot: int = 10_000, s
             entry["diagnostics"] = summarize_diagnostics(r.diagnostics, n_boot=n_boot, seed=seed)
         if r.details:
             entry["details"] = r.details
-        for ref in ("b_alone", "nl"):
-            if ref == r.name or ref not in by_name:
+        entry["family"] = r.family
+        if r.bytes_sent:
+            entry["bytes_sent"] = sum(r.bytes_sent) / len(r.bytes_sent)  # per item, on average
+        if r.control_of:
+            entry["control_of"], entry["control"] = r.control_of, r.control
+        refs = [(ref, by_name.get(ref)) for ref in ("b_alone", "nl")]
+        # a latent method against each of its controls: information, not a nudge, is a gain over these
+        refs += [(c.control, c) for c in runs if c.control_of == r.name]
+        for ref, other_run in refs:
+            if other_run is None or other_run is r:
                 continue
             cmp: dict[str, Any] = {}
             for key, values in r.scores.items():
-                other = by_name[ref].scores[key]
+                other = other_run.scores[key]
                 c = {"paired_bootstrap": paired_bootstrap(values, other, n_boot=n_boot, seed=seed).to_json()}
                 if key in prompts.binary:
                     c["mcnemar"] = mcnemar_exact(values, other).to_json()

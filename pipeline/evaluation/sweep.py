@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.evaluation.diagnostics import skyline_closeness
-from pipeline.evaluation.methods import _score_all
+from pipeline.evaluation.methods.base import score_all as _score_all
 from pipeline.evaluation.pair import Pair
 from pipeline.evaluation.prompts import encode
 from pipeline.tasks.base import TaskPrompts

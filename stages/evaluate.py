@@ -71,7 +71,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     if task == "similarity":
         return _similarity(params, cfg, pair, aligners, k, j, out)
 
-    from pipeline.evaluation.methods import evaluate_task
+    from pipeline.evaluation.methods.run import evaluate_task
     from pipeline.artifacts import Outputs, dumps, layout, write_record
     from pipeline.evaluation.results import plot_scores
     from pipeline.headlines import evaluation

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.evaluation.config import (EvaluateConfig, SimilarityConfig, SweepConfig,
                                         config_from_dict)
-from pipeline.evaluation.methods import evaluate_task
+from pipeline.evaluation.methods.run import evaluate_task
 from pipeline.evaluation.pair import Pair, load_aligners
 from pipeline.evaluation.prompts import task_prompts
 from pipeline.evaluation.similarity import similarity_probe, similarity_texts

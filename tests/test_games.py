@@ -126,7 +126,7 @@ def test_registry_is_the_one_list_of_tasks():
 
 def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
     from pipeline.evaluation.config import EvaluateConfig
-    from pipeline.evaluation.methods import evaluate_task
+    from pipeline.evaluation.methods.run import evaluate_task
 
     cfg = EvaluateConfig(layer_a=2, layer_b=3, batch_size=4, n_boot=100, modes=["replace", "sum", "mean"],
                          methods=["b_alone", "a_alone", "nl", "ac", "skyline"],  # two architectures: no kv
@@ -193,7 +193,7 @@ def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 
 
 def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair, monkeypatch):
     from pipeline.evaluation.config import EvaluateConfig, KvSection
-    from pipeline.evaluation.methods import evaluate_task
+    from pipeline.evaluation.methods.run import evaluate_task
     from pipeline.evaluation.pair import Pair
 
     same = Pair(tiny_pair.model_b, tiny_pair.tok_b, tiny_pair.model_b, tiny_pair.tok_b, "tiny-qwen", "tiny-qwen")

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.evaluation.config import EvaluateConfig, KvSection, MultiVectorSection
-from pipeline.evaluation.methods import evaluate_task
+from pipeline.evaluation.methods.run import evaluate_task
 from pipeline.evaluation.pair import Pair
 from pipeline.evaluation.prompts import task_prompts
 from pipeline.tasks.games import GameConfig
@@ -32,7 +32,7 @@ def test_registry_names_are_the_config_vocabulary():
 
 
 def test_unknown_method_is_one_line_before_any_work(same, monkeypatch):
-    from pipeline.evaluation.methods import run_methods
+    from pipeline.evaluation.methods.run import run_methods
 
     with pytest.raises(UserError, match="not one of"):
         EvaluateConfig(methods=["b_alone", "telepathy"])

@@ -122,7 +122,8 @@ def main() -> None:
     from pipeline.evaluation.compute import Compute
     from pipeline.generation import Decoding, generate, left_pad, length_batches
     from pipeline.injection import inject, sender_states
-    from pipeline.layers import num_layers, resolve_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import resolve_layers
     from pipeline.models import pick_device, pick_dtype
     from pipeline.synthetic import random_model, train_tokenizer
 
@@ -133,8 +134,8 @@ def main() -> None:
     model_a = random_model(args.shape_a, dtype=dtype, device=device, seed=0)
     model_b = random_model(args.shape_b, dtype=dtype, device=device, seed=1)
     model_b.generation_config.eos_token_id = None
-    k = resolve_layers([args.k], num_layers(model_a))[0]
-    j = resolve_layers([args.j], num_layers(model_b))[0]
+    k = resolve_layers([args.k], architecture(model_a).n_layers)[0]
+    j = resolve_layers([args.j], architecture(model_b).n_layers)[0]
     items = prompts(tokenizer, args.n, args.prompt_tokens)
     decoding = Decoding(max_new_tokens=args.new_tokens)
     d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size

@@ -58,7 +58,8 @@ def main() -> None:
     from pipeline.evaluation import kv
     from pipeline.generation import Decoding, generate
     from pipeline.injection import communicate, inject, sender_states
-    from pipeline.layers import num_layers, resolve_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import resolve_layers
     from pipeline.models import pick_device, pick_dtype
     from pipeline.synthetic import random_model, train_tokenizer
 
@@ -70,7 +71,7 @@ def main() -> None:
     tokenizer.eos_token = None  # random weights: decode exactly --new-tokens for every item
     model = random_model(args.shape, dtype=dtype, device=device, seed=0)
     model.generation_config.eos_token_id = None
-    n_layers = num_layers(model)
+    n_layers = architecture(model).n_layers
     k = resolve_layers([args.k], n_layers)[0]
     j = resolve_layers([args.j], n_layers)[0]
     m = kv.top_count(args.top, n_layers)

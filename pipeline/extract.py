@@ -125,7 +125,8 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     from pipeline.artifacts import exclusive
     from pipeline.distributed import is_main
     from pipeline.faults import fault_point
-    from pipeline.layers import num_layers, resolve_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import resolve_layers
     from pipeline.models import tokenizer_hash
     from pipeline.task_corpus import TaskCorpus
     from store.check import read_attrs
@@ -133,9 +134,10 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     from store.writer import StoreWriter, check_existing
 
     t0 = time.perf_counter()
-    n_layers = num_layers(model)
+    arch = architecture(model)
+    n_layers = arch.n_layers
     layers = resolve_layers(list(cfg.layers), n_layers)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = arch.context
     if context and cfg.max_tokens > context:
         raise UserError(f"extract.max_tokens = {cfg.max_tokens} exceeds the model's context ({context} tokens): lower it")
     compute_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -145,7 +147,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     else:
         tok = tokenize_shared(tokenizer, corpus.texts, cfg.max_tokens, dist)
     _check_tokens(tok, tokenizer, corpus, cfg.max_tokens)
-    layout = StoreLayout(np.minimum(tok.lengths, cfg.tokens_per_seq), cfg.unit_size, layers, int(model.config.hidden_size))
+    layout = StoreLayout(np.minimum(tok.lengths, cfg.tokens_per_seq), cfg.unit_size, layers, arch.width)
     identity = {
         **source, "tokenizer_hash": tokenizer_hash(tokenizer), "layers": layers, "compute_dtype": compute_dtype,
         "store_dtype": store_dtype, "corpus_fingerprint": corpus.fingerprint, "max_tokens": cfg.max_tokens,

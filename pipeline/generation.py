@@ -208,13 +208,15 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
 def _use_static(model: Any, device: Any, cache: str, eager_only: bool) -> bool:
     if cache not in CACHES:
         raise UserError(f"cache {cache!r} is not one of {', '.join(CACHES)}")
-    # the static cache's 4-D mask assumes every layer attends to the whole past (no sliding window)
-    full = all(t == "full_attention" for t in (getattr(model.config, "layer_types", None) or ["full_attention"]))
+    from pipeline.architecture import architecture
+
+    arch = architecture(model)
+    full = arch.full_attention  # the static cache's 4-D mask assumes every layer attends to the whole past
     if cache == "static":
         if eager_only:
             raise ValueError("a prefix or session_hook needs cache='dynamic' (the eager decoder)")
         if not full:
-            raise UserError(f"cache 'static' needs full attention in every layer; {model.config.model_type} has "
+            raise UserError(f"cache 'static' needs full attention in every layer; {arch.model_type} has "
                             "sliding-window layers: use cache 'dynamic'")
         return True
     return cache == "auto" and device.type == "cuda" and full and not eager_only
@@ -443,18 +445,20 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
 @contextmanager
 def _packed_attention(model: Any):
     """Within the block, a model on HF's sdpa attention uses packed_gqa_attention (the same math)."""
-    config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    from pipeline.architecture import architecture
+
+    arch = architecture(model)
+    if arch.attn_implementation != "sdpa":
         yield
         return
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_gqa_attention)
-    config._attn_implementation = PACKED_ATTENTION
+    arch.config._attn_implementation = PACKED_ATTENTION
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        arch.config._attn_implementation = "sdpa"
 
 
 def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,

@@ -65,9 +65,11 @@ def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
     final norm, no LM head). Left padding puts every prompt's last token at position -1."""
     import torch
 
-    from pipeline.layers import num_layers, run_captured
+    from pipeline.architecture import architecture
+    from pipeline.layers import run_captured
 
-    n_layers = num_layers(model)
+    arch = architecture(model)
+    n_layers = arch.n_layers
     if not 0 <= layer <= n_layers:
         raise UserError(f"sender layer k = {layer} is out of range: model A has layers 0..{n_layers}")
     device = next(model.parameters()).device
@@ -81,7 +83,7 @@ def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
             last = states[:, -1].float().cpu()
             for r, i in enumerate(rows):
                 out[i] = last[r]
-    vectors = torch.stack(out) if out else torch.zeros(0, model.config.hidden_size)
+    vectors = torch.stack(out) if out else torch.zeros(0, arch.width)
     return SenderStates(vectors, layer, sum(len(p) for p in prompts), time.perf_counter() - start)
 
 
@@ -114,10 +116,11 @@ def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None
     `layer` replaced by combine(vectors, state, mode); later passes are left alone. vectors: (rows, d)."""
     import torch
 
-    from pipeline.layers import at_layer, num_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import at_layer
 
     check_mode(mode)
-    n_layers = num_layers(model)
+    n_layers = architecture(model).n_layers
     if not 0 <= layer <= n_layers:
         raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
     record = record if record is not None else Graft()

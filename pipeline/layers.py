@@ -16,22 +16,6 @@ from typing import Any, Callable, Iterator
 from pipeline.errors import UserError
 
 
-def decoder_layers(model):
-    """The ModuleList of decoder blocks of a causal LM (Llama, Qwen2, Gemma3, ... shapes)."""
-    import torch.nn as nn
-
-    n = num_layers(model)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def num_layers(model) -> int:
-    config = getattr(model.config, "text_config", None) or model.config
-    return int(config.num_hidden_layers)
-
-
 def resolve_layers(requested: list[int | float], n_layers: int) -> list[int]:
     """Indices in [0, n_layers]: ints as given, floats as relative depth rounded half up."""
     out = []
@@ -65,7 +49,9 @@ def at_layer(model, layer: int, fn: Callable[[Any], Any]) -> Iterator[None]:
     forward hook on it. Hooks on the same layer run in the order their blocks were entered, each
     seeing the previous one's edit.
     """
-    blocks = decoder_layers(model)
+    from pipeline.architecture import architecture
+
+    blocks = architecture(model).layers
     if not 0 <= layer <= len(blocks):
         raise ValueError(f"layer {layer} is out of range 0..{len(blocks)}")
     if layer == 0:
@@ -113,11 +99,13 @@ def capture(model, layers: list[int], stop: bool = True) -> Iterator[dict[int, o
 
 
 def run_captured(model, layers: list[int], **inputs) -> dict[int, object]:
-    """Base-model forward (no LM head) stopped after the deepest of `layers`; returns {layer: states}."""
-    base = model.base_model
+    """Text-decoder forward (no LM head) stopped after the deepest of `layers`; returns {layer: states}."""
+    from pipeline.architecture import architecture
+
+    decoder = architecture(model).decoder
     with capture(model, layers) as states:
         try:
-            base(**inputs, use_cache=False)
+            decoder(**inputs, use_cache=False)
         except _StopForward:
             pass
     missing = set(layers) - set(states)

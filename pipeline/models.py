@@ -313,8 +313,11 @@ def pick_dtype(dtype: str, device: Any) -> Any:
 
 
 def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """The model (eval mode, no grads, on device/dtype) and its fast tokenizer (pad token set)."""
+    """The model (eval mode, no grads, on device/dtype) and its fast tokenizer (pad token set).
+    A model of an architecture pipeline/architecture.py has no row for is refused here, before any work."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.architecture import architecture
 
     if not (resolved.path / "config.json").is_file():
         raise UserError(f"model {resolved.spec!r}: no model files at {resolved.path}: resolve the model again")
@@ -324,6 +327,7 @@ def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except Exception as e:  # a damaged file raises whatever its parser raises
         raise UserError(_unloadable(resolved, e)) from None
+    architecture(model)
     model.to(dev).eval().requires_grad_(False)
     if not tokenizer.is_fast:  # offsets mappings need the Rust tokenizer
         raise UserError(f"model {resolved.spec!r} has no fast tokenizer (tokenizer.json): add one to {resolved.path}")

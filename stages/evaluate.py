@@ -110,7 +110,8 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     from pipeline.artifacts import Outputs, write_json  # strict JSON (NaN as null), joins the block's Outputs
     from pipeline.evaluation.prompts import task_prompts
     from pipeline.evaluation.sweep import layer_sweep, plot_sweep
-    from pipeline.layers import num_layers, resolve_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import resolve_layers
 
     s = cfg.sweep
     evaluation, _ = task_prompts(s.task, cfg)
@@ -120,7 +121,7 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
         decoding = replace(decoding, max_new_tokens=s.max_new_tokens)
 
     def layers(spec, model):
-        depth = num_layers(model)
+        depth = architecture(model).n_layers
         return list(range(1, depth + 1)) if spec == "all" else resolve_layers(list(spec), depth)
 
     layers_a, layers_b = layers(s.layers_a, pair.model_a), layers(s.layers_b, pair.model_b)

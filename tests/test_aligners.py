@@ -433,12 +433,13 @@ def test_aligner_json_never_decides_what_is_imported(tmp_path, monkeypatch):
 
 
 def test_evaluate_refuses_an_aligner_fitted_on_other_models(tmp_path):
-    from types import SimpleNamespace
-
     from pipeline.evaluation.pair import Pair, load_aligners
 
-    def model(width):
-        return SimpleNamespace(config=SimpleNamespace(hidden_size=width, text_config=None))
+    def model(width):  # a real model of that width (the pair reads widths through pipeline/architecture.py)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "llama", hidden_size=width, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
 
     x, y = planted(100, seed=170)
     a = Procrustes().fit(x, y)  # 16 → 24

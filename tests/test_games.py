@@ -168,12 +168,12 @@ def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 
     from pipeline.evaluation.prompts import encode
     from pipeline.generation import Decoding, generate
     from pipeline.injection import communicate, sender_states
-    from pipeline.layers import num_layers
+    from pipeline.architecture import architecture
 
     prompts = get_task("countries").prompts(GameConfig(n=n))
     sky = [encode(tok, t) for t in prompts.skyline]
     own = [encode(tok, t) for t in prompts.b]
-    L = num_layers(model)
+    L = architecture(model).n_layers
     decoding = Decoding(max_new_tokens=1)
     sky_logits = generate(model, tok, sky, decoding, batch_size=2, keep_first_logits=True).first_logits
     sent = sender_states(model, tok, sky, L, batch_size=2)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.architecture import architecture
 from pipeline.errors import UserError
 from pipeline.generation import Decoding, generate
 from pipeline.injection import (Graft, combine, communicate, inject, map_vectors, prefill, sender_states)
-from pipeline.layers import capture, decoder_layers, num_layers, run_captured
+from pipeline.layers import capture, run_captured
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "A module is a file containing Python definitions.",
          "Names are bound to objects; the assignment statement binds a name."]
@@ -52,7 +53,7 @@ def hf_states(model, prompt):
     """HF's hidden_states for one unpadded prompt; index L is replaced by the pre-norm output."""
     with torch.no_grad():
         hs = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
-    pre_norm = run_captured(model, [num_layers(model)], input_ids=torch.tensor([prompt]))[num_layers(model)]
+    pre_norm = run_captured(model, [architecture(model).n_layers], input_ids=torch.tensor([prompt]))[architecture(model).n_layers]
     return [h[0] for h in hs[:-1]] + [pre_norm[0]]
 
 
@@ -101,7 +102,7 @@ def test_sender_is_a_partial_forward_at_layer_k(models):
     ma, ta = models["llama"]
     pa = ids(ta, TEXTS)
     seen = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: seen.append(i)) for i, b in enumerate(decoder_layers(ma))]
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: seen.append(i)) for i, b in enumerate(architecture(ma).layers)]
     head = ma.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append("head"))
     try:
         sent = sender_states(ma, ta, pa, 2, batch_size=4)
@@ -119,7 +120,7 @@ def test_layer_convention_is_output_of_block_j(models):
     mb, tb = models["qwen"]
     prompt = ids(tb, TEXTS[:1])
     ref = hf_states(mb, prompt[0])
-    for j in range(num_layers(mb) + 1):
+    for j in range(architecture(mb).n_layers + 1):
         rec = Graft()
         v = torch.zeros(1, 48)
         with inject(mb, j, v, "sum", rec):
@@ -182,7 +183,7 @@ def recompute_decode(model, prompt, j, vector, mode, steps):
     """Greedy decoding without a KV cache: every step reruns the whole sequence, the edit pinned to
     the prompt's last position (so new tokens are never edited), written here independently."""
     p = len(prompt)
-    blocks = decoder_layers(model)
+    blocks = architecture(model).layers
 
     def edit(h):
         h = h.clone()
@@ -291,7 +292,7 @@ def test_graft_from_the_skyline_prompt_gives_the_skyline_answer(models):
     from pipeline.tasks.squad import generate_items
 
     mb, tb = models["llama"]
-    L = num_layers(mb)
+    L = architecture(mb).n_layers
     prompts = squad_prompts(generate_items(4, seed=5), "private")
     sky = [tb(t + "\nAnswer:")["input_ids"] for t in prompts.skyline]
     own = [tb(t + "\nAnswer:")["input_ids"] for t in prompts.b]

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from pipeline.layers import at_layer, capture, num_layers, run_captured
+from pipeline.architecture import architecture
+from pipeline.layers import at_layer, capture, run_captured
 from tests.helpers import ROOT
 
 
@@ -29,7 +30,7 @@ def _ids(model):
 def test_at_layer_reads_the_conventional_state_at_every_layer(model):
     ids = _ids(model)
     hf = model(input_ids=ids, output_hidden_states=True).hidden_states
-    for layer in range(num_layers(model)):  # HF's last entry is normed, ours is not
+    for layer in range(architecture(model).n_layers):  # HF's last entry is normed, ours is not
         seen = []
         with at_layer(model, layer, lambda h: seen.append(h.clone())):
             model(input_ids=ids)
@@ -61,7 +62,7 @@ def test_run_captured_stops_after_the_deepest_layer(model):
 
 def test_at_layer_refuses_a_layer_out_of_range(model):
     with pytest.raises(ValueError, match="out of range"):
-        with at_layer(model, num_layers(model) + 1, lambda h: None):
+        with at_layer(model, architecture(model).n_layers + 1, lambda h: None):
             pass
 
 
@@ -75,7 +76,7 @@ def _sources(*exclude: str):
 
 def test_layer_hooks_have_one_owner():
     # attention-module hooks (KV communication) are not hidden-state hooks
-    hook = re.compile(r"(?<!self_attn)\.register_forward(_pre)?_hook\(")
+    hook = re.compile(r"(?<!self_attn)(?<!attention)\.register_forward(_pre)?_hook\(")
     assert [rel for rel, text in _sources("pipeline/layers.py") if hook.search(text)] == []
 
 

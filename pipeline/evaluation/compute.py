@@ -10,9 +10,9 @@ from pipeline.generation import Generation
 
 def block_flops(model: Any) -> tuple[float, float]:
     """(FLOPs per token per decoder block, FLOPs of one LM-head row): 2 x parameters (matmuls only)."""
-    from pipeline.layers import decoder_layers
+    from pipeline.architecture import architecture
 
-    blocks = decoder_layers(model)
+    blocks = architecture(model).layers
     per_block = 2.0 * sum(p.numel() for p in blocks[0].parameters())
     head = model.get_output_embeddings()
     return per_block, 2.0 * (head.weight.numel() if head is not None else 0)
@@ -29,10 +29,10 @@ class Compute:
     seconds: float = 0.0
 
     def add_run(self, pair_model: Any, role: str, gen_or_states: Any, blocks: int | None = None) -> None:
-        from pipeline.layers import num_layers
+        from pipeline.architecture import architecture
 
         per_block, head = block_flops(pair_model)
-        n_blocks = num_layers(pair_model) if blocks is None else blocks
+        n_blocks = architecture(pair_model).n_layers if blocks is None else blocks
         if isinstance(gen_or_states, Generation):
             prompt, new = sum(gen_or_states.prompt_tokens), sum(gen_or_states.new_tokens)
             heads = len(gen_or_states.prompt_tokens) + new  # one row per prefill + one per decoding step

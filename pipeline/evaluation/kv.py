@@ -119,24 +119,17 @@ class CacheShape:
 
 def cache_shape(model: Any, role: str) -> CacheShape:
     """The model's cache shape; refuses what this method cannot place consistently (one line)."""
-    from pipeline.layers import decoder_layers, num_layers
+    from pipeline.architecture import architecture
 
-    config = getattr(model.config, "text_config", None) or model.config
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(config, "use_sliding_window", False):
-        raise UserError(f"kv communication: model {role} ({config.model_type}) has {sorted(kinds)} attention layers "
-                        "or a sliding window; only full attention is supported: use AC or NL for this pair")
-    if not any("rotary" in type(m).__name__.lower() for m in model.modules()):
-        raise UserError(f"kv communication: model {role} ({config.model_type}) has no rotary position embeddings, "
+    arch = architecture(model)
+    if not arch.full_attention:
+        raise UserError(f"kv communication: model {role} ({arch.model_type}) has {sorted(set(arch.layer_types))} "
+                        "attention layers, i.e. a sliding window; only full attention is supported: use AC or NL "
+                        "for this pair")
+    if arch.rotary is None:
+        raise UserError(f"kv communication: model {role} ({arch.model_type}) has no rotary position embeddings, "
                         "so unshared layers could not see B's prompt as B alone does: use AC or NL for this pair")
-    if not all(hasattr(block, "self_attn") for block in decoder_layers(model)):
-        raise UserError(f"kv communication: model {role} ({config.model_type}) has decoder blocks without a "
-                        "self_attn module: use AC or NL for this pair")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", None),
-                                                        "rope_scaling": getattr(config, "rope_scaling", None)}
-    rope_text = ",".join(f"{k}={rope[k]}" for k in sorted(rope)) if isinstance(rope, dict) else str(rope)
-    return CacheShape(config.model_type, num_layers(model), int(config.num_key_value_heads), int(head_dim), rope_text)
+    return CacheShape(arch.model_type, arch.n_layers, arch.n_kv_heads, arch.head_dim, arch.rope)
 
 
 def check_pair(a: CacheShape, b: CacheShape) -> None:
@@ -148,7 +141,9 @@ def check_pair(a: CacheShape, b: CacheShape) -> None:
 
 
 def check_attention(model: Any, role: str = "B") -> None:
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    from pipeline.architecture import architecture
+
+    impl = architecture(model).attn_implementation
     if impl not in ATTENTION:
         raise UserError(f"kv communication: model {role} uses attention {impl!r}; load it with one of "
                         f"{', '.join(ATTENTION)} (evaluate.attention or attn_implementation)")
@@ -275,11 +270,11 @@ def attention_importance(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[
     is shared, averaged over heads, tokens and items. One prefill per batch, eager attention."""
     import torch
 
-    from pipeline.layers import decoder_layers
+    from pipeline.architecture import architecture
 
     check_pair(cache.shape, cache_shape(model_b, "B"))
-    blocks = decoder_layers(model_b)
-    n_layers = len(blocks)
+    arch = architecture(model_b)
+    n_layers = arch.n_layers
     totals = [0.0] * n_layers
     weights: dict[int, Any] = {}
 
@@ -289,7 +284,8 @@ def attention_importance(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[
         return hook
 
     with _eager(model_b), torch.no_grad():
-        handles = [blocks[l].self_attn.register_forward_hook(keep(l)) for l in range(n_layers)]
+        handles = [attention.register_forward_hook(keep(l)) for l, attention in
+                   enumerate(map(arch.attention, range(1, n_layers + 1)))]
         try:
             for rows, ids, mask, pos in _padded(model_b, tok_b, prompts_b, batch_size):
                 past = _prefix(cache, rows, ids.device)
@@ -363,9 +359,9 @@ def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int) -> A
 def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[None]:
     """Within the block, the attention of each block in `unshared` (KV layers 1..L) cannot see the
     first `width` key positions (the prefix), in every forward pass."""
-    from pipeline.layers import decoder_layers
+    from pipeline.architecture import architecture
 
-    blocks = decoder_layers(model)
+    arch = architecture(model)
     last: list[Any] = []  # (mask given, sizes, mask made): every layer of one forward pass gets the same mask
 
     def pre_hook(module, args, kwargs):
@@ -377,7 +373,8 @@ def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[Non
             last[:] = [given, sizes, hide_prefix_columns(given, width, hidden, sizes[0])]
         return args, {**kwargs, "attention_mask": last[2]}
 
-    handles = [blocks[l - 1].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for l in unshared]
+    handles = [attention.register_forward_pre_hook(pre_hook, with_kwargs=True) for attention in
+               map(arch.attention, unshared)]
     try:
         yield
     finally:
@@ -434,13 +431,13 @@ def kv_compute(cache: KvCache, gen: Generation, layers: Sequence[int], model_a: 
     """A's prefill tokens x the blocks up to the deepest shared layer, and the attention B spends on
     the prefix: per shared layer, each token B runs (prompt and generated) against each prefix
     token, 4 x heads x head_dim FLOPs (QK^T and the weighted sum of V)."""
+    from pipeline.architecture import architecture
     from pipeline.evaluation.compute import block_flops
 
     shared = sorted(set(layers))
     deepest = max(shared) if shared else 0
     per_block, _ = block_flops(model_a)
-    config = getattr(model_b.config, "text_config", None) or model_b.config
-    per_pair = 4.0 * config.num_attention_heads * cache.shape.head_dim
+    per_pair = 4.0 * architecture(model_b).n_heads * cache.shape.head_dim
     pairs = sum((t + n) * p for t, n, p in zip(gen.prompt_tokens, gen.new_tokens, cache.lengths))
     return KvCompute(a_tokens=cache.tokens, a_blocks=deepest, a_flops=per_block * deepest * cache.tokens,
                      b_extra_attention_flops=per_pair * pairs * len(shared), shared_layers=shared,

@@ -32,15 +32,15 @@ class Pair:
 
     @property
     def width_a(self) -> int:
-        return int(_text_config(self.model_a).hidden_size)
+        from pipeline.architecture import architecture
+
+        return architecture(self.model_a).width
 
     @property
     def width_b(self) -> int:
-        return int(_text_config(self.model_b).hidden_size)
+        from pipeline.architecture import architecture
 
-
-def _text_config(model):
-    return getattr(model.config, "text_config", None) or model.config
+        return architecture(self.model_b).width
 
 
 def load_pair(params: Any, cfg: EvaluateConfig) -> Pair:
@@ -56,9 +56,11 @@ def load_pair(params: Any, cfg: EvaluateConfig) -> Pair:
 
 
 def resolve_ks(pair: Pair, layer_a: int | float, layer_b: int | float) -> tuple[int, int]:
-    from pipeline.layers import num_layers, resolve_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import resolve_layers
 
-    return resolve_layers([layer_a], num_layers(pair.model_a))[0], resolve_layers([layer_b], num_layers(pair.model_b))[0]
+    return (resolve_layers([layer_a], architecture(pair.model_a).n_layers)[0],
+            resolve_layers([layer_b], architecture(pair.model_b).n_layers)[0])
 
 
 def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def similarity_probe(pair: Pair, texts: Sequence[str], k: int, j: int, modes: Se
     to B's own layer-j state (cosine, relative squared error)."""
     import torch
 
-    from pipeline.layers import num_layers
+    from pipeline.architecture import architecture
     from pipeline.stats import bootstrap_mean
 
     aligners = aligners or {}
@@ -49,7 +49,7 @@ def similarity_probe(pair: Pair, texts: Sequence[str], k: int, j: int, modes: Se
         raise UserError("the similarity probe needs at least 2 sentences (the control shuffles them)")
     ids_a = [pair.tok_a(t, add_special_tokens=True)["input_ids"] for t in texts]
     ids_b = [pair.tok_b(t, add_special_tokens=True)["input_ids"] for t in texts]
-    n_b = num_layers(pair.model_b)
+    n_b = architecture(pair.model_b).n_layers
     sent = sender_states(pair.model_a, pair.tok_a, ids_a, k, batch_size=batch_size)
     own = prefill(pair.model_b, pair.tok_b, ids_b, layers=sorted({j, n_b}), batch_size=batch_size)
     logp_own = torch.log_softmax(own["logits"], -1)

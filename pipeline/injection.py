@@ -221,9 +221,10 @@ def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], l
     stopped after the deepest (left padding removed)."""
     import torch
 
-    from pipeline.layers import num_layers, run_captured
+    from pipeline.architecture import architecture
+    from pipeline.layers import run_captured
 
-    n_layers = num_layers(model)
+    n_layers = architecture(model).n_layers
     layers = sorted(set(int(l) for l in layers))
     for layer in layers:
         if not 0 <= layer <= n_layers:
@@ -264,10 +265,11 @@ def inject_rows(model: Any, layer: int, messages: Sequence[Any], mode: str, reco
     later passes are left alone."""
     import torch
 
-    from pipeline.layers import at_layer, num_layers
+    from pipeline.architecture import architecture
+    from pipeline.layers import at_layer
 
     check_mode(mode)
-    n_layers = num_layers(model)
+    n_layers = architecture(model).n_layers
     if not 0 <= layer <= n_layers:
         raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
     record = record if record is not None else Graft()

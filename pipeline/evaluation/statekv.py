@@ -14,32 +14,14 @@ maps a prefix built here is kv_all's prefix (pinned by a test).
 Everything is plain torch on B's parameters, so gradients flow through h (the fuser trains through
 it); B's weights are used, never changed. Callers that only evaluate wrap it in torch.no_grad().
 
-The model-internals lookups (input norm, projections, k_norm, rotary) sit in `_attention_parts`
-only, until pipeline/architecture.py owns them per family.
+The model-internals lookups (input norm, projections, k_norm, rotary) are pipeline/architecture.py's
+(Architecture.keys_values, per family).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Mapping, Sequence
-
-
-def _attention_parts(model: Any, layer: int) -> tuple[Any, Any, Any, Any | None, Any, Any]:
-    """(input norm, k_proj, v_proj, k_norm or None, rotary embedding, apply_rotary_pos_emb) of KV layer l."""
-    from pipeline.layers import decoder_layers
-
-    block = decoder_layers(model)[layer - 1]
-    attn = block.self_attn
-    rotary = getattr(model.base_model, "rotary_emb", None)
-    # the family's own rotary function (its module's), so partial or interleaved variants stay theirs
-    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-    if rotary is None or apply is None:
-        from pipeline.errors import UserError
-
-        raise UserError(f"states → KV: {type(model).__name__} has no rotary embedding this code can find; "
-                        "use AC or NL for this model")
-    return block.input_layernorm, attn.k_proj, attn.v_proj, getattr(attn, "k_norm", None), rotary, apply
 
 
 def block_kv(model: Any, layer: int, h: Any) -> tuple[Any, Any]:
@@ -48,24 +30,17 @@ def block_kv(model: Any, layer: int, h: Any) -> tuple[Any, Any]:
     model's dtype, differentiable in h."""
     import torch
 
-    norm, k_proj, v_proj, k_norm, rotary, apply = _attention_parts(model, layer)
-    weight = k_proj.weight
-    x = norm(h.to(device=weight.device, dtype=weight.dtype))
-    n, p = x.shape[:2]
-    keys = k_proj(x).view(n, p, -1, _head_dim(model))
-    values = v_proj(x).view(n, p, -1, _head_dim(model)).transpose(1, 2)
-    if k_norm is not None:
-        keys = k_norm(keys)
-    keys = keys.transpose(1, 2)
-    positions = torch.arange(p, device=x.device)[None].expand(n, p)
-    cos, sin = rotary(x, positions)
-    _, keys = apply(keys, keys, cos, sin)
-    return keys, values
+    from pipeline.architecture import architecture
 
+    arch = architecture(model)
+    if arch.rotary is None:
+        from pipeline.errors import UserError
 
-def _head_dim(model: Any) -> int:
-    config = getattr(model.config, "text_config", None) or model.config
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        raise UserError(f"states → KV: {arch.model_type} has no rotary position embeddings; use AC or NL for this model")
+    weight = arch.kv_parts(layer).k_proj.weight
+    h = h.to(device=weight.device, dtype=weight.dtype)
+    n, p = h.shape[:2]
+    return arch.keys_values(layer, h, torch.arange(p, device=h.device)[None].expand(n, p))
 
 
 def states_cache(model: Any, states: Mapping[int, Sequence[Any]], *, a_tokens: int | None = None,

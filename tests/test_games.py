@@ -58,7 +58,7 @@ def test_option_choice_and_scores():
     assert option_choice("Vor Labs", opts) == "Vor Labs" and option_choice("none of them", opts) is None
     prompts = get_task("tipsheets").prompts(GameConfig(n=3))
     gold = prompts.golds[0][0]
-    assert prompts.score(0, gold) == {"em": 1.0, "f1": 1.0, "option": 1.0}
+    assert prompts.score(0, gold) == {"em": 1.0, "f1": 1.0, "option": 1.0, "contains": 1.0}
     assert prompts.score(0, f"Answer: {gold}.\nBecause...")["option"] == 1.0
     wrong = next(o for o in prompts.b[0].split(": ")[1].split(". ")[0].replace(" or ", ", ").split(", ") if o != gold)
     assert prompts.score(0, wrong)["option"] == 0.0 and prompts.primary == "option"
@@ -72,7 +72,7 @@ def test_jsonl_loader_reads_published_shape(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     items = read_games_jsonl(path)
     assert [it.id for it in items] == ["countries-1", "x"] and items[1].options == ("Acme", "Bolt")
-    assert load_game("countries", str(path), 1, 0)[0] in items
+    assert load_game("countries", str(path), 1, 0)[0][0] in items
     prompts = get_task("countries").prompts(GameConfig(source=str(path), n=5))
     assert prompts.ids == ["countries-1", "x"] and prompts.primary == "em"  # options on some items only
 
@@ -80,9 +80,10 @@ def test_jsonl_loader_reads_published_shape(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"prompt_b": "q", "answer": "a"}', "'prompt_a' must be a non-empty string"),
+    ('{"prompt_b": "q", "answer": "a"}', "no field 'prompt_a'"),
+    ('{"prompt_a": 3, "prompt_b": "q", "answer": "a"}', "'prompt_a' must be a non-empty string"),
     ('{"prompt_a": "p", "prompt_b": "  ", "answer": "a"}', "'prompt_b' must be a non-empty string"),
-    ('{"prompt_a": "p", "prompt_b": "q"}', "'answer' must be"),
+    ('{"prompt_a": "p", "prompt_b": "q"}', "no field 'answer'"),
     ('{"prompt_a": "p", "prompt_b": "q", "answer": [1]}', "'answer' must be"),
     ('{"prompt_a": "p", "prompt_b": "q", "answer": "a", "options": "a,b"}', "'options' must be a list"),
     ('{"prompt_a": "p", "prompt_b": "q", "answer": "a", "options": ["b", "c"]}', "the answer 'a' among them"),
@@ -104,7 +105,7 @@ def test_jsonl_loader_file_level_errors(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(UserError, match="holds no item"):
         read_games_jsonl(tmp_path / "e.jsonl")
-    with pytest.raises(UserError, match="expected 'generate' or an existing .jsonl"):
+    with pytest.raises(UserError, match="expected 'generate' or an existing file"):
         load_game("countries", str(tmp_path / "missing.jsonl"), 5)
 
 

@@ -7,8 +7,8 @@ Light on purpose: the typed params import this module, so it imports no torch an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
 
 from pipeline.errors import UserError
 
@@ -25,6 +25,12 @@ class TaskConfig:
     sampling: str = "greedy"  # greedy | nucleus
     top_p: float = 0.9
     temperature: float = 1.0
+    # a local file's field names when its layout is not recognised: the task's own name -> the file's,
+    # plus `ignore: [fields]` (pipeline/tasks/rows.py); empty: recognise the layout
+    fields: dict[str, Any] = field(default_factory=dict)
+    primary: str = ""  # the score reported first (of `scores`); empty: the task's own choice
+
+    scores: ClassVar[tuple[str, ...]] = ("em", "f1", "contains")  # what `primary` may name
 
     def check(self, name: str) -> None:
         """One clear line for a bad value (called when the params are loaded)."""
@@ -35,6 +41,17 @@ class TaskConfig:
         for key in ("n", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise UserError(f"evaluate.{name}.{key} = {getattr(self, key)} must be at least 1")
+        if self.primary and self.primary not in self.scores:
+            raise UserError(f"evaluate.{name}.primary = {self.primary!r} is not one of {', '.join(self.scores)}")
+
+    def training(self) -> "TaskConfig":
+        """The section the task's in-task training items are drawn from (pipeline/task_corpus.py);
+        a task whose items share what carries the answer says so here (Countries: its train places)."""
+        return self
+
+    def split(self) -> dict[str, Any]:
+        """What a record says about which part of the task's items this section draws."""
+        return {}
 
 
 @dataclass
@@ -56,9 +73,21 @@ class TaskPrompts:
     golds: list[Any]
     columns: tuple[str, ...] = ()  # scores in tables and the report, primary first (default: primary only)
     setting: str = "shared"  # private: only A sees the information B needs | shared: both see it
+    source: dict[str, Any] = field(default_factory=dict)  # where the items came from (file, layout, split), for the record
+    shown: Callable[[str], str] | None = None  # the part of a reply its scores read (the harness's filtered response)
 
     def __post_init__(self):
         self.columns = tuple(self.columns) or (self.primary,)
+
+    def choose(self, primary: str, task: str) -> "TaskPrompts":
+        """These prompts with `primary` (one of their columns) reported first; "" keeps the task's choice."""
+        if not primary:
+            return self
+        if primary not in self.columns:
+            raise UserError(f"evaluate.{task}.primary = {primary!r}, but these items are scored by "
+                            f"{', '.join(self.columns)} ({primary} needs items that have it, e.g. options)")
+        columns = (primary, *(c for c in self.columns if c != primary))
+        return replace(self, primary=primary, columns=columns)
 
 
 def disjoint(load: Callable[[int], list], n: int, exclude: frozenset[str], a_prompt: Callable[[Any], str]) -> list:
@@ -79,4 +108,4 @@ class Task:
     def prompts(self, section: TaskConfig, n: int | None = None, exclude: frozenset[str] = frozenset()) -> TaskPrompts:
         """The task's items as prompts: `n` (default section.n) items from its source, skipping items
         whose A prompt is in `exclude` (training items disjoint from the evaluation items)."""
-        return self.build(section, n, exclude)
+        return self.build(section, n, exclude).choose(section.primary, self.name)

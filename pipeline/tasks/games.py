@@ -3,28 +3,33 @@
 Each item has `prompt_a` (what only A sees), `prompt_b` (B's question), the gold answers, and
 optionally the options B chooses from. Scores: exact match and F1 (SQuAD normalization, best over
 the gold answers) and, where options exist, option accuracy (the option B names first is the gold
-one). Sources:
+one), and answer-contained accuracy (a gold answer appears in the reply: the papers' "accuracy").
+Sources:
   - "generate": our seeded offline generators, in the spirit of the paper's games:
       Countries   "<person> is at <place>." / "Which country is <person> in?"; places come from a
-                  built-in table of real landmarks and cities whose names do not contain their country;
+                  built-in table of real landmarks and cities whose names do not contain their country,
+                  split once into train and evaluation places (`places`, see PLACE_SPLIT);
       Tip Sheets  tips on three fictional companies (one positive, one negative, one neutral) /
                   "invest in exactly one of <options>"; the answer is the company with the good tip.
-  - a local .jsonl file with those fields ({"prompt_a", "prompt_b", "answer": str | [str],
-    "options": [str] (optional), "id" (optional)}), so published datasets of this shape run unchanged.
+  - a local file (.jsonl, .json, .parquet, .csv) in our layout ({"prompt_a", "prompt_b", "answer":
+    str | [str], "options": [str], "accept": str | [str], "id"}, the last three optional), in the
+    KVComm project's published layouts (recognised by their fields), or in any layout that
+    `evaluate.<game>.fields` maps (pipeline/tasks/rows.py).
 Same seed, same items, on every machine.
 """
 
 from __future__ import annotations
 
-import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
 from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.rows import Layout, Rows, distinct_keys, read_rows, strings
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class GameItem:
     prompt_b: str  # B's question
     answers: tuple[str, ...]  # gold answers (aliases); the first is the canonical one
     options: tuple[str, ...] = ()  # what B picks from, when the game names options
+    accept: tuple[str, ...] = ()  # what answer-contained accuracy looks for, when not the answers
 
 
 # --- Countries ---------------------------------------------------------------------------------------
@@ -103,14 +109,33 @@ PEOPLE = ("Alice", "Bob", "Carmen", "David", "Elena", "Farid", "Grace", "Hiro", 
           "Yusuf", "Zoe")
 
 
-def countries_items(n: int, seed: int = 0) -> list[GameItem]:
-    """n distinct (person, place) items, drawn by seed."""
-    pairs = [(p, place) for p in PEOPLE for place in PLACES]
+# The place split: EVAL_SHARE of the places (rounded), drawn once with a fixed seed, are evaluation
+# places; the rest are train places (what in-task corpora draw from). No place is in both, so an
+# aligner trained on train places and scored on `places: eval` is scored on places it never saw.
+PLACE_SPLIT_SEED, EVAL_SHARE = "xmodel-places-v1", 0.3
+PLACE_SPLITS = ("all", "train", "eval")
+
+
+def place_split(which: str = "all") -> tuple[tuple[str, str], ...]:
+    """The (place, country) rows of one side of the place split (all: the whole table)."""
+    if which not in PLACE_SPLITS:
+        raise UserError(f"places = {which!r} is not one of {', '.join(PLACE_SPLITS)}")
+    if which == "all":
+        return PLACES
+    shuffled = random.Random(PLACE_SPLIT_SEED).sample(range(len(PLACES)), len(PLACES))
+    held = set(shuffled[:round(EVAL_SHARE * len(PLACES))])
+    return tuple(row for i, row in enumerate(PLACES) if (i in held) == (which == "eval"))
+
+
+def countries_items(n: int, seed: int = 0, places: str = "all") -> list[GameItem]:
+    """n distinct (person, place) items, drawn by seed from one side of the place split."""
+    pairs = [(p, place) for p in PEOPLE for place in place_split(places)]
     chosen = random.Random(f"xmodel-countries-{seed}").sample(pairs, min(n, len(pairs)))
     items = []
     for i, (person, (place, country)) in enumerate(chosen):
         answers = (country, *COUNTRY_ALIASES.get(country, ()), *PLACE_ALIASES.get(place, ()))
-        items.append(GameItem(f"countries-{seed}-{i}", f"{person} is at {place}.",
+        tag = "" if places == "all" else f"{places}-"
+        items.append(GameItem(f"countries-{tag}{seed}-{i}", f"{person} is at {place}.",
                               f"Which country is {person} in? Answer with the name of the country only.", answers))
     return items
 
@@ -165,116 +190,181 @@ def tipsheets_items(n: int, seed: int = 0) -> list[GameItem]:
 GENERATORS = {"countries": countries_items, "tipsheets": tipsheets_items}
 
 
-# --- local .jsonl ------------------------------------------------------------------------------------
+# --- local files ------------------------------------------------------------------------------------
 
-def read_games_jsonl(path: Path) -> list[GameItem]:
-    """Items of a .jsonl file: one JSON object per line with prompt_a, prompt_b, answer (a string or a
-    list of strings), and optionally options (a list of at least two strings holding the answer) and id."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e.__class__.__name__}: {e}") from None
+# The games' own field names and the layouts recognised without `evaluate.<game>.fields`: ours, and
+# the KVComm project's published files (Countries: prompt_A, prompt_B, y (a sentence: "Uma is located
+# in the United States.") with person, landmark, country; Tip Sheets: prompt_A, prompt_B, options,
+# label with attitudes). KVComm's Countries answer is its sentence `y` (EM and F1 compare with it, as
+# KVComm's F1 does); answer-contained accuracy looks for the `country` (what the paper's accuracy asks).
+OWN = Layout("xmodel", {"prompt_a": "prompt_a", "prompt_b": "prompt_b", "answer": "answer", "options": "options",
+                        "accept": "accept", "id": "id"}, frozenset({"options", "accept", "id"}))
+LAYOUTS = (
+    OWN,
+    Layout("kvcomm-countries", {"prompt_a": "prompt_A", "prompt_b": "prompt_B", "answer": "y", "accept": "country",
+                                "id": "id"}, frozenset({"accept", "id"}), ("person", "landmark")),
+    Layout("kvcomm-tipsheets", {"prompt_a": "prompt_A", "prompt_b": "prompt_B", "answer": "label",
+                                "options": "options", "id": "id"}, frozenset({"id"}), ("attitudes",)),
+)
+
+
+_ROW_NUMBER = re.compile(r"(\d+)$")  # a row's line (file:3) or number (file: row 3)
+
+
+def read_games(path: Path, game: str = "countries", fields: dict | None = None) -> tuple[list[GameItem], Rows]:
+    """Items of a local file (any of pipeline.tasks.rows.SUFFIXES) in a recognised layout or the one
+    `fields` maps: prompt_a, prompt_b, answer (a string, a list of accepted strings, or where options
+    exist an option's index), optionally options (at least two, the answer among them), accept
+    (answers for answer-contained accuracy; default: answer) and id."""
+    rows = read_rows(path, game, LAYOUTS, fields)
     items, seen = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}): one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: a {type(row).__name__}, expected a JSON object with prompt_a, prompt_b, answer")
+    for where, row in rows.rows:
         for key in ("prompt_a", "prompt_b"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise UserError(f"{where}: '{key}' must be a non-empty string")
-        answers = row.get("answer")
-        answers = [answers] if isinstance(answers, str) else answers
-        if (not isinstance(answers, list) or not answers
-                or not all(isinstance(a, str) and a.strip() for a in answers)):
-            raise UserError(f"{where}: 'answer' must be a non-empty string or a list of non-empty strings")
         options = row.get("options", [])
         if not isinstance(options, list) or not all(isinstance(o, str) and o.strip() for o in options):
             raise UserError(f"{where}: 'options' must be a list of non-empty strings")
-        if options and (len(options) < 2 or option_choice(answers[0], options) is None):
-            raise UserError(f"{where}: 'options' must list at least two choices, the answer {answers[0]!r} among them")
-        item_id = str(row.get("id", f"{Path(path).stem}-{n}"))
+        answer = row.get("answer")
+        if isinstance(answer, int) and not isinstance(answer, bool) and options:  # KVComm's label: an index
+            if not 0 <= answer < len(options):
+                raise UserError(f"{where}: answer {answer} is no index of the {len(options)} options")
+            answer = options[answer]
+        answers = strings(where, "answer", answer)
+        distinct_keys(where, "answer", answers)
+        accept = strings(where, "accept", row["accept"]) if "accept" in row else answers
+        distinct_keys(where, "accepted answer", accept)
+        if options:
+            distinct_keys(where, "option", options)
+            if len(options) < 2 or option_choice(answers[0], options) is None:
+                raise UserError(f"{where}: 'options' must list at least two choices, the answer {answers[0]!r} "
+                                "among them")
+        item_id = str(row.get("id", f"{Path(path).stem}-{_ROW_NUMBER.search(where).group(1)}"))
         if item_id in seen:
             raise UserError(f"{where}: id {item_id!r} appears twice: ids must be unique")
         seen.add(item_id)
-        items.append(GameItem(item_id, row["prompt_a"], row["prompt_b"], tuple(answers), tuple(options)))
-    if not items:
-        raise UserError(f"{path}: holds no item")
-    return items
+        items.append(GameItem(item_id, row["prompt_a"], row["prompt_b"], tuple(answers), tuple(options),
+                              tuple(accept) if accept is not answers else ()))
+    return items, rows
 
 
-def load_game(game: str, source: str, n: int, seed: int = 0) -> list[GameItem]:
-    """`n` items of `game` from its generator ("generate") or a seeded sample of a .jsonl file."""
+def read_games_jsonl(path: Path) -> list[GameItem]:
+    """Items of a file in our own layout (kept for callers of the former .jsonl-only reader)."""
+    return read_games(path)[0]
+
+
+def load_game(game: str, source: str, n: int, seed: int = 0, fields: dict | None = None,
+              places: str = "all") -> tuple[list[GameItem], dict[str, Any]]:
+    """`n` items of `game` from its generator ("generate") or a seeded sample of a local file, and
+    what the run's record says about them (generator and place split, or file and layout)."""
     if n < 1:
         raise UserError(f"n = {n} items: ask for at least 1")
     if source == "generate":
-        return GENERATORS[game](n, seed)
+        if game == "countries":
+            return countries_items(n, seed, places), {"source": "generate", "places": places,
+                                                      "place_split": {"seed": PLACE_SPLIT_SEED, "eval_share": EVAL_SHARE}}
+        return GENERATORS[game](n, seed), {"source": "generate"}
     path = Path(source).expanduser()
-    if path.suffix != ".jsonl" or not path.is_file():
-        raise UserError(f"{game} source {source!r}: expected 'generate' or an existing .jsonl file")
-    return seeded_sample(read_games_jsonl(path), n, seed)
+    if not path.is_file():
+        raise UserError(f"{game} source {source!r}: expected 'generate' or an existing file "
+                        "(.jsonl, .json, .parquet or .csv)")
+    items, rows = read_games(path, game, fields)
+    return seeded_sample(items, n, seed), {"source": str(path), **rows.record()}
 
 
 # --- scoring and prompts -----------------------------------------------------------------------------
 
+_LETTER_REPLY = re.compile(r"^\(?([A-Z])(?:\)|[.:,]|$)")  # "B", "B.", "B) Paris", "(B)": a letter reply
+
+
 def option_choice(text: str, options: Sequence[str]) -> str | None:
     """The option that `text` names first (normalized words, whole-word match; on a tie at the same
-    position the longer option), or None when it names none."""
-    from pipeline.tasks.scoring import clean_prediction, normalize_answer
+    position the longer option), or None when it names none. Options that are letters ("A"-"D") are
+    chosen by a reply that starts with the letter, alone or followed by ")", ".", ":" or "," (a
+    letter is also an article, so it is never looked for inside a sentence)."""
+    from pipeline.tasks.scoring import answer_key, clean_prediction, normalize_answer
 
-    said = f" {normalize_answer(clean_prediction(text) or text)} "
+    said = clean_prediction(text) or text.strip()
+    keys = {answer_key(o): o for o in options}
+    if all(len(k) == 1 for k in keys):  # letter options
+        m = _LETTER_REPLY.match(said.strip())
+        return keys.get(m.group(1).lower()) if m else None
+    said = f" {normalize_answer(said)} "
     best: tuple[int, int, str] | None = None
-    for opt in options:
-        at = said.find(f" {normalize_answer(opt)} ")
+    for key, opt in keys.items():
+        at = said.find(f" {key} ")
         if at >= 0 and (best is None or (at, -len(opt)) < best[:2]):
             best = (at, -len(opt), opt)
     return best[2] if best else None
 
 
-def game_prompts(name: str, items: Sequence[GameItem]) -> TaskPrompts:
+def game_prompts(name: str, items: Sequence[GameItem], source: dict[str, Any] | None = None) -> TaskPrompts:
     """A reads prompt_a; B reads prompt_b; the skyline reads both; NL shows B A's message."""
+    from pipeline.tasks.scoring import clean_prediction
+
     has_options = all(it.options for it in items) and bool(items)
 
     def with_message(i, message):
         return f"Your partner, who knows something you do not, told you: {message.strip()}\n\n{items[i].prompt_b}"
 
     def score(i, text):
-        from pipeline.tasks.scoring import squad_scores
+        from pipeline.tasks.scoring import contains, squad_scores
 
         it = items[i]
         em, f1 = squad_scores(text, it.answers)
         out = {"em": em, "f1": f1}
         if has_options:
             out["option"] = float(option_choice(text, it.options) == option_choice(it.answers[0], it.options))
+        # a letter answer is an article once normalized: it is found by option choice, not in the text
+        letters = has_options and all(len(o.strip(" ().:")) == 1 for o in it.options)
+        out["contains"] = out["option"] if letters else contains(text, it.accept or it.answers)
         return out
 
-    columns = ("option", "em", "f1") if has_options else ("em", "f1")
+    columns = ("option", "em", "f1", "contains") if has_options else ("em", "f1", "contains")
     return TaskPrompts(name, [it.id for it in items], [it.prompt_a for it in items], [it.prompt_b for it in items],
                        [f"{it.prompt_a}\n\n{it.prompt_b}" for it in items], with_message, score, columns[0],
                        tuple(c for c in columns if c != "f1"), "Answer:", ("\n",), [list(it.answers) for it in items],
-                       columns=columns, setting="private")
+                       columns=columns, setting="private", source=dict(source or {}), shown=clean_prediction)
 
 
 @dataclass(frozen=True)
 class GameConfig(TaskConfig):
-    source: str = "generate"  # generate (our seeded generator) | path to a .jsonl of prompt_a, prompt_b, answer[, options]
+    source: str = "generate"  # generate (our seeded generator) | a local .jsonl/.json/.parquet/.csv (pipeline/tasks/rows.py)
     max_new_tokens: int = 12  # answers are a few words; generation also stops at the first newline
+
+    scores = ("em", "f1", "contains", "option")
+
+
+@dataclass(frozen=True)
+class CountriesConfig(GameConfig):
+    places: str = "all"  # generated items' places: all | train | eval (place_split: 30% of places, fixed seed)
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        if self.places not in PLACE_SPLITS:
+            raise UserError(f"evaluate.{name}.places = {self.places!r} is not one of {', '.join(PLACE_SPLITS)}")
+
+    def training(self) -> "CountriesConfig":
+        from dataclasses import replace
+
+        return replace(self, places="train")  # in-task corpora never draw an evaluation place
 
 
 def _builder(game: str):
     def build(cfg: GameConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
-        items = disjoint(lambda k: load_game(game, cfg.source, k, cfg.seed), n or cfg.n, exclude,
-                         lambda it: it.prompt_a)
-        return game_prompts(game, items)
+        record: dict[str, Any] = {}
+
+        def load(k):
+            items, info = load_game(game, cfg.source, k, cfg.seed, cfg.fields, getattr(cfg, "places", "all"))
+            record.update(info)
+            return items
+
+        items = disjoint(load, n or cfg.n, exclude, lambda it: it.prompt_a)
+        return game_prompts(game, items, record)
     return build
 
 
-COUNTRIES = Task("countries", GameConfig, _builder("countries"),
+COUNTRIES = Task("countries", CountriesConfig, _builder("countries"),
                  "private-information game: A knows where a person is, B is asked which country")
 TIPSHEETS = Task("tipsheets", GameConfig, _builder("tipsheets"),
                  "private-information game: A holds tips on three companies, B picks one to invest in")

@@ -7,11 +7,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
 from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.rows import Layout, read_rows
 from pipeline.tasks.scoring import parse_number
 
 # reasoning-gym appends this instruction to every question; our prompt states the format itself
@@ -25,21 +26,29 @@ class MathItem:
     answer: str  # the final number, digits only (e.g. "-3", "1250", "2.5")
 
 
-def load_gsm8k(source: str, n: int, seed: int = 0) -> list[MathItem]:
-    """`n` items: source "reasoning-gym" (offline), "hub" (openai/gsm8k test), or a .jsonl path with
-    `question` and `answer` fields (answer "... #### N" as in GSM8K, or just the number)."""
+def load_gsm8k(source: str, n: int, seed: int = 0, fields: dict | None = None) -> list[MathItem]:
+    """`n` items: source "reasoning-gym" (offline), "hub" (openai/gsm8k test), or a local file
+    (.jsonl, .json, .parquet, .csv) with `question` and `answer` fields (answer "... #### N" as in
+    GSM8K, or just the number), or fields that `evaluate.gsm8k.fields` maps."""
+    return gsm8k_source(source, n, seed, fields)[0]
+
+
+def gsm8k_source(source: str, n: int, seed: int = 0, fields: dict | None = None
+                 ) -> tuple[list[MathItem], dict[str, Any]]:
     if n < 1:
         raise UserError(f"n = {n} items: ask for at least 1")
     if source in ("reasoning-gym", "gsm_symbolic"):
-        return reasoning_gym_items(n, seed)
+        return reasoning_gym_items(n, seed), {"source": "reasoning-gym", "dataset": "gsm_symbolic"}
     if source == "hub":
-        items = _hub_items()
+        items, record = _hub_items(), {"source": "hub", "dataset": "openai/gsm8k", "split": "test"}
     else:
         path = Path(source).expanduser()
-        if path.suffix != ".jsonl" or not path.is_file():
-            raise UserError(f"GSM8K source {source!r}: expected 'reasoning-gym', 'hub', or an existing .jsonl file")
-        items = read_jsonl(path)
-    return seeded_sample(items, n, seed)
+        if not path.is_file():
+            raise UserError(f"GSM8K source {source!r}: expected 'reasoning-gym', 'hub', or an existing file "
+                            "(.jsonl, .json, .parquet or .csv)")
+        items, rows = read_file(path, fields)
+        record = {"source": str(path), **rows.record()}
+    return seeded_sample(items, n, seed), record
 
 
 def gold_number(answer: str) -> str:
@@ -69,25 +78,24 @@ def _hub_items() -> list[MathItem]:
     return [MathItem(f"gsm8k-test-{i}", r["question"], gold_number(r["answer"])) for i, r in enumerate(rows)]
 
 
-def read_jsonl(path: Path) -> list[MathItem]:
+LAYOUTS = (Layout("gsm8k", {"question": "question", "answer": "answer", "id": "id"}, frozenset({"id"})),)
+
+
+def read_file(path: Path, fields: dict | None = None):
+    """(items, pipeline.tasks.rows.Rows) of a local file of questions and numeric answers."""
+    rows = read_rows(Path(path), "gsm8k", LAYOUTS, fields)
     items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for where, row in rows.rows:
         try:
-            row = json.loads(line)
-            items.append(MathItem(str(row.get("id", f"{Path(path).stem}-{n}")), str(row["question"]),
+            items.append(MathItem(str(row.get("id", f"{Path(path).stem}-{len(items) + 1}")), str(row["question"]),
                                   gold_number(str(row["answer"]))))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise UserError(f"{path}:{n}: not a JSON object with 'question' and a numeric 'answer' "
-                            "('... #### N' or N)") from None
-    if not items:
-        raise UserError(f"{path}: holds no item")
-    return items
+        except ValueError:
+            raise UserError(f"{where}: 'answer' {row['answer']!r} ends in no number ('... #### N' or N)") from None
+    return items, rows
+
+
+def read_jsonl(path: Path) -> list[MathItem]:
+    return read_file(path)[0]
 
 
 def reasoning_gym_items(n: int, seed: int = 0) -> list[MathItem]:
@@ -125,13 +133,16 @@ class Gsm8kConfig(TaskConfig):
     sampling: str = "nucleus"  # the paper samples its reasoning benchmarks with p = 0.9
     temperature: float = 0.6  # Llama-3 instruct's generation_config default, which p = 0.9 also comes from
 
+    scores = ("accuracy",)
+
     def check(self, name: str) -> None:
         super().check(name)
         if self.prompt not in STYLES:
             raise UserError(f"evaluate.{name}.prompt = {self.prompt!r} is not one of {', '.join(STYLES)}")
 
 
-def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate") -> TaskPrompts:
+def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate", source: dict[str, Any] | None = None
+                  ) -> TaskPrompts:
     from pipeline.tasks.scoring import gsm8k_correct
 
     if style not in STYLES:
@@ -144,16 +155,29 @@ def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate") -> TaskPromp
     def score(i, text):
         return {"accuracy": gsm8k_correct(text, items[i].answer)}
 
+    def shown(text):
+        from pipeline.tasks.scoring import extract_number
+
+        value = extract_number(text)
+        return "" if value is None else _fmt(value)
+
     texts = [ask.format(question=it.question) for it in items]
     return TaskPrompts("gsm8k", [it.id for it in items], texts, list(texts), None, with_message, score, "accuracy",
-                       ("accuracy",), "Solution:", (), [it.answer for it in items])
+                       ("accuracy",), "Solution:", (), [it.answer for it in items], source=dict(source or {}),
+                       shown=shown)
 
 
 def _build(cfg: Gsm8kConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
     ask = DEBATE if cfg.prompt == "debate" else BRIEF
-    items = disjoint(lambda k: load_gsm8k(cfg.source, k, cfg.seed), n or cfg.n, exclude,
-                     lambda it: ask.format(question=it.question))
-    return gsm8k_prompts(items, cfg.prompt)
+    record: dict[str, Any] = {}
+
+    def load(k):
+        items, info = gsm8k_source(cfg.source, k, cfg.seed, cfg.fields)
+        record.update(info)
+        return items
+
+    items = disjoint(load, n or cfg.n, exclude, lambda it: ask.format(question=it.question))
+    return gsm8k_prompts(items, cfg.prompt, record)
 
 
 TASK = Task("gsm8k", Gsm8kConfig, _build, "grade-school maths; both agents see the question")

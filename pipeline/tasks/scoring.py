@@ -27,12 +27,24 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+def answer_key(s: str) -> str:
+    """What an answer is compared by: its official normalization, or, for a one-letter answer that
+    normalization erases (the option "A" is the article "a"), the letter itself. Empty for a text
+    that says nothing ("", "The", "!!!"): such a gold answer is refused where items are loaded
+    (pipeline/tasks/rows.py), since an empty reply would match it."""
+    key = normalize_answer(s)
+    if key:
+        return key
+    bare = "".join(ch for ch in s if ch not in _PUNCT).strip()
+    return bare.lower() if len(bare) == 1 and bare.isalpha() else ""
+
+
 def exact_match(prediction: str, truth: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(truth))
+    return float(answer_key(prediction) == answer_key(truth))
 
 
 def f1(prediction: str, truth: str) -> float:
-    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    pred, gold = answer_key(prediction).split(), answer_key(truth).split()
     common = Counter(pred) & Counter(gold)
     same = sum(common.values())
     if same == 0:
@@ -58,6 +70,22 @@ def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]
         raise ValueError("a SQuAD item needs at least one gold answer")
     pred = clean_prediction(prediction)
     return max(exact_match(pred, a) for a in answers), max(f1(pred, a) for a in answers)
+
+
+def contains(prediction: str, answers: Sequence[str]) -> float:
+    """Answer-contained accuracy: 1.0 when a gold answer's key appears, as whole words, in the
+    whole normalized output (the papers' "accuracy" on the games). A one-letter answer is never
+    found this way (normalization drops the article "a"): score those by option."""
+    said = f" {normalize_answer(prediction)} "
+    return float(any(f" {key} " in said for key in (normalize_answer(a) for a in answers) if key))
+
+
+# every score a text-answer task can record; `evaluate.<task>.primary` picks the one reported first
+SCORES = {"em": "exact match (SQuAD v1.1 normalization, best over the gold answers)",
+          "f1": "token F1 (SQuAD v1.1, best over the gold answers)",
+          "contains": "answer-contained accuracy (a normalized gold answer appears in the output)",
+          "option": "option accuracy (the option the reply names first is the gold one; tasks with options)",
+          "accuracy": "the final number equals the gold number (GSM8K)"}
 
 
 # --- GSM8K ---------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""SQuAD-format reading comprehension: the hub (`rajpurkar/squad`), a local SQuAD v1.1 JSON file, or
-our own seeded generator of fictional biographies and countries (offline, no package ships SQuAD).
+"""SQuAD-format reading comprehension: the hub (`rajpurkar/squad`), a local file (a SQuAD v1.1 JSON
+file, or rows in the hub's layout -- id, title, context, question, answers {text, answer_start} --
+as .jsonl, .json, .parquet or .csv, or in a layout `evaluate.squad.fields` maps), or our own seeded
+generator of fictional biographies and countries (offline, no package ships SQuAD).
 
 The generator writes a paragraph of facts about an invented person or country (names built from
 syllables, so no model can know them) and asks about one fact; the answer is a span of the
@@ -12,11 +14,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
 from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.rows import Layout, distinct_keys, read_rows, strings
 
 
 @dataclass(frozen=True)
@@ -29,25 +32,34 @@ class QAItem:
     title: str = ""
 
 
-def load_squad(source: str, n: int, seed: int = 0) -> list[QAItem]:
-    """`n` items: source "generate" (offline), "hub" (rajpurkar/squad validation), or a .json path.
+def load_squad(source: str, n: int, seed: int = 0, fields: dict | None = None) -> list[QAItem]:
+    """`n` items: source "generate" (offline), "hub" (rajpurkar/squad validation), or a local file.
 
     Hub and file items are a seeded sample of n questions (all of them when fewer)."""
+    return squad_source(source, n, seed, fields)[0]
+
+
+def squad_source(source: str, n: int, seed: int = 0, fields: dict | None = None
+                 ) -> tuple[list[QAItem], dict[str, Any]]:
+    """load_squad's items and what the run's record says about them."""
     if n < 1:
         raise UserError(f"n = {n} items: ask for at least 1")
     if source == "generate":
-        return generate_items(n, seed)
+        return generate_items(n, seed), {"source": "generate", "passages": f"generated, seed {seed}"}
     if source == "hub":
-        items = _hub_items()
+        items, record = _hub_items(), {"source": "hub", "dataset": "rajpurkar/squad", "split": "validation"}
     else:
         path = Path(source).expanduser()
-        if path.suffix != ".json" or not path.is_file():
-            raise UserError(f"SQuAD source {source!r}: expected 'generate', 'hub', or an existing SQuAD v1.1 .json file")
-        items = read_squad_json(path)
-    return seeded_sample(items, n, seed)
+        if not path.is_file():
+            raise UserError(f"SQuAD source {source!r}: expected 'generate', 'hub', or an existing file "
+                            "(SQuAD v1.1 .json, or .jsonl, .parquet, .csv rows)")
+        items, record = read_squad(path, fields)
+    return seeded_sample(items, n, seed), record
 
 
 def _hub_items() -> list[QAItem]:
+    from pipeline.tasks.scoring import answer_key
+
     try:
         from datasets import load_dataset
 
@@ -55,30 +67,52 @@ def _hub_items() -> list[QAItem]:
     except Exception as e:  # connection, offline mode, missing cache: many exception types
         raise UserError(f"SQuAD from the hub failed ({e.__class__.__name__}): use source 'generate' (offline) "
                         "or a local SQuAD v1.1 .json file") from None
-    return [QAItem(str(r["id"]), r["context"], r["question"], tuple(r["answers"]["text"]),
-                   tuple(int(s) for s in r["answers"]["answer_start"]), r.get("title", "")) for r in rows]
+    items = []
+    for r in rows:  # an answer that normalizes to nothing would let an empty reply match: dropped
+        kept = [(t, int(s)) for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"]) if answer_key(t)]
+        if kept:
+            items.append(QAItem(str(r["id"]), r["context"], r["question"], tuple(t for t, _ in kept),
+                                tuple(s for _, s in kept), r.get("title", "")))
+    return items
+
+
+# The hub's row layout (a SQuAD v1.1 file is read into it, pipeline/tasks/rows.py); `answers` may also
+# be a string or a list of strings (offsets then found in the context).
+LAYOUTS = (Layout("squad", {"context": "context", "question": "question", "answers": "answers", "id": "id",
+                            "title": "title"}, frozenset({"id", "title"})),)
+
+
+def read_squad(path: Path, fields: dict | None = None) -> tuple[list[QAItem], dict[str, Any]]:
+    """Every answerable question of a local file, and the record of its layout."""
+    rows = read_rows(path, "squad", LAYOUTS, fields)
+    items, seen = [], set()
+    for where, row in rows.rows:
+        for key in ("context", "question"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UserError(f"{where}: '{key}' must be a non-empty string")
+        answers = row["answers"]
+        starts = None
+        if isinstance(answers, dict):
+            starts = answers.get("answer_start")
+            answers = answers.get("text")
+        texts = strings(where, "answers", answers)
+        distinct_keys(where, "answer", list(dict.fromkeys(texts)))  # annotators repeat answers: kept once
+        if not isinstance(starts, list) or len(starts) != len(texts):
+            starts = [row["context"].find(t) for t in texts]
+        item_id = str(row.get("id", f"{path.stem}-{len(items) + 1}"))
+        if item_id in seen:
+            raise UserError(f"{where}: id {item_id!r} appears twice: ids must be unique")
+        seen.add(item_id)
+        items.append(QAItem(item_id, row["context"], row["question"], tuple(texts), tuple(int(s) for s in starts),
+                            str(row.get("title", ""))))
+    return items, {"source": str(path), **rows.record()}
 
 
 def read_squad_json(path: Path) -> list[QAItem]:
     """Every answerable question of a SQuAD v1.1 (or v2.0: impossible ones skipped) JSON file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        items = []
-        for article in data["data"]:
-            for para in article["paragraphs"]:
-                for qa in para["qas"]:
-                    if qa.get("is_impossible") or not qa["answers"]:
-                        continue
-                    items.append(QAItem(str(qa["id"]), para["context"], qa["question"],
-                                        tuple(a["text"] for a in qa["answers"]),
-                                        tuple(int(a["answer_start"]) for a in qa["answers"]),
-                                        article.get("title", "")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a readable SQuAD v1.1 JSON file ({e.__class__.__name__}: {e}); "
-                        "expected {'data': [{'paragraphs': [{'context', 'qas': [...]}]}]}") from None
-    if not items:
-        raise UserError(f"{path}: holds no answerable question")
-    return items
+    if Path(path).suffix != ".json":
+        raise UserError(f"{path}: not a SQuAD v1.1 .json file")
+    return read_squad(Path(path))[0]
 
 
 def write_squad_json(items: list[QAItem], path: Path) -> Path:
@@ -222,7 +256,8 @@ def _read(it: QAItem) -> str:
     return f"{SQUAD_READ}\n\nPassage: {it.context}\n\nQuestion: {it.question}"
 
 
-def squad_prompts(items: Sequence[QAItem], setting: str = "private") -> TaskPrompts:
+def squad_prompts(items: Sequence[QAItem], setting: str = "private", source: dict[str, Any] | None = None
+                  ) -> TaskPrompts:
     read = _read
 
     def ask(it):
@@ -234,22 +269,33 @@ def squad_prompts(items: Sequence[QAItem], setting: str = "private") -> TaskProm
         return note + (read(it) if setting == "shared" else ask(it))
 
     def score(i, text):
-        from pipeline.tasks.scoring import squad_scores
+        from pipeline.tasks.scoring import contains, squad_scores
 
         em, f1 = squad_scores(text, items[i].answers)
-        return {"em": em, "f1": f1}
+        return {"em": em, "f1": f1, "contains": contains(text, items[i].answers)}
+
+    from pipeline.tasks.scoring import clean_prediction
 
     private = setting == "private"
     return TaskPrompts("squad", [it.id for it in items], [read(it) for it in items],
                        [ask(it) if private else read(it) for it in items],
-                       [read(it) for it in items] if private else None, with_message, score, "em", ("em",),
-                       "Answer:", ("\n",), [list(it.answers) for it in items], columns=("em", "f1"),
-                       setting=setting)
+                       [read(it) for it in items] if private else None, with_message, score, "em", ("em", "contains"),
+                       "Answer:", ("\n",), [list(it.answers) for it in items], columns=("em", "f1", "contains"),
+                       setting=setting, source=dict(source or {}), shown=clean_prediction)
 
 
 def _build(cfg: SquadConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
-    items = disjoint(lambda k: load_squad(cfg.source, k, cfg.seed), n or cfg.n, exclude, _read)
-    return squad_prompts(items, cfg.setting)
+    record: dict[str, Any] = {}
+
+    def load(k):
+        items, info = squad_source(cfg.source, k, cfg.seed, cfg.fields)
+        record.update(info)
+        return items
+
+    # a generated item's passage is its own (names drawn per item): items apart by prompt are apart by passage;
+    # pipeline/task_corpus.py checks it for every source
+    items = disjoint(load, n or cfg.n, exclude, _read)
+    return squad_prompts(items, cfg.setting, record)
 
 
 TASK = Task("squad", SquadConfig, _build, "SQuAD-format reading comprehension (private: only A reads the passage)")

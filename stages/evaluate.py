@@ -80,7 +80,9 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     with Outputs():  # the folder, the metrics and the plot appear together, or none of them changes
         _write_folder(out, {"predictions.jsonl": "".join(dumps(row, indent=None) + "\n" for row in result.predictions()),
                             "table.md": result.table() + "\n"})
-        write_record(layout(params), f"evaluate-{task}", result.metrics(), evaluation)
+        # the record names where the items came from: file and layout, or generator and split
+        write_record(layout(params), f"evaluate-{task}", {**result.metrics(), "items": result.prompts.source},
+                     evaluation)
         plot_scores(result.summary, result.prompts.primary, out["plot"],
                     f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
     return out

@@ -154,7 +154,7 @@ def test_layer_sweep_grid(pair):
     result = layer_sweep(pair, prompts, replace(decoding, max_new_tokens=2), [0, 3], [2, 4], batch_size=4)
     assert np.asarray(result["grid"]).shape == (2, 2) and result["metric"] == "em"
     # every score of the task, and how often B's first token is the skyline's, per (k, j) cell
-    assert set(result["grids"]) == {"em", "f1", "kl_skyline", "agree_skyline"}
+    assert set(result["grids"]) == {"em", "f1", "contains", "kl_skyline", "agree_skyline"}
     assert set(result["reference"]) == {"b_alone", "skyline"} and result["reference"]["skyline"]["em"] >= 0
     assert all(0 <= v <= 1 for row in result["grids"]["agree_skyline"] for v in row)
     assert result["grid"] == result["grids"]["em"]
@@ -186,6 +186,7 @@ def test_stage_writes_details_metrics_table_predictions_and_plots(pair, aligner_
     out = stage.run(params, "squad", cfg, pair=pair)
     details = json.loads(out["details"].read_text())
     assert set(details["methods"]) == {"b_alone", "ac_replace", "ac_procrustes_replace"}
+    assert details["items"] == {"source": "generate", "passages": "generated, seed 0"}  # which items, named
     # the metrics file DVC shows: the headline numbers only
     assert set(json.loads(out["metrics"].read_text())) == {"n", "b_alone", "ac", "ac_w", "p"}
     assert len(out["predictions"].read_text().splitlines()) == 4

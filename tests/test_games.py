@@ -141,7 +141,7 @@ def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
     assert control["family"] == "control" and control["control_of"] == "ac_sum"
     assert "vs_mismatched" in result.summary["ac_sum"] and "vs_mismatched" not in result.summary["nl"]
     assert result.summary["ac_sum"]["family"] == "ac" and result.summary["nl"]["bytes_sent"] > 0
-    assert result.setting == "private" and result.prompts.columns == ("option", "em", "f1")
+    assert result.setting == "private" and result.prompts.columns == ("option", "em", "f1", "contains")
     for name in ("ac_replace", "ac_sum", "ac_mean"):
         d = runs[name].diagnostics
         assert set(d) == {"norm_ratio", "cosine", "kl_skyline", "agree_skyline"} and len(d["cosine"]) == 4

@@ -147,7 +147,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
              progress: Callable[[int], None] | None = None, cache: str = "auto",
              prefix: Callable[[list[int]], tuple[Any, Any, Any]] | None = None,
              session_hook: Callable[[list[int]], Any] | None = None,
-             check_every: int | None = None) -> Generation:
+             check_every: int | None = None, gold: Sequence[Sequence[int]] | None = None) -> Generation:
     """Generate for every prompt (token-id lists), batched by length with left padding.
 
     prefill_hook(rows) returns a context manager entered around the prefill forward pass of the
@@ -158,6 +158,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     columns, a position offset: int or (rows,)) and session_hook(rows), a context manager entered
     around the prefill and every decoding step of the batch.
     check_every: decoding steps between reads of the stop conditions (default 16 on CUDA, 1 elsewhere).
+    gold: per item, token ids of a reference answer: B's log-likelihood of it under the same
+    conditioning (the prefill's hook, prefix and session) is returned in extra["gold_logprob"]
+    (nats, summed over its tokens), scored teacher-forced on a branch of the prefill's cache that
+    is cut off again before decoding (the eager decoder only).
     """
     import torch
 
@@ -166,7 +170,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = next(model.parameters()).device
-    static = _use_static(model, device, cache, prefix is not None or session_hook is not None)
+    static = _use_static(model, device, cache, prefix is not None or session_hook is not None or gold is not None)
+    if gold is not None and len(gold) != n:
+        raise ValueError(f"{len(gold)} gold answers for {n} prompts")
+    gold_logprob: list[float] = [float("nan")] * n
     every = check_every or (16 if device.type == "cuda" else 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = eos_ids(model, tokenizer)
@@ -187,7 +194,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
         with session_hook(rows) if session_hook else nullcontext():
             new, logits0, phases = _generate_batch(
                 runner, tokenizer, [prompts[i] for i in rows], decoding, pad_id, stops, [seeds[i] for i in rows],
-                device, prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits, every)
+                device, prefill_hook(rows) if prefill_hook else nullcontext(), keep_first_logits, every,
+                None if gold is None else [gold[i] for i in rows])
+            for r, i in enumerate(rows):
+                if "gold_logprob" in phases:
+                    gold_logprob[i] = phases["gold_logprob"][r]
+            phases.pop("gold_logprob", None)
         for key, value in phases.items():
             timing[key] += value
         for r, i in enumerate(rows):
@@ -202,7 +214,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
                       seconds=time.perf_counter() - start,
                       first_logits=torch.stack(first_logits) if keep_first_logits and n else None,
                       extra={"decoder": "static+cuda-graph" if graphed else "static" if static else "dynamic",
-                             **timing})
+                             **timing, **({"gold_logprob": gold_logprob} if gold is not None else {})})
 
 
 def _use_static(model: Any, device: Any, cache: str, eager_only: bool) -> bool:
@@ -296,6 +308,31 @@ class _DynamicRunner:
         self.cache, self.mask = cache, mask
         self.state.reset(positions[:, -1:], uniforms)
         return out.logits[:, -1].float()
+
+    def score(self, first_logits: Any, gold: Sequence[Sequence[int]]) -> list[float]:
+        """Per row, the log-likelihood of its gold tokens after the prefill: the first from the
+        prefill's logits, the rest from one teacher-forced pass on the cache, which is then cut back
+        to the prefill (so decoding continues as if it never ran). An empty gold scores 0."""
+        import torch
+
+        logp = torch.log_softmax(first_logits.float(), dim=-1)
+        out = [float(logp[r, g[0]]) if len(g) else 0.0 for r, g in enumerate(gold)]
+        width = max((len(g) for g in gold), default=0) - 1
+        if width < 1:
+            return out
+        ids = torch.zeros(len(gold), width, dtype=torch.long, device=self.mask.device)
+        real = torch.zeros(len(gold), width, dtype=self.mask.dtype, device=self.mask.device)
+        for r, g in enumerate(gold):  # right-padded: a row's padding follows its tokens, so they never see it
+            ids[r, :len(g) - 1] = torch.as_tensor(list(g[:-1]), dtype=torch.long)
+            real[r, :len(g) - 1] = 1
+        positions = self.state.pos + 1 + torch.arange(width, device=ids.device)[None]
+        logits = self.model(input_ids=ids, attention_mask=torch.cat([self.mask, real], dim=1), position_ids=positions,
+                            cache=self.cache, use_cache=True).logits.float()
+        self.cache.crop(-width)  # back to the prefill: decoding continues as if this pass never ran
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, g in enumerate(gold):
+            out[r] += float(sum(logp[r, t, g[t + 1]] for t in range(len(g) - 1)))
+        return out
 
     def step(self) -> None:
         import torch
@@ -462,7 +499,7 @@ def _packed_attention(model: Any):
 
 
 def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,
-                    every: int):
+                    every: int, gold=None):
     import torch
 
     ids, mask, positions = left_pad(rows, pad_id, device)
@@ -470,6 +507,7 @@ def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, 
     with torch.no_grad():
         logits = runner.start(ids, mask, positions, hook_ctx, _uniforms(decoding, seeds, device))
         first = logits.cpu() if keep_first else None
+        scored = runner.score(logits, gold) if gold is not None else None
         runner.state.advance(logits)
         _sync(device)  # one sync a batch, so the phases can be timed apart
         t1 = time.perf_counter()
@@ -480,7 +518,8 @@ def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, 
             runner.step()
             chosen += 1
         out = runner.state.out[:, :chosen].cpu().tolist()
-    phases = {"prefill_seconds": t1 - t0, "decode_seconds": time.perf_counter() - t1, "steps": chosen - 1}
+    phases = {"prefill_seconds": t1 - t0, "decode_seconds": time.perf_counter() - t1, "steps": chosen - 1,
+              **({"gold_logprob": scored} if scored is not None else {})}
     return [_row_tokens(o, stops, tokenizer, decoding.stop_strings) for o in out], first, phases
 
 

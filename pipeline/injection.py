@@ -143,7 +143,8 @@ def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None
 
 def communicate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int, vectors: Any, mode: str,
                 decoding: Decoding, *, batch_size: int = 8, seeds: Sequence[int] | None = None,
-                keep_first_logits: bool = False, records: list[Graft] | None = None) -> Generation:
+                keep_first_logits: bool = False, records: list[Graft] | None = None,
+                gold: Sequence[Sequence[int]] | None = None) -> Generation:
     """B generates for its prompts with vectors[i] grafted into item i at layer j (once, in prefill)."""
     check_mode(mode)
     if len(vectors) != len(prompts):
@@ -156,7 +157,7 @@ def communicate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], la
         return inject(model, layer, vectors[rows], mode, rec)
 
     return generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seeds=seeds, prefill_hook=hook,
-                    keep_first_logits=keep_first_logits)
+                    keep_first_logits=keep_first_logits, gold=gold)
 
 
 def prefill(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, layers: Sequence[int] = (),
@@ -294,7 +295,8 @@ def inject_rows(model: Any, layer: int, messages: Sequence[Any], mode: str, reco
 def communicate_rows(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int,
                      messages: Sequence[Any], mode: str, decoding: Decoding, *, batch_size: int = 8,
                      seeds: Sequence[int] | None = None, keep_first_logits: bool = False,
-                     records: list[Graft] | None = None) -> Generation:
+                     records: list[Graft] | None = None,
+                gold: Sequence[Sequence[int]] | None = None) -> Generation:
     """B generates for its prompts with item i's message ((m_i, d) states) placed on its last m_i
     positions at layer j, once, in prefill. The prompts must already hold the placeholders
     (`with_placeholders`)."""
@@ -312,4 +314,4 @@ def communicate_rows(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         return inject_rows(model, layer, [messages[i] for i in rows], mode, rec)
 
     return generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seeds=seeds, prefill_hook=hook,
-                    keep_first_logits=keep_first_logits)
+                    keep_first_logits=keep_first_logits, gold=gold)

@@ -144,9 +144,10 @@ def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
     assert result.setting == "private" and result.prompts.columns == ("option", "em", "f1", "contains")
     for name in ("ac_replace", "ac_sum", "ac_mean"):
         d = runs[name].diagnostics
-        assert set(d) == {"norm_ratio", "cosine", "kl_skyline", "agree_skyline"} and len(d["cosine"]) == 4
+        assert set(d) == {"norm_ratio", "cosine", "kl_skyline", "agree_skyline", "gold_logprob"} and len(d["cosine"]) == 4
         assert all(r > 0 for r in d["norm_ratio"]) and all(-1 <= c <= 1 for c in d["cosine"])
-    assert set(runs["b_alone"].diagnostics) == {"kl_skyline", "agree_skyline"} and not runs["skyline"].diagnostics
+    assert set(runs["b_alone"].diagnostics) == {"kl_skyline", "agree_skyline", "gold_logprob"}
+    assert set(runs["skyline"].diagnostics) == {"gold_logprob"}
     s = result.summary["ac_replace"]["diagnostics"]
     assert s["agree_skyline"]["n"] == 4 and s["kl_skyline"]["mean"] >= 0
     row = result.predictions()[0]["ac_sum"]

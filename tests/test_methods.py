@@ -140,3 +140,35 @@ def test_controls_run_beside_each_latent_variant(same):
     g = cfg.gate
     assert runs["ac_gated"].diagnostics["norm_ratio"] == pytest.approx(
         [g * x for x in runs["ac_replace"].diagnostics["norm_ratio"]], rel=1e-4)
+
+
+def test_gold_logprob_is_the_teacher_forced_likelihood_and_leaves_decoding_alone(same):
+    from pipeline.evaluation.prompts import encode
+    from pipeline.generation import Decoding, generate
+
+    tok, m = same.tok_b, same.model_b
+    prompts = [encode(tok, t) for t in ("Where is Ana?", "Ben is in Oslo, Norway today.", "Say")]
+    gold = [tok("Oslo, Norway", add_special_tokens=False)["input_ids"], tok("x", add_special_tokens=False)["input_ids"],
+            tok("the capital city", add_special_tokens=False)["input_ids"]]
+    dec = Decoding(max_new_tokens=4)
+    plain = generate(m, tok, prompts, dec, batch_size=2)
+    scored = generate(m, tok, prompts, dec, batch_size=2, gold=gold)
+    assert scored.texts == plain.texts and scored.tokens == plain.tokens
+    for p, g, got in zip(prompts, gold, scored.extra["gold_logprob"]):
+        with torch.no_grad():
+            logits = m(input_ids=torch.tensor([p + g])).logits[0].float()
+        want = sum(float(torch.log_softmax(logits[len(p) - 1 + t], -1)[g[t]]) for t in range(len(g)))
+        assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_every_method_records_the_gold_answers_likelihood(same):
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, methods=["b_alone", "nl", "ac", "kv", "skyline"],
+                         **{**FAST, "controls": ["mismatched"]})
+    result = evaluate_task("countries", same, cfg)
+    for r in result.runs:
+        assert len(r.diagnostics["gold_logprob"]) == 5 and all(x <= 0 for x in r.diagnostics["gold_logprob"])
+    s = result.summary
+    assert "mean" in s["kv_all"]["diagnostics"]["gold_logprob"]
+    assert "gold_logprob" in s["ac_replace"]["vs_mismatched"] and "gold_logprob" in s["nl"]["vs_b_alone"]
+    off = EvaluateConfig(layer_a=2, layer_b=2, methods=["b_alone"], gold_logprob=False, **FAST)
+    assert "gold_logprob" not in evaluate_task("countries", same, off).runs[0].diagnostics

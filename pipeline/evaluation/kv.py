@@ -384,7 +384,7 @@ def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[Non
 
 def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], cache: KvCache, layers: Sequence[int],
                 decoding: Decoding, *, batch_size: int = 8, seeds: Sequence[int] | None = None,
-                keep_first_logits: bool = False) -> Generation:
+                keep_first_logits: bool = False, gold: Sequence[Sequence[int]] | None = None) -> Generation:
     """B generates for its prompts while reading item i's A-cache at `layers` (KV layers 1..L),
     placed before its prompt (positions 0..P_i-1, B's tokens from P_i); other layers see only B's
     prompt. Batched with left padding through pipeline.generation.generate."""
@@ -403,7 +403,7 @@ def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], ca
 
     gen = generate(model_b, tok_b, prompts_b, decoding, batch_size=batch_size, seeds=seeds,
                    keep_first_logits=keep_first_logits, prefix=lambda rows: _prefix(cache, rows, device),
-                   session_hook=session)
+                   session_hook=session, gold=gold)
     gen.extra["kv_layers"] = sorted(shared)
     return gen
 

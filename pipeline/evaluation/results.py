@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,6 +53,10 @@ def summarize(prompts: TaskPrompts, runs: Sequence[Any], n_boot: int = 10_000, s
                 if key in prompts.binary:
                     c["mcnemar"] = mcnemar_exact(values, other).to_json()
                 cmp[key] = c
+            mine, theirs = r.diagnostics.get("gold_logprob"), other_run.diagnostics.get("gold_logprob")
+            if mine and theirs and all(math.isfinite(x) for x in [*mine, *theirs]):
+                cmp["gold_logprob"] = {"paired_bootstrap": paired_bootstrap(mine, theirs, n_boot=n_boot,
+                                                                            seed=seed).to_json()}
             entry[f"vs_{ref}"] = cmp
         out[r.name] = entry
     return out

@@ -55,8 +55,7 @@ class ActivationCommunication(LatentMethod):
             vectors = torch.stack(message)
             records: list[Graft] = []
             gen = communicate(pair.model_b, pair.tok_b, ctx.enc_b, ctx.j, vectors, mode, ctx.decoding,
-                              batch_size=ctx.batch_size, seeds=ctx.seeds, keep_first_logits=ctx.sky_logits is not None,
-                              records=records)
+                              records=records, **ctx.b_options())
             c = Compute()
             c.add_run(pair.model_a, "a", ctx.a_last, blocks=ctx.k)
             c.add_run(pair.model_b, "b", gen)
@@ -101,8 +100,7 @@ class MultiVectorAC(LatentMethod):
             prompts = [with_placeholders(p, msg.shape[0], hole) for p, msg in zip(ctx.enc_b, message)]
             records: list[Graft] = []
             gen = communicate_rows(pair.model_b, pair.tok_b, prompts, ctx.j, message, mode, ctx.decoding,
-                                   batch_size=ctx.batch_size, seeds=ctx.seeds,
-                                   keep_first_logits=ctx.sky_logits is not None, records=records)
+                                   records=records, **ctx.b_options())
             sent = ctx.a_tokens([ctx.k])
             c = Compute()
             c.add_run(pair.model_a, "a", sent_as_states(sent), blocks=ctx.k)

@@ -93,11 +93,23 @@ class Context:
 
         return [encode(self.pair.tok_b, t, self.cfg.chat, self.prompts.cue) for t in texts]
 
-    def gen_b(self, ids: Sequence[Sequence[int]], keep_first_logits: bool = False, **kwargs: Any) -> Generation:
+    def gen_b(self, ids: Sequence[Sequence[int]], keep_first_logits: bool = False) -> Generation:
         """B generates for `ids` (first-token logits kept whenever there is a skyline to compare with)."""
-        return generate(self.pair.model_b, self.pair.tok_b, ids, self.decoding, batch_size=self.batch_size,
-                        seeds=self.seeds, keep_first_logits=keep_first_logits or self.sky_logits is not None,
-                        **kwargs)
+        return generate(self.pair.model_b, self.pair.tok_b, ids, self.decoding, **self.b_options(keep_first_logits))
+
+    def b_options(self, keep_first_logits: bool = False) -> dict[str, Any]:
+        """What every generation of B takes: batch size, seeds, first-token logits whenever there is a
+        skyline to compare with, and the gold answers to score B's log-likelihood of."""
+        return {"batch_size": self.batch_size, "seeds": self.seeds,
+                "keep_first_logits": keep_first_logits or self.sky_logits is not None, "gold": self.gold_ids}
+
+    @cached_property
+    def gold_ids(self) -> list[list[int]] | None:
+        """B's tokens of each item's (first) gold answer, as B would write it (evaluate.gold_logprob)."""
+        if not self.cfg.gold_logprob:
+            return None
+        golds = [g[0] if isinstance(g, (list, tuple)) and g else g for g in self.prompts.golds]
+        return [list(self.pair.tok_b(str(g), add_special_tokens=False)["input_ids"]) for g in golds]
 
     def closeness(self, gen: Generation) -> dict[str, list[float]]:
         from pipeline.evaluation.diagnostics import skyline_closeness
@@ -164,5 +176,7 @@ class Method:
             details: dict[str, Any] | None = None, family: str | None = None, closeness: bool = True) -> MethodRun:
         """The MethodRun of one generation of B: scored, with the skyline closeness added."""
         diags = {**(diagnostics or {}), **(ctx.closeness(gen) if closeness else {})}
+        if "gold_logprob" in gen.extra:  # B's log-likelihood of the gold answer: finer than EM
+            diags["gold_logprob"] = gen.extra["gold_logprob"]
         return MethodRun(name, gen.texts, score_all(ctx.prompts, gen.texts), compute, diags, details or {},
                          family or self.family, list(bytes_sent) if bytes_sent is not None else [0] * ctx.n)

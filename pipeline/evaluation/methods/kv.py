@@ -44,8 +44,7 @@ def kv_sender(ctx: Context, cache: Any, choice: Any):
 
         pair = ctx.pair
         gen = kv_generate(pair.model_b, pair.tok_b, ctx.enc_b, replace(cache, entries=list(message)), choice.layers,
-                          ctx.decoding, batch_size=ctx.batch_size, seeds=ctx.seeds,
-                          keep_first_logits=ctx.sky_logits is not None)
+                          ctx.decoding, **ctx.b_options())
         work = kv_compute(cache, gen, choice.layers, pair.model_a, pair.model_b)
         c = Compute()
         c.add_run(pair.model_b, "b", gen)

@@ -2,6 +2,7 @@
 
 Layout. Every path under `paths.data` is built by `Layout` (PathsConfig and the stages ask it):
   stores/<role>.zarr           models/<role>.json          aligners/<name>/
+  fusers/<variant>/
   metrics/<name>.json          plots/<name>.png            evaluate/<task>/
   details/<name>.json          report/                     .locks/<what>.lock
   inputs/<name>.json
@@ -68,6 +69,10 @@ class Layout:
 
     def aligner(self, name: str) -> Path:
         return self.aligners / file_name(name)
+
+    def fuser(self, name: str) -> Path:
+        # a trained fuser (pipeline/fuser.py), one per variant; its checkpoint is <fuser>/ckpt
+        return self.data / "fusers" / file_name(name)
 
     @property
     def metrics_dir(self) -> Path:

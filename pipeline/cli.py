@@ -139,6 +139,27 @@ def _echo_epoch(entry: dict) -> None:
 
 
 @cli.command()
+@click.argument("variant")
+@click.option("--force", is_flag=True, help="Replace a fuser or checkpoint trained on other inputs.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.pass_context
+def fuse(ctx: click.Context, variant: str, force: bool, quiet: bool) -> None:
+    """Train the learned fuser VARIANT (task | prose): A's states -> B's key/value prefix, B frozen.
+
+    Settings come from params.yaml fuse; a checkpoint of an interrupted run is resumed."""
+    from stages import fuse as stage
+
+    if quiet:
+        _silence_libraries()
+    result = stage.run(_params(ctx), variant, force=force, log=None if quiet else (lambda line: click.echo(line, err=True)))
+    r = result.report
+    if not quiet:
+        click.echo(f"{result.directory}: held-out loss {r['heldout_loss']:.4g} per target token over {r['n_heldout']} "
+                   f"items (least-squares start {r['heldout_loss_init']:.4g}, B alone {r['heldout_loss_b_alone']:.4g}), "
+                   f"{r['epochs_run']} epochs, best {r['best_epoch']}")
+
+
+@cli.command()
 @click.option("--quiet", is_flag=True, help="Print only warnings.")
 @click.pass_context
 def grid(ctx: click.Context, quiet: bool) -> None:

@@ -79,6 +79,47 @@ class GridConfig:
     knn_k: int = 10  # mutual k-NN neighbours
 
 
+FUSE_VARIANTS = ("task", "prose")  # what the fuser trains on (pipeline/fuser.py)
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """The learned fuser (pipeline/fuser.py): one `fuse@<variant>` stage per entry of `variants`."""
+
+    variants: list[str] = field(default_factory=list)  # task | prose; none in the default (A = B)
+    task: str = "countries"  # the task variant's items (drawn apart from evaluate.<task>'s, train places)
+    n_train: int = 192  # training items (task) or texts (prose)
+    n_heldout: int = 32  # held out: early stopping and the reported loss
+    seed: int = 1  # draws the items / texts (the evaluation's items are excluded whatever the seed)
+    rank: int = 32  # of each layer's map A -> B (least-squares initialised, reduced-rank)
+    ridge: float = 0.01  # of the least-squares initialisation, on standardized A states
+    gate_init: float = 0.0  # initial gate logit of every layer: sigmoid(0) = 0.5 of the prefix's values
+    answer_tokens: int = 16  # target tokens per item at most (teacher answer, or the text's second half)
+    lr: float = 0.001
+    epochs: int = 4
+    patience: int = 1  # epochs without held-out improvement before stopping; 0 = run all epochs
+    batch_size: int = 8
+    device: str = "auto"  # auto (a GPU if there is one) | cpu | cuda[:N]
+    dtype: str = "auto"  # the models' dtype: auto (CUDA bf16, CPU fp32) | float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        for v in self.variants:
+            if v not in FUSE_VARIANTS:
+                raise UserError(f"params: fuse.variants: {v!r} is not one of {', '.join(FUSE_VARIANTS)}")
+        for key in ("n_train", "n_heldout", "rank", "answer_tokens", "batch_size"):
+            if isinstance(getattr(self, key), int) and getattr(self, key) < 1:
+                raise UserError(f"params: fuse.{key} = {getattr(self, key)} must be at least 1")
+        for key in ("epochs", "patience"):
+            if isinstance(getattr(self, key), int) and getattr(self, key) < 0:
+                raise UserError(f"params: fuse.{key} = {getattr(self, key)} must be 0 or more")
+        for key in ("lr", "ridge"):
+            value = getattr(self, key)
+            if isinstance(value, (int, float)) and not (value > 0 and value < float("inf")):
+                raise UserError(f"params: fuse.{key} = {value} must be a finite number > 0")
+        if self.dtype not in DTYPES | {"auto"}:
+            raise UserError(f"params: fuse.dtype = {self.dtype!r} is not one of {sorted(DTYPES | {'auto'})}")
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     data: str = "data"  # stores in data/stores/<role>.zarr, model manifests in data/models/<role>.json
@@ -119,6 +160,7 @@ class Params:
     fit: FitConfig = field(default_factory=FitConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def model_spec(self, role: str) -> str:

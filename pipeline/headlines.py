@@ -14,6 +14,7 @@ columns of `dvc metrics show` (the union of every file's keys) stay few whatever
   p             plain AC's best against B alone, Bonferroni-corrected for the f's it was picked from
   kl, kl_w      similarity probe: lowest KL(B ‖ B + graft) over f of the raw graft, over the aligners
   top1, r2, cka held-out retrieval top-1, R² and CKA of an aligner (fit); grid: best raw CKA, best top-1
+  loss, loss_b_alone  the fuser's held-out loss per target token, and B alone's on the same targets (fuse)
   seconds, tokens_per_s  the speed of the extraction (extract)
 
 A method that did not run is absent, never null. The one family rule (which method is plain AC,
@@ -106,6 +107,12 @@ def fit(details: dict[str, Any]) -> dict[str, Any]:
     """fit@<aligner>: held-out rows, retrieval top-1, R², CKA (no timing: every refit would show as a change)."""
     return _headline({"n": details.get("heldout_rows"), "top1": details.get("retrieval_top1"),
                       "r2": details.get("r2"), "cka": details.get("cka")})
+
+
+def fuse(details: dict[str, Any]) -> dict[str, Any]:
+    """fuse@<variant>: held-out items, the fuser's held-out loss (per target token), and B alone's on the same targets."""
+    return _headline({"n": details.get("n_heldout"), "loss": details.get("heldout_loss"),
+                      "loss_b_alone": details.get("heldout_loss_b_alone")})
 
 
 def grid(details: dict[str, Any]) -> dict[str, Any]:

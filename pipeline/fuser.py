@@ -43,7 +43,8 @@ run's result. A non-finite loss stops training with one line, and nothing is wri
 At evaluation (the method registry):
 
     fuser = load_fuser(name_or_dir, data_dir); fuser.check(pair)
-    states = a_states(model_a, prompts_a, fuser.a_layers)     # {A layer: [(P_i, d_A) per item]}
+    states = token_states(model_a, tok_a, prompts_a, fuser.a_layers).states   # pipeline.injection:
+                                                                # {A layer: [(P_i, d_A) per item]}
     cache = fuser.cache(model_b, states)                        # a kv.KvCache for B
     gen = kv_generate(model_b, tok_b, prompts_b, cache, fuser.b_layers, decoding)
 """
@@ -150,11 +151,11 @@ class Fuser:
 
     def check(self, pair: Any) -> None:
         """Refuse models this fuser was not trained for (widths, depths, and content shas when known)."""
-        from pipeline.layers import num_layers
+        from pipeline.architecture import architecture
 
         m = self.meta
-        have = {"d_a": pair.width_a, "d_b": pair.width_b, "layers_a": num_layers(pair.model_a),
-                "layers_b": num_layers(pair.model_b)}
+        have = {"d_a": pair.width_a, "d_b": pair.width_b, "layers_a": architecture(pair.model_a).n_layers,
+                "layers_b": architecture(pair.model_b).n_layers}
         bad = [f"{k} {m.get(k)} vs {v}" for k, v in have.items() if m.get(k) != v]
         for role, sha in (("a", pair.sha_a), ("b", pair.sha_b)):
             theirs = (m.get("models") or {}).get(role, {}).get("sha")
@@ -213,31 +214,6 @@ def load_fuser(name: str | Path, data_dir: str | Path = "data") -> Fuser:
         raise UserError(f"{path / WEIGHTS} holds non-finite weights: retrain it with a lower fuse.lr")
     net.requires_grad_(False)
     return Fuser(net, meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# A's states
-
-
-def a_states(model: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int], *, batch_size: int = 8,
-             pad_id: int = 0) -> dict[int, list[Any]]:
-    """A's per-token states of each prompt at `layers` (project convention), float32:
-    {layer: [(P_i, d_A) per item]}, batched with left padding (a row computes what it computes alone)."""
-    import torch
-
-    from pipeline.generation import left_pad, length_batches
-    from pipeline.layers import run_captured
-
-    device = next(model.parameters()).device
-    out: dict[int, list[Any]] = {l: [None] * len(prompts) for l in layers}
-    with torch.no_grad():
-        for rows in length_batches([len(p) for p in prompts], batch_size):
-            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
-            got = run_captured(model, sorted(set(layers)), input_ids=ids, attention_mask=mask, position_ids=pos)
-            for r, i in enumerate(rows):
-                for l in layers:
-                    out[l][i] = got[l][r, ids.shape[1] - len(prompts[i]):].float()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,10 +294,11 @@ def init_fuser(model_a: Any, tok_a: Any, model_b: Any, tok_b: Any, texts: Sequen
     import numpy as np
     import torch
 
-    from pipeline.layers import num_layers
+    from pipeline.architecture import architecture
+    from pipeline.injection import token_states
     from pipeline.pairing import Pairs, TokenIndex, pair_tokens
 
-    la, lb = num_layers(model_a), num_layers(model_b)
+    la, lb = architecture(model_a).n_layers, architecture(model_b).n_layers
     sources = layer_sources(la, lb)
     enc = {}
     for role, tok in (("a", tok_a), ("b", tok_b)):
@@ -335,9 +312,8 @@ def init_fuser(model_a: Any, tok_a: Any, model_b: Any, tok_b: Any, texts: Sequen
     if len(pairs) < 2:
         raise UserError(f"fuse: only {len(pairs)} tokens of A and B end at the same character of the "
                         "training texts: nothing to initialise the maps from")
-    sa = a_states(model_a, enc["a"][0], sorted(set(sources)), batch_size=batch_size,
-                  pad_id=tok_a.pad_token_id or 0)
-    sb = a_states(model_b, enc["b"][0], list(range(lb)), batch_size=batch_size, pad_id=tok_b.pad_token_id or 0)
+    sa = token_states(model_a, tok_a, enc["a"][0], sources, batch_size=batch_size).states
+    sb = token_states(model_b, tok_b, enc["b"][0], range(lb), batch_size=batch_size).states
     cat = lambda d: {l: torch.cat(v).double() for l, v in d.items()}  # noqa: E731  token rows, text order
     sa, sb = cat(sa), cat(sb)
     ra, rb = torch.from_numpy(pairs.rows_a), torch.from_numpy(pairs.rows_b)
@@ -369,8 +345,8 @@ def init_fuser(model_a: Any, tok_a: Any, model_b: Any, tok_b: Any, texts: Sequen
 # Loss
 
 
-def batch_loss(fuser: Fuser | None, model_a: Any, model_b: Any, batch: Sequence[Example], pad_a: int,
-               pad_b: int) -> tuple[Any, int]:
+def batch_loss(fuser: Fuser | None, model_a: Any, tok_a: Any, model_b: Any, tok_b: Any,
+               batch: Sequence[Example]) -> tuple[Any, int]:
     """(summed cross-entropy of the targets, target tokens) for a batch: B reads the fuser's prefix
     (none when fuser is None: B alone) then its prompt; differentiable in the fuser's tensors."""
     import torch
@@ -378,10 +354,11 @@ def batch_loss(fuser: Fuser | None, model_a: Any, model_b: Any, batch: Sequence[
 
     from pipeline.evaluation.kv import _prefix
     from pipeline.generation import left_pad
+    from pipeline.injection import token_states
 
     device = next(model_b.parameters()).device
     seqs = [e.b_prompt + e.target for e in batch]
-    ids, mask, pos = left_pad(seqs, pad_b, device)
+    ids, mask, pos = left_pad(seqs, tok_b.pad_token_id if tok_b.pad_token_id is not None else 0, device)
     longest = max(len(e.target) for e in batch)
     labels = torch.full((len(batch), longest + 1), -100, dtype=torch.long, device=device)
     for r, e in enumerate(batch):
@@ -389,7 +366,7 @@ def batch_loss(fuser: Fuser | None, model_a: Any, model_b: Any, batch: Sequence[
         labels[r, longest - len(e.target):longest] = torch.tensor(e.target, device=device)
     kwargs: dict[str, Any] = {}
     if fuser is not None:
-        states = a_states(model_a, [e.a_ids for e in batch], fuser.a_layers, batch_size=len(batch), pad_id=pad_a)
+        states = token_states(model_a, tok_a, [e.a_ids for e in batch], fuser.a_layers, batch_size=len(batch)).states
         past = _prefix(fuser.cache(model_b, states, grad=True), list(range(len(batch))), device)
         mask = torch.cat([past.mask.to(mask), mask], dim=1)
         pos = pos + past.offsets[:, None]
@@ -400,14 +377,14 @@ def batch_loss(fuser: Fuser | None, model_a: Any, model_b: Any, batch: Sequence[
     return loss, int((labels != -100).sum())
 
 
-def mean_loss(fuser: Fuser | None, model_a: Any, model_b: Any, examples: Sequence[Example], batch_size: int,
-              pad_a: int, pad_b: int) -> float:
+def mean_loss(fuser: Fuser | None, model_a: Any, tok_a: Any, model_b: Any, tok_b: Any, examples: Sequence[Example],
+              batch_size: int) -> float:
     """Per-token cross-entropy of the examples' targets (no gradient)."""
     import torch
 
     total, tokens = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
-            loss, n = batch_loss(fuser, model_a, model_b, examples[s:s + batch_size], pad_a, pad_b)
+            loss, n = batch_loss(fuser, model_a, tok_a, model_b, tok_b, examples[s:s + batch_size])
             total, tokens = total + float(loss), tokens + n
     return total / max(1, tokens)

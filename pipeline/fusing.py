@@ -45,13 +45,13 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
 
     from pipeline import headlines
     from pipeline.aligners.training import Checkpoint, Diverged, TrainState
+    from pipeline.architecture import architecture
     from pipeline.artifacts import Outputs, exclusive, layout, write_record
     from pipeline.config import fingerprint
     from pipeline.evaluation.kv import cache_shape, check_attention
     from pipeline.evaluation.pair import load_pair
     from pipeline.faults import fault_point
     from pipeline.fuser import Fuser, batch_loss, layer_sources, mean_loss, prose_examples, task_examples
-    from pipeline.layers import num_layers
 
     log = log or (lambda line: None)
     cfg = params.fuse
@@ -65,7 +65,6 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
         model.eval()
     check_attention(pair.model_b)
     cache_shape(pair.model_b, "B")  # B must be a model whose KV prefix kv_generate can place
-    pad_a, pad_b = (t.pad_token_id if t.pad_token_id is not None else 0 for t in (pair.tok_a, pair.tok_b))
     t0 = time.perf_counter()
     if variant == "task":
         examples = task_examples(cfg, params.evaluate, pair.model_b, pair.tok_a, pair.tok_b, log)
@@ -76,7 +75,7 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
     if len(train) < 1:
         raise UserError(f"fuse: no training item has a non-empty target (of {cfg.n_train + cfg.n_heldout}): "
                         "check the task's decoding (max_new_tokens) or ask for more items")
-    la, lb = num_layers(pair.model_a), num_layers(pair.model_b)
+    la, lb = architecture(pair.model_a).n_layers, architecture(pair.model_b).n_layers
     inputs = {"variant": variant, "config": {k: v for k, v in asdict(cfg).items() if k != "variants"},
               "models": {"a": {"spec": pair.name_a, "sha": pair.sha_a}, "b": {"spec": pair.name_b, "sha": pair.sha_b}},
               "examples": examples_fingerprint(examples), "task": cfg.task if variant == "task" else None}
@@ -89,7 +88,7 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
         _claim(directory, fp, force)
         ckpt = Checkpoint(ckpt_dir, fp)
         try:
-            net, init = _start(ckpt, pair, train, held, cfg, meta, pad_a, pad_b, log)
+            net, init = _start(ckpt, pair, train, held, cfg, meta, log)
             fuser = Fuser(net, meta)
             trainable = [net[k] for k in ("u", "v", "c", "gate")]
             opt = torch.optim.Adam(trainable, lr=cfg.lr)
@@ -100,8 +99,8 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
                 order = np.random.default_rng([cfg.seed, st.epoch]).permutation(len(train))
                 total, tokens = 0.0, 0
                 for s in range(0, len(order), bs):
-                    loss, n = batch_loss(fuser, pair.model_a, pair.model_b, [train[i] for i in order[s:s + bs]],
-                                         pad_a, pad_b)
+                    loss, n = batch_loss(fuser, pair.model_a, pair.tok_a, pair.model_b, pair.tok_b,
+                                         [train[i] for i in order[s:s + bs]])
                     if not math.isfinite(float(loss.detach())):
                         raise Diverged(f"fuse: the training loss became {float(loss.detach())} in epoch {st.epoch + 1} (step "
                                        f"{st.step + 1}) with fuse.lr = {cfg.lr:g}: lower fuse.lr; nothing was saved")
@@ -111,7 +110,7 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
                     st.step += 1
                     total, tokens = total + float(loss.detach()), tokens + n
                     fault_point("steps")
-                heldout = mean_loss(fuser, pair.model_a, pair.model_b, held, bs, pad_a, pad_b)
+                heldout = mean_loss(fuser, pair.model_a, pair.tok_a, pair.model_b, pair.tok_b, held, bs)
                 if not (math.isfinite(heldout) and all(bool(p.isfinite().all()) for p in trainable)):
                     raise Diverged(f"fuse: the held-out loss became {heldout} after epoch {st.epoch + 1} with "
                                    f"fuse.lr = {cfg.lr:g}: lower fuse.lr; nothing was saved")
@@ -152,7 +151,7 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
     return FuseResult(directory, fuser, report)
 
 
-def _start(ckpt, pair, train, held, cfg, meta, pad_a, pad_b, log):
+def _start(ckpt, pair, train, held, cfg, meta, log):
     """(the fuser's tensors, init facts): from the checkpoint, or by least squares (then the
     held-out losses of the initial fuser and of B alone, kept beside the checkpoint)."""
     from pipeline.aligners.base import read_json
@@ -167,8 +166,9 @@ def _start(ckpt, pair, train, held, cfg, meta, pad_a, pad_b, log):
     net, init = init_fuser(pair.model_a, pair.tok_a, pair.model_b, pair.tok_b, [e.a_text for e in train], cfg.rank,
                            cfg.ridge, cfg.gate_init, cfg.batch_size)
     init["seconds"] = time.perf_counter() - t0
-    init["heldout_loss_init"] = mean_loss(Fuser(net, meta), pair.model_a, pair.model_b, held, cfg.batch_size, pad_a, pad_b)
-    init["heldout_loss_b_alone"] = mean_loss(None, pair.model_a, pair.model_b, held, cfg.batch_size, pad_a, pad_b)
+    models = (pair.model_a, pair.tok_a, pair.model_b, pair.tok_b)
+    init["heldout_loss_init"] = mean_loss(Fuser(net, meta), *models, held, cfg.batch_size)
+    init["heldout_loss_b_alone"] = mean_loss(None, *models, held, cfg.batch_size)
     log(f"least-squares init on {init['init_tokens']} paired tokens ({init['seconds']:.1f}s): held-out loss "
         f"{init['heldout_loss_init']:.4g} (B alone {init['heldout_loss_b_alone']:.4g})")
     write_json(ckpt.dir / INIT, init)

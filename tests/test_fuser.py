@@ -10,8 +10,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.evaluation import kv
-from pipeline.fuser import Fuser, a_states, build_net, layer_sources, load_fuser
+from pipeline.fuser import Fuser, build_net, layer_sources, load_fuser
 from pipeline.generation import Decoding
+from pipeline.injection import token_states
 from tests.helpers import run_cli, write_params, xmodel_process
 
 FUSE = {"n_train": 12, "n_heldout": 4, "epochs": 3, "patience": 0, "batch_size": 4, "rank": 8, "lr": 0.01,
@@ -27,9 +28,9 @@ def params_for(tmp, tiny_models, **fuse):
 
 def identity_fuser(model) -> Fuser:
     """A = B, every map the identity, every gate open: the prefix is B's own cache of A's prompt."""
-    from pipeline.layers import num_layers
+    from pipeline.architecture import architecture
 
-    n, d = num_layers(model), model.config.hidden_size
+    n, d = architecture(model).n_layers, architecture(model).width
     net = build_net(n, d, d, d)
     with torch.no_grad():
         net["u"].copy_(torch.eye(d).expand(n, d, d))
@@ -44,7 +45,7 @@ def test_identity_fuser_with_a_equals_b_is_kv_all(tiny_loaded):
     pa, pb = [tok(t)["input_ids"] for t in TEXTS_A], [tok(t)["input_ids"] for t in TEXTS_B]
     fuser = identity_fuser(model)
     assert fuser.a_layers == [0, 1, 2, 3] and fuser.b_layers == [1, 2, 3, 4]
-    built = fuser.cache(model, a_states(model, pa, fuser.a_layers, batch_size=2))
+    built = fuser.cache(model, token_states(model, tok, pa, fuser.a_layers, batch_size=2).states)
     want = kv.a_cache(model, tok, pa)
     for g, w in zip(built.entries, want.entries):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
@@ -56,7 +57,7 @@ def test_identity_fuser_with_a_equals_b_is_kv_all(tiny_loaded):
     # a closed gate removes the prefix's content (its values), not its keys
     with torch.no_grad():
         fuser.net["gate"].fill_(-50.0)
-    closed = fuser.cache(model, a_states(model, pa, fuser.a_layers))
+    closed = fuser.cache(model, token_states(model, tok, pa, fuser.a_layers).states)
     for c, w in zip(closed.entries, want.entries):
         assert c[:, 1].abs().max() < 1e-12
         torch.testing.assert_close(c[:, 0], w[:, 0], atol=1e-5, rtol=1e-5)
@@ -86,7 +87,7 @@ def test_trains_on_the_tiny_pair_and_lowers_the_heldout_loss(tmp_path, tiny_mode
     fuser.check(tiny_pair)
     pa = [tiny_pair.tok_a(t)["input_ids"] for t in TEXTS_A]
     pb = [tiny_pair.tok_b(t)["input_ids"] for t in TEXTS_B]
-    cache = fuser.cache(tiny_pair.model_b, a_states(tiny_pair.model_a, pa, fuser.a_layers))
+    cache = fuser.cache(tiny_pair.model_b, token_states(tiny_pair.model_a, tiny_pair.tok_a, pa, fuser.a_layers).states)
     assert cache.lengths == [len(p) for p in pa] and cache.shape == kv.cache_shape(tiny_pair.model_b, "B")
     gen = kv.kv_generate(tiny_pair.model_b, tiny_pair.tok_b, pb, cache, fuser.b_layers, Decoding(max_new_tokens=3),
                          keep_first_logits=True)

@@ -22,6 +22,12 @@ SHAPES = {
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
     "tiny-qwen": dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    # Gemma-3's text model: q/k norms, head width != hidden / heads, sliding-window layers (window 6,
+    # shorter than the test prompts) between full ones
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
+                        max_position_embeddings=256),
 }
 
 
@@ -68,7 +74,7 @@ def random_model(shape: str, tokenizer=None, dtype=None, device=None, seed: int 
 
 
 # tokenizer vocabulary, whether BOS is prepended (Llama-style) or not (Qwen-style), weight seed
-TINY = {"tiny-llama": (384, True, 0), "tiny-qwen": (320, False, 1)}
+TINY = {"tiny-llama": (384, True, 0), "tiny-qwen": (320, False, 1), "tiny-gemma3": (352, True, 2)}
 
 
 def save_tiny_model(shape: str, out: Path) -> Path:

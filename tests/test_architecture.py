@@ -130,3 +130,33 @@ def test_a_model_that_does_not_fit_its_row_is_one_line():
     del model.model.layers[1].self_attn.k_proj
     with pytest.raises(UserError, match="has no attention part at 'k_proj'"):
         architecture(model)
+
+
+def test_tiny_gemma3_end_to_end(tmp_path, capsys):
+    """Gemma-3 (sliding-window layers, q/k norms, head width 16 != 32 / 4) through the table alone:
+    extract both roles, fit an aligner from the stores, evaluate the AC methods; KV refuses it."""
+    import json
+
+    from pipeline.synthetic import save_tiny_model
+    from tests.helpers import run_cli, write_params
+
+    model = save_tiny_model("tiny-gemma3", tmp_path / "gemma3")
+    evaluate = {"tasks": ["squad"], "layer_a": 0.5, "layer_b": 0.75, "aligners": ["procrustes"], "n_boot": 50,
+                "methods": ["b_alone", "ac", "skyline"], "controls": [], "squad": {"n": 3, "max_new_tokens": 3}}
+    params = write_params(tmp_path, {"a": model, "b": model}, corpus={"n": 32}, extract={"layers": [0.5, 0.75]},
+                          fit={"layers": [0.5, 0.75], "aligners": {"procrustes": {}}}, evaluate=evaluate)
+    for role in ("a", "b"):
+        code, _, err = run_cli(capsys, "--params", str(params), "extract", "--model", role, "--quiet")
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "--params", str(params), "fit", "procrustes", "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "--params", str(params), "evaluate", "squad", "--quiet")
+    assert code == 0, err
+    details = json.loads((tmp_path / "data" / "details" / "evaluate-squad.json").read_text())
+    assert {"b_alone", "ac_replace", "ac_procrustes_replace", "skyline"} <= set(details["methods"])
+    assert details["layers"] == {"k": 2, "j": 3}  # depths 0.5 and 0.75 of 4 blocks
+    kv = write_params(tmp_path, {"a": model, "b": model}, corpus={"n": 32},
+                      evaluate={**evaluate, "methods": ["b_alone", "kv"]})
+    code, _, err = run_cli(capsys, "--params", str(kv), "evaluate", "squad", "--quiet")
+    assert code == 2 and "sliding window; only full attention is supported" in err
+    assert len(err.strip().splitlines()) == 1

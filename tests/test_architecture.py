@@ -31,7 +31,8 @@ def tiny(model_type: str):
         from transformers import Gemma3Config
 
         config = Gemma3Config(text_config={**TEXT, **EXTRA["gemma3_text"]}, mm_tokens_per_image=4,
-                              vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              # as deep as the text model: a block list guessed by its length is the vision tower's
+                              vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                                                  num_attention_heads=2, image_size=28, patch_size=14))
     else:
         config = AutoConfig.for_model(model_type, **TEXT, **EXTRA[model_type])
@@ -95,6 +96,44 @@ def test_a_wrong_part_in_a_row_is_caught():
         mp.setattr(module, "FAMILIES", rows)
         wrong, _ = architecture(model).keys_values(2, hidden, positions)
     assert not torch.allclose(right, wrong, atol=1e-3)
+
+
+@torch.no_grad()
+def test_a_multimodal_model_is_hooked_and_decoded_as_its_text_decoder():
+    """Gemma-3 4B and up load as Gemma3ForConditionalGeneration: the text blocks sit under
+    model.language_model, next to a vision tower of its own blocks, and the sliding-window layer
+    types are in config.text_config."""
+    from pipeline.generation import Decoding, generate
+    from pipeline.layers import run_captured
+
+    model = tiny("gemma3")
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3, 8, 1]])
+    hf = model(input_ids=ids, output_hidden_states=True).hidden_states
+    states = run_captured(model, [0, 1, 2, 3], input_ids=ids)
+    for l in range(4):
+        assert torch.equal(states[l], hf[l]), l
+
+    class Tok:  # generate needs only these of a tokenizer
+        pad_token_id, eos_token_id = 0, 1
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    with pytest.raises(UserError, match="cache 'static' needs full attention in every layer; gemma3 has sliding"):
+        generate(model, Tok(), [[5, 9, 2]], Decoding(max_new_tokens=2), cache="static")
+
+
+def test_a_model_of_an_unknown_architecture_is_refused_at_load(tiny_models, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import load_model, resolve_model
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=400)
+                                     ).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="model type 'gpt2' .* is not a known architecture") as e:
+        load_model(resolve_model(str(tmp_path / "gpt2"), tmp_path / "cache"), device="cpu", dtype="float32")
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_architecture_is_one_line():

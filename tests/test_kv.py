@@ -207,6 +207,7 @@ def test_compute_accounting(models):
 
 @pytest.mark.parametrize("kind, words", [
     ("sliding", "sliding window; only full attention is supported"),
+    ("mistral", "sliding window; only full attention is supported"),  # a window on every layer, no layer_types
     ("absolute", "model type 'gpt2' .* is not a known architecture"),
 ])
 def test_models_this_method_cannot_place_are_one_line(kind, words):
@@ -216,6 +217,9 @@ def test_models_this_method_cannot_place_are_one_line(kind, words):
         config = AutoConfig.for_model("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
                                       use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    elif kind == "mistral":
+        config = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64, sliding_window=8)
     else:
         config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)

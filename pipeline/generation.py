@@ -326,6 +326,7 @@ class _DynamicRunner:
             ids[r, :len(g) - 1] = torch.as_tensor(list(g[:-1]), dtype=torch.long)
             real[r, :len(g) - 1] = 1
         positions = self.state.pos + 1 + torch.arange(width, device=ids.device)[None]
+        self.cache.activate_past_recording()  # sliding-window layers keep what the crop below rolls back
         logits = self.model(input_ids=ids, attention_mask=torch.cat([self.mask, real], dim=1), position_ids=positions,
                             cache=self.cache, use_cache=True).logits.float()
         self.cache.crop(-width)  # back to the prefill: decoding continues as if this pass never ran

@@ -123,6 +123,29 @@ def test_a_multimodal_model_is_hooked_and_decoded_as_its_text_decoder():
         generate(model, Tok(), [[5, 9, 2]], Decoding(max_new_tokens=2), cache="static")
 
 
+def test_gold_likelihood_on_sliding_window_layers(tmp_path):
+    """The teacher-forced gold pass runs past a sliding layer's window (6 here) and is cut back:
+    its likelihood is a direct forward's, and decoding after it is decoding without it."""
+    from pipeline.generation import Decoding, generate
+    from pipeline.models import load_model, resolve_model
+    from pipeline.synthetic import save_tiny_model
+
+    model, tok = load_model(resolve_model(str(save_tiny_model("tiny-gemma3", tmp_path / "g")), tmp_path / "c"),
+                            device="cpu", dtype="float32")
+    prompts = [tok(t)["input_ids"] for t in ("Where is Ana, who left for the north last week?", "Say")]
+    gold = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Oslo, Norway, by the long fjord road", "x")]
+    assert len(gold[0]) > 6 and len(prompts[0]) > 6
+    dec = Decoding(max_new_tokens=8)
+    plain = generate(model, tok, prompts, dec, batch_size=2)
+    scored = generate(model, tok, prompts, dec, batch_size=2, gold=gold)
+    assert scored.tokens == plain.tokens
+    for p, g, got in zip(prompts, gold, scored.extra["gold_logprob"]):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + g])).logits[0].float()
+        want = sum(float(torch.log_softmax(logits[len(p) - 1 + t], -1)[g[t]]) for t in range(len(g)))
+        assert got == pytest.approx(want, abs=1e-3)
+
+
 def test_a_model_of_an_unknown_architecture_is_refused_at_load(tiny_models, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

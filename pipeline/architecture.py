@@ -32,7 +32,8 @@ class Family:
     config_class: str  # transformers' config class of that model type (a remote-code class reusing the name is refused)
     decoder: str = "model"  # dotted path from the loaded model to its text decoder (embeddings, blocks, final norm)
     text_config: bool = False  # the text settings are config.text_config (multimodal configs)
-    embed: str = "embed_tokens"
+    embed: str = "embed_tokens"  # token embeddings (Gemma 1/2 scale them by sqrt(width) in the decoder's forward,
+    #                             so layer 0 is what layers.at_layer(model, 0) sees, not always embed's output)
     layers: str = "layers"
     norm: str = "norm"  # the final norm, after the last block
     rotary: str | None = "rotary_emb"  # None: no rotary position embeddings

@@ -51,6 +51,15 @@ def combine(a: Any, b: Any, mode: str) -> Any:
     return (a + b) / 2
 
 
+def check_layer(model: Any, layer: int, what: str, role: str) -> None:
+    """One line unless `layer` is one of the model's layers 0..L (the convention of pipeline/layers.py)."""
+    from pipeline.architecture import architecture
+
+    n_layers = architecture(model).n_layers
+    if not 0 <= layer <= n_layers:
+        raise UserError(f"{what} {layer} is out of range: model {role} has layers 0..{n_layers}")
+
+
 @dataclass
 class SenderStates:
     vectors: Any  # (n, d_A) float32 on CPU: A's last-token state after layer k
@@ -68,10 +77,7 @@ def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
     from pipeline.architecture import architecture
     from pipeline.layers import run_captured
 
-    arch = architecture(model)
-    n_layers = arch.n_layers
-    if not 0 <= layer <= n_layers:
-        raise UserError(f"sender layer k = {layer} is out of range: model A has layers 0..{n_layers}")
+    check_layer(model, layer, "sender layer k =", "A")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[Any] = [None] * len(prompts)
@@ -83,7 +89,7 @@ def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
             last = states[:, -1].float().cpu()
             for r, i in enumerate(rows):
                 out[i] = last[r]
-    vectors = torch.stack(out) if out else torch.zeros(0, arch.width)
+    vectors = torch.stack(out) if out else torch.zeros(0, architecture(model).width)
     return SenderStates(vectors, layer, sum(len(p) for p in prompts), time.perf_counter() - start)
 
 
@@ -116,13 +122,10 @@ def inject(model: Any, layer: int, vectors: Any, mode: str, record: Graft | None
     `layer` replaced by combine(vectors, state, mode); later passes are left alone. vectors: (rows, d)."""
     import torch
 
-    from pipeline.architecture import architecture
     from pipeline.layers import at_layer
 
     check_mode(mode)
-    n_layers = architecture(model).n_layers
-    if not 0 <= layer <= n_layers:
-        raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
+    check_layer(model, layer, "receiver layer j =", "B")
     record = record if record is not None else Graft()
 
     def edit(hidden: Any) -> Any:
@@ -222,14 +225,11 @@ def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], l
     stopped after the deepest (left padding removed)."""
     import torch
 
-    from pipeline.architecture import architecture
     from pipeline.layers import run_captured
 
-    n_layers = architecture(model).n_layers
     layers = sorted(set(int(l) for l in layers))
     for layer in layers:
-        if not 0 <= layer <= n_layers:
-            raise UserError(f"sender layer {layer} is out of range: model A has layers 0..{n_layers}")
+        check_layer(model, layer, "sender layer", "A")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: dict[int, list[Any]] = {l: [None] * len(prompts) for l in layers}
@@ -266,13 +266,10 @@ def inject_rows(model: Any, layer: int, messages: Sequence[Any], mode: str, reco
     later passes are left alone."""
     import torch
 
-    from pipeline.architecture import architecture
     from pipeline.layers import at_layer
 
     check_mode(mode)
-    n_layers = architecture(model).n_layers
-    if not 0 <= layer <= n_layers:
-        raise UserError(f"receiver layer j = {layer} is out of range: model B has layers 0..{n_layers}")
+    check_layer(model, layer, "receiver layer j =", "B")
     record = record if record is not None else Graft()
 
     def edit(hidden: Any) -> Any:

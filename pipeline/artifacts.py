@@ -14,11 +14,16 @@ Writing. `Outputs` collects everything one stage writes (JSON, text, JSONL, byte
 figures, whole directories), each to a temporary name beside its target, and renames them into
 place only when all of them were written: a failure (disk full, an error in the stage) leaves every
 previous file as it was and removes the temporaries. A directory is built in a sibling temporary
-folder and swapped in by two renames; the old one stays loadable until then, and a kill between the
-two renames is repaired by the next write (the old folder is renamed back). A folder is only ever
-replaced after `store.owned.check_replaceable` recognised it as one xmodel wrote.
+folder and swapped in by two renames; the old one stays loadable until then. The renames of one
+commit are journalled first, and a kill between any two of them is finished (rolled forward) by
+the next reader or writer of those outputs (`recover`, `settle`): never half old, half new. A folder
+is only ever replaced after `store.owned.check_replaceable` recognised it as one xmodel wrote.
 
-Every write passes `faults.fault_point("writes")`, so the tests can fail any of them like a full disk.
+Locks. A folder's writer (extract, fit) holds its lock exclusively; its readers (fit and grid read
+stores, evaluate, grid and report read aligners) hold the lock's shared side while they read.
+
+Every write passes `faults.fault_point("writes")`, so the tests can fail any of them like a full disk;
+"commits" after each rename of a commit, "locks" where a lock's holder is written.
 """
 
 from __future__ import annotations
@@ -245,15 +250,28 @@ class Outputs:
     # -- commit -------------------------------------------------------------------------------
     def commit(self) -> None:
         """Rename every temporary into place (folders first: a metrics file never describes a folder
-        that is not there yet)."""
+        that is not there yet). More than one rename is journalled first (`_Journal`): a kill between
+        them is rolled forward by the next reader or writer, never left half old, half new."""
+        steps: list[dict[str, str | None]] = []
+        target = next(iter([t for _, t, *_ in self._dirs] + [t for _, t in self._files]), Path("."))
         try:
             for tmp, target, is_ours, what in self._dirs:
                 check_ours(target, is_ours, what)
-                _swap(tmp, target)
-            for tmp, target in self._files:
-                os.replace(tmp, target)
+                old = tempfile.mkdtemp(prefix=_prefix(target, OLD), dir=target.parent) if target.exists() else None
+                steps.append({"tmp": str(tmp), "target": str(target), "old": old})
+            steps += [{"tmp": str(tmp), "target": str(target), "old": None} for tmp, target in self._files]
+            journal = _Journal.begin(steps) if len(steps) > 1 or any(st["old"] for st in steps) else None
+            for step in steps:
+                target = Path(step["target"])
+                _apply(step)
+                fault_point("commits")
+            if journal is not None:
+                journal.end()
         except OSError as e:
             self.discard()
+            for step in steps:
+                if step["old"] and not (Path(step["old"]) / "dir").exists():
+                    shutil.rmtree(step["old"], ignore_errors=True)
             raise _failed(target, e) from None
         self._files, self._dirs = [], []
 
@@ -274,14 +292,87 @@ def check_ours(target: Path, is_ours: Callable[[Path], bool], what: str) -> None
         raise UserError(str(e)) from None
 
 
-def _swap(tmp: Path, target: Path) -> None:
-    if not target.exists():
+def _apply(step: dict[str, str | None]) -> None:
+    """One rename of a commit (a folder: two, the old one moved aside into `old` first); a step
+    already done is skipped, so a commit can be rolled forward from any point."""
+    tmp, target, old = Path(step["tmp"]), Path(step["target"]), step["old"]
+    if not tmp.exists():
+        return  # done
+    if old is not None:
+        if target.exists() and not (Path(old) / "dir").exists():
+            os.rename(target, Path(old) / "dir")
         os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=_prefix(target, OLD), dir=target.parent))
-    os.rename(target, old / "dir")  # a kill here leaves it at old/dir: `recover` renames it back
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+class _Journal:
+    """The renames of one commit, written before the first of them as `.xmodel-commit-PID-*.json`
+    into every folder a target lives in, and removed after the last. Whoever next reads or writes
+    beside one of those targets (`recover`) finds the journal of a dead writer and finishes its
+    renames: every temporary was complete before the first rename, so rolling forward is always right."""
+
+    PREFIX = ".xmodel-commit"
+
+    def __init__(self, copies: list[Path]) -> None:
+        self.copies = copies
+
+    @classmethod
+    def begin(cls, steps: list[dict[str, str | None]]) -> _Journal:
+        folders = sorted({str(Path(st["target"]).parent) for st in steps})
+        name = f"{cls.PREFIX}-{os.getpid()}-{os.urandom(4).hex()}.json"
+        copies = [Path(f) / name for f in folders]
+        body = dumps({"copies": [str(c) for c in copies], "steps": steps})
+        written = []
+        try:
+            for copy in copies:
+                tmp = copy.with_name(copy.name + ".writing")
+                tmp.write_text(body)
+                os.replace(tmp, copy)
+                written.append(copy)
+        except OSError:
+            for copy in (*written, *(c.with_name(c.name + ".writing") for c in copies)):
+                copy.unlink(missing_ok=True)
+            raise
+        return cls(copies)
+
+    def end(self) -> None:
+        for copy in self.copies:
+            copy.unlink(missing_ok=True)
+
+    @classmethod
+    def settle(cls, folder: Path) -> None:
+        """Finish the commits of dead writers journalled in `folder`."""
+        import fcntl
+
+        for path in _leftovers(folder, f"{cls.PREFIX}-"):
+            if path.name.endswith(".writing"):  # killed before its commit began: nothing was renamed
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                with open(path, "r+b") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX)  # one reader or writer finishes it; the others wait
+                    if not path.exists():
+                        continue  # finished meanwhile
+                    doc = json.loads(f.read() or b"{}")
+                    for step in doc.get("steps", []):
+                        _apply(step)
+                    for copy in [*doc.get("copies", []), path]:
+                        Path(copy).unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                raise UserError(f"finishing an interrupted write ({path}) failed ({getattr(e, 'strerror', None) or e}): "
+                                f"free disk space or check that {folder} is writable, then rerun") from None
+
+
+def settle(paths: Layout) -> None:
+    """Finish every commit a killed writer left in the data dir's output folders, before reading them."""
+    for folder in (paths.data, paths.aligners, paths.metrics_dir, paths.details_dir, paths.data / "plots",
+                   paths.data / "evaluate"):
+        if folder.is_dir():
+            _Journal.settle(folder)
 
 
 def _umask() -> int:
@@ -296,11 +387,14 @@ def _prefix(target: Path, kind: str) -> str:
 
 
 def recover(target: Path) -> None:
-    """Repair what a killed writer left beside `target`: a folder caught between the two renames of
-    a swap is renamed back; its temporaries (only names we make, of dead processes) are removed."""
+    """Repair what a killed writer left beside `target`, before it is read or written: a commit
+    journalled there is finished (`_Journal`), a folder caught between the two renames of an
+    unjournalled swap is renamed back, and its temporaries (only names we make, of dead processes)
+    are removed."""
     parent = target.parent
     if not parent.is_dir():
         return
+    _Journal.settle(parent)
     for old in sorted(_leftovers(parent, f".{target.name}{OLD}")):
         if (old / "dir").is_dir() and not target.exists():
             os.rename(old / "dir", target)
@@ -409,29 +503,129 @@ def holds_only(names: Iterable[str]) -> Callable[[Path], bool]:
 
 
 # ---------------------------------------------------------------------------------------------
-# One writer per folder
+# One writer or many readers per folder
+
+
+def aligner_lock(directory: Path) -> Path | None:
+    """The lock `xmodel fit` holds while it writes the aligner folder `directory` (<data>/aligners/NAME):
+    <data>/.locks/aligners.NAME.lock; None for a folder outside an aligners folder (no fit writes it)."""
+    directory = Path(directory).absolute()
+    if directory.parent.name != "aligners":
+        return None
+    return Layout(directory.parent.parent).lock(f"aligners/{directory.name}")
+
+
+def store_lock(store: Path) -> Path:
+    """The lock of an activation store: beside it (`--force` replaces the store, never its lock)."""
+    store = Path(store).absolute()
+    return store.with_name(f".{store.name}.lock")
 
 
 @contextmanager
 def exclusive(lock_path: Path, what: Path) -> Iterator[None]:
     """Hold the lock of `what` (a folder being written) or fail at once with one line naming the
-    process that holds it: two writers never interleave, and nobody waits on a stuck run unawares."""
-    from filelock import FileLock, Timeout
+    process that holds it: two writers never interleave, a writer never replaces what a reader is
+    reading, and nobody waits on a stuck run unawares. The holder's name is written into the lock file."""
+    with _locked(lock_path, what, shared=False):
+        yield
 
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
-    holder = lock_path.with_name(lock_path.name + ".holder")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        who = holder.read_text().strip() if holder.exists() else "another process"
-        raise UserError(f"{what} is being written by {who} (lock {lock_path}): wait for it to finish, "
-                        "or stop it, then rerun") from None
-    try:
-        import socket
-        import sys
 
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])})\n")
+@contextmanager
+def shared(lock_path: Path | None, what: Path) -> Iterator[None]:
+    """Hold the readers' side of the lock of `what` (any number of readers at once, no writer),
+    or fail at once with one line naming the writer. No lock (None): nothing is held."""
+    if lock_path is None:
+        yield
+        return
+    with _locked(lock_path, what, shared=True):
+        yield
+
+
+def folder_hash(directory: Path) -> str | None:
+    """sha256 over the names and bytes of the files at the top of `directory` (an aligner: its
+    weights and aligner.json; a checkpoint folder below is not part of it); None if it is gone.
+    What an evaluation record names the aligner it used by, and how the report sees it changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        for f in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            h.update(f.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(lock_path: Path, what: Path, shared: bool) -> Iterator[None]:
+    f = _acquire(Path(lock_path), what, shared)
+    try:
         yield
     finally:
-        lock.release()
+        if f is not None:
+            f.close()  # releases the lock
+
+
+def _acquire(lock_path: Path, what: Path, shared: bool):
+    """The open lock file, locked; None for a reader of a read-only data dir (nobody writes there).
+    fcntl.flock on a file opened with O_NOFOLLOW: a symlink planted at the lock's name is refused,
+    never followed (its target would be locked and overwritten); the lock goes with the open file,
+    so a killed holder never leaves a stale lock. Every OSError here is one line."""
+    import fcntl
+
+    f = None
+    try:
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            flags = (os.O_RDONLY if shared else os.O_RDWR) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            f = os.fdopen(os.open(lock_path, flags, 0o666), "rb" if shared else "r+b", buffering=0)
+        except OSError as e:
+            if shared and e.errno in (errno.EROFS, errno.EACCES):
+                return None
+            raise
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{what} is being {_holder(f)} (lock {lock_path}): wait for it to finish, or stop it, "
+                            "then rerun") from None
+        if not shared:  # the writer names itself for whoever it keeps out
+            fault_point("locks")
+            f.truncate(0)
+            f.write(_me().encode())
+        return f
+    except BaseException as e:
+        if f is not None:
+            f.close()
+        if isinstance(e, OSError):
+            raise _lock_failed(lock_path, e) from None
+        raise
+
+
+def _me() -> str:
+    import socket
+    import sys
+
+    return f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])})\n"
+
+
+def _holder(f) -> str:
+    """Who holds the lock of the open lock file f: a writer names itself in it; readers write nothing."""
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a writer
+        who = os.pread(f.fileno(), 400, 0).decode(errors="replace").strip()
+        return f"written by {who or 'another process'}"
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return "read by another process (an evaluation, fit, grid or report)"
+
+
+def _lock_failed(lock_path: Path, e: OSError) -> UserError:
+    if e.errno == errno.ELOOP or lock_path.is_symlink():
+        return UserError(f"{lock_path} is a symbolic link: lock files are never followed; remove it and rerun")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"writing lock {lock_path} failed ({e.strerror}): free disk space and rerun; nothing was changed")
+    return UserError(f"cannot use lock {lock_path} ({e.strerror or e}): {lock_path.parent} must be a writable "
+                     "folder of lock files; move away whatever is in its place and rerun")

@@ -122,7 +122,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
 
     source: {"model_id", "revision", "model_sha"}, the model's identity recorded in the store.
     """
-    from pipeline.artifacts import exclusive
+    from pipeline.artifacts import exclusive, store_lock
     from pipeline.distributed import is_main
     from pipeline.faults import fault_point
     from pipeline.architecture import architecture
@@ -160,7 +160,7 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
     dist.barrier()
     # one writer per store: rank 0 holds the lock (beside the store, which --force replaces) for the run
     main = is_main()
-    lock = exclusive(path.absolute().with_name(f".{path.absolute().name}.lock"), path) if main else nullcontext()
+    lock = exclusive(store_lock(path), path) if main else nullcontext()
     with lock:
         if main:
             # batch_tokens is recorded when the store is begun and used by every later run on it (see below)

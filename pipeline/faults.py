@@ -1,7 +1,8 @@
 """Fault injection for the crash tests: XMODEL_FAULT=<action>_after_<what>:N, with action `kill`
 (SIGKILL this process) or `ioerror` (fail like a full disk), fires once this process has passed N
 fault points of that kind ("shards" written by the store, "steps" of aligner training, "writes" of
-any artifact file through pipeline.artifacts)."""
+any artifact file through pipeline.artifacts, "commits": each rename of a stage's outputs into
+place, "locks": a lock holder naming itself)."""
 
 from __future__ import annotations
 

@@ -30,10 +30,19 @@ from pipeline.pairing import Pairs, pair_rows
 INPUTS = "inputs.json"  # in the checkpoint directory: what the checkpoint was made from
 
 
-def open_stores(params: Params):
+def open_stores(params: Params, held: ExitStack | None = None):
+    """Stores a and b, each held with the readers' side of its lock until `held` closes (the fit and
+    grid stages: no `xmodel extract --force` replaces a store under them)."""
+    from pipeline.artifacts import shared, store_lock
     from store.reader import ActivationStore
 
-    return ActivationStore(params.paths.store("a")), ActivationStore(params.paths.store("b"))
+    out = []
+    for role in "ab":
+        path = params.paths.store(role)
+        if held is not None:
+            held.enter_context(shared(store_lock(path), path))
+        out.append(ActivationStore(path))
+    return tuple(out)
 
 
 def store_layer(store, spec: int | float) -> int:
@@ -162,7 +171,7 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
 
     from pipeline.aligners.training import Diverged
     from pipeline import headlines
-    from pipeline.artifacts import Outputs, exclusive, layout, write_record
+    from pipeline.artifacts import Outputs, aligner_lock, exclusive, layout, write_record
     from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import pick_device
 
@@ -170,26 +179,26 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
     if cfg.pairwise_rows < 2:  # retrieval of one row against itself is a sure hit: not a score
         raise UserError(f"fit.pairwise_rows = {cfg.pairwise_rows}: the pairwise scores need at least 2 rows")
     aligner = make_aligner(name, cfg)
-    a, b = open_stores(params)
-    paired = paired_for_fit(a, b, cfg)
-    if len(paired.heldout) < 2:
-        raise UserError(f"{len(paired.heldout)} held-out row(s) cannot score an aligner (at least 2 are needed): "
-                        "use more texts (corpus.n) or a larger fit.heldout_frac")
-    paths = layout(params)
-    directory = paths.aligner(name)
-    inputs = identity(aligner, paired)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    dist = init_dist("cpu")  # aligners train on the CPU copies the store readers give
-    held = ExitStack()
+    held = ExitStack()  # the locks: readers' side of both stores, the writer's of the aligner directory
+    dist, threads = None, torch.get_num_threads()
     try:
+        a, b = open_stores(params, held)
+        paired = paired_for_fit(a, b, cfg)
+        if len(paired.heldout) < 2:
+            raise UserError(f"{len(paired.heldout)} held-out row(s) cannot score an aligner (at least 2 are needed): "
+                            "use more texts (corpus.n) or a larger fit.heldout_frac")
+        paths = layout(params)
+        directory = paths.aligner(name)
+        inputs = identity(aligner, paired)
+        torch.set_num_threads(cfg.threads or threads)
+        dist = init_dist("cpu")  # aligners train on the CPU copies the store readers give
         # resolved before anything is claimed: a bad fit.device leaves the aligner directory untouched.
         # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
         device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
         refusal = None
         if is_main():
             try:
-                held.enter_context(exclusive(paths.lock(f"aligners/{directory.name}"), directory))
+                held.enter_context(exclusive(aligner_lock(directory), directory))
                 _claim(directory, inputs, force)
             except UserError as e:
                 refusal = e
@@ -237,7 +246,8 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         return FitResult(directory, aligner, report)
     finally:
         held.close()
-        close_dist(dist)
+        if dist is not None:
+            close_dist(dist)
         torch.set_num_threads(threads)
 
 

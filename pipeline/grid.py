@@ -18,10 +18,18 @@ from pipeline.errors import UserError
 
 
 def layer_grid(params: Params, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from pipeline import metrics as M
-    from pipeline.fitting import open_stores, split_pairs
+    from contextlib import ExitStack
 
-    a, b = open_stores(params)
+    from pipeline.fitting import open_stores
+
+    with ExitStack() as held:  # the readers' side of both stores' locks, for the whole grid
+        return _grid(params, *open_stores(params, held), warn)
+
+
+def _grid(params: Params, a, b, warn: Callable[[str], None] | None) -> dict[str, Any]:
+    from pipeline import metrics as M
+    from pipeline.fitting import split_pairs
+
     kind, fit = params.grid.kind, params.fit
     _, held = split_pairs(a, b, kind, fit.seed, fit.heldout_frac)
     rows = held.subset(slice(0, fit.pairwise_rows))
@@ -47,6 +55,7 @@ def layer_grid(params: Params, warn: Callable[[str], None] | None = None) -> dic
 def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
     """Held-out scores of the aligners named in params (fit.aligners), fitted on these stores and split."""
     from pipeline.aligners.registry import load_aligner
+    from pipeline.artifacts import aligner_lock, recover, shared
     from pipeline.fitting import Paired, heldout_metrics
 
     paths = params.paths.layout
@@ -59,7 +68,9 @@ def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> 
             warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {name}`")
             continue
         try:
-            aligner = load_aligner(directory, trust=name)  # params name it: its module may be imported
+            with shared(aligner_lock(directory), directory):  # never a folder half replaced by a running fit
+                recover(directory)  # nor by a killed one: its commit is finished first
+                aligner = load_aligner(directory, trust=name)  # params name it: its module may be imported
         except UserError as e:
             warn(f"grid: skipped {directory}: {e}")
             continue

@@ -43,8 +43,9 @@ class TokenIndex:
 
     @classmethod
     def of(cls, store) -> TokenIndex:
-        root = store.root
-        return cls(root["seq_start"][:].astype(np.int64), root["seq_len"][:].astype(np.int64), root["char_end"][:])
+        # through the store's reader: a checksum mismatch is one line naming the array and the fix
+        return cls(store.read("seq_start").astype(np.int64), store.read("seq_len").astype(np.int64),
+                   store.read("char_end"))
 
     def rows(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(token rows of the given sequences, the position in `seqs` of each row's sequence)."""
@@ -93,7 +94,7 @@ def _token_keys(index: TokenIndex, seqs: np.ndarray, stride: int) -> tuple[np.nd
 def pair_rows(a, b, kind: str) -> Pairs:
     """Paired rows of stores a and b for an activation kind (pooled, last or tokens)."""
     check_same_corpus(a, b)
-    seqs = pair_sequences(a.root["text_index"][:], b.root["text_index"][:])
+    seqs = pair_sequences(a.read("text_index"), b.read("text_index"))
     if kind in ("pooled", "last"):
         return seqs
     if kind != "tokens":

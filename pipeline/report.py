@@ -84,7 +84,20 @@ def write_report(cfg: ReportConfig) -> dict[str, Path]:
 
 
 def build_report(cfg: ReportConfig) -> str:
+    from contextlib import ExitStack
+
+    from pipeline.artifacts import aligner_lock, settle, shared
+
     _check_inputs(cfg)
+    with ExitStack() as held:
+        for name in cfg.aligners:  # the readers' side of each aligner's lock: no fit commits while this reads
+            directory = cfg.layout.aligner(name)
+            held.enter_context(shared(aligner_lock(directory), directory))
+        settle(cfg.layout)  # a stage killed between the renames of its outputs is finished first
+        return _build(cfg)
+
+
+def _build(cfg: ReportConfig) -> str:
     _NONFINITE.clear()
     parts = [_header(cfg), _answer_section(cfg), _run_section(cfg), _cka_section(cfg), _aligner_section(cfg)]
     parts += [_task_section(cfg, task) for task in TASKS]
@@ -92,7 +105,30 @@ def build_report(cfg: ReportConfig) -> str:
     if _NONFINITE:  # a NaN is a failure, never a score: say so at the top
         parts.insert(1, f"**Warning: non-finite values (NaN/inf) in {', '.join(f'`{p}`' for p in sorted(_NONFINITE))}**: "
                         "they are shown as — and never count as a best score; rerun the stage that wrote them.")
+    parts[1:1] = [f"**Warning: {line}**" for line in changed_aligners(cfg.layout)]
     return "\n\n".join(p.rstrip() for p in parts) + "\n"
+
+
+def changed_aligners(layout) -> list[str]:
+    """One line per evaluation record whose aligner has changed (refitted or removed) since it ran:
+    its scores are not the aligner's now in data/aligners/."""
+    from pipeline.artifacts import aligner_lock, folder_hash, shared
+
+    out = []
+    for record in sorted(layout.details_dir.glob("evaluate-*.json")):
+        used = (_read(record) or {}).get("aligners_used")
+        for key, u in (used.items() if isinstance(used, dict) else ()):
+            if not isinstance(u, dict) or not isinstance(u.get("path"), str):
+                continue
+            directory = layout.data / u["path"]  # relative to the data dir, or absolute
+            with shared(aligner_lock(directory), directory):
+                now = folder_hash(directory)
+            if now != u.get("fingerprint"):
+                how = "been removed" if now is None else "been refitted"
+                task = record.stem.removeprefix("evaluate-")
+                out.append(f"`{record.stem}` used aligner `{key}` ({str(u.get('fingerprint'))[:12]}), which has since "
+                           f"{how} ({directory}): its scores are not the current aligner's; rerun `xmodel evaluate {task}`")
+    return out
 
 
 def _check_inputs(cfg: ReportConfig) -> None:
@@ -388,13 +424,30 @@ def task_details(data: Path) -> list[tuple[str, dict[str, Any]]]:
     runs = []
     for task in TASKS:
         name = f"evaluate-{task}"
-        m = _read(Layout(Path(data)).details(name))
+        path = Layout(Path(data)).details(name)
+        m = _read(path)
         if m is None:
-            m = _read(Path(data) / f"{name}.json")
+            path = Path(data) / f"{name}.json"
+            m = _read(path)
         if m is not None:
-            models = m.get("models", {})
-            runs.append((f"{models.get('a')} → {models.get('b')}", m))
+            runs.append(_evaluation_record(path, m))
     return runs
+
+
+def _evaluation_record(path: Path, m: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(pair label, m) of an evaluation record; one line naming the file if it is not one (JSON of
+    another tool under the name: a row of it cannot be made)."""
+    models = m.get("models")
+    try:
+        label = f"{models.get('a')} → {models.get('b')}"
+        if not isinstance(m.get("primary"), str) or not isinstance(m.get("methods"), dict):
+            raise TypeError("no primary score or methods")
+        answer_rows(label, m)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        raise UserError(f"report: {path} is not an evaluation record of xmodel's (its fields: "
+                        f"{', '.join(sorted(m)[:8]) or 'none'}): rerun `xmodel evaluate` there, or point --answer at "
+                        "another folder") from None
+    return label, m
 
 
 def _task_section(cfg: ReportConfig, task: str) -> str:

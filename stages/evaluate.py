@@ -55,7 +55,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         ) -> dict[str, Path]:
     """Run one evaluation task end to end; returns the paths written."""
     from pipeline.errors import UserError
-    from pipeline.evaluation.pair import load_aligners, load_pair, resolve_ks
+    from pipeline.evaluation.pair import fingerprints, load_aligners, load_pair, resolve_ks
 
     tasks = evaluations()
     if task not in tasks:
@@ -80,8 +80,10 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     with Outputs():  # the folder, the metrics and the plot appear together, or none of them changes
         _write_folder(out, {"predictions.jsonl": "".join(dumps(row, indent=None) + "\n" for row in result.predictions()),
                             "table.md": result.table() + "\n"})
-        # the record names where the items came from: file and layout, or generator and split
-        write_record(layout(params), f"evaluate-{task}", {**result.metrics(), "items": result.prompts.source},
+        # the record names where the items came from (file and layout, or generator and split) and
+        # each aligner it used by fingerprint (the report flags one that has changed since)
+        write_record(layout(params), f"evaluate-{task}",
+                     {**result.metrics(), "items": result.prompts.source, "aligners_used": fingerprints(aligners)},
                      evaluation)
         plot_scores(result.summary, result.prompts.primary, out["plot"],
                     f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")
@@ -90,6 +92,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
 
 def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     from pipeline.artifacts import Outputs, layout, write_record
+    from pipeline.evaluation.pair import fingerprints
     from pipeline.data import load_corpus
     from pipeline.evaluation.similarity import plot_similarity, similarity_probe, similarity_table, similarity_texts
     from pipeline.headlines import similarity
@@ -99,6 +102,7 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     result = similarity_probe(pair, texts, k, j, cfg.modes, aligners, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
                               aligner_modes=cfg.aligner_modes)
     result["models"] = {"a": pair.name_a, "b": pair.name_b}
+    result["aligners_used"] = fingerprints(aligners)
     with Outputs():
         _write_folder(out, {"table.md": similarity_table(result) + "\n"})
         write_record(layout(params), "evaluate-similarity", result, similarity)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,30 @@ def is_store(path: Path) -> bool:
     except UserError:
         return False
     return isinstance(attrs, dict) and "schema_version" in attrs and isinstance(attrs.get("identity"), dict)
+
+
+# Every file xmodel (and zarr, for it) writes in a store, relative to it; zarr writes through
+# `<name>.<uuid hex>.partial`, which a kill can leave behind
+_PARTIAL = r"(\.[0-9a-f]{32}\.partial)?"
+_OURS = re.compile(
+    rf"zarr(\.json|\.json\.tmp|\.[0-9a-f]{{32}}\.partial)"
+    rf"|{UNITS_DIR}/u\d{{6}}\.(json|tmp)"
+    rf"|(pooled|last|tokens)/zarr(\.json|\.[0-9a-f]{{32}}\.partial)"
+    rf"|((pooled|last|tokens)/L\d+|seq_start|seq_len|text_index|{'|'.join(TOKEN_ARRAYS)})"
+    rf"/(zarr(\.json|\.[0-9a-f]{{32}}\.partial)|c(/\d+)+{_PARTIAL})")
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Files (and links) in the store folder `path` that xmodel did not write: replacing the store
+    (--force, a rebuild) would delete them, so it is refused while there are any."""
+    path = Path(path)
+    out = []
+    for folder, dirs, files in os.walk(path):
+        rel = Path(folder).relative_to(path)
+        out += [str(rel / f) for f in files if not _OURS.fullmatch((rel / f).as_posix())
+                or os.path.islink(os.path.join(folder, f))]
+        out += [str(rel / d) for d in dirs if os.path.islink(os.path.join(folder, d))]
+    return sorted(out)
 
 
 def marker_path(path: Path, unit: int) -> Path:
@@ -110,8 +135,9 @@ def scan(path: Path, root, attrs: dict[str, Any], deep: bool, read=None) -> list
     old_fill = int(attrs.get("schema_version", 1)) < 2
     tok_spans = sorted((markers[u]["tok"][0], markers[u]["tok"][1], u) for u in done)
     for name, arr in sorted(arrays(root).items()):
-        if not (path / name / "zarr.json").exists():
-            problems.append(Problem(None, f"{name}: array metadata (zarr.json) missing"))
+        bad = _metadata_problem(path / name / "zarr.json")
+        if bad:
+            problems.append(Problem(None, f"{name}: array metadata (zarr.json) {bad}"))
             continue
         rows = shard_rows(arr)
         for shard, unit in _shard_units(name, arr, rows, tok_spans, done):
@@ -124,6 +150,17 @@ def scan(path: Path, root, attrs: dict[str, Any], deep: bool, read=None) -> list
             if deep:
                 problems.extend(Problem(unit, f"{where}: {line}") for line in _read_problems(name, arr, shard, rows, attrs, read))
     return problems
+
+
+def _metadata_problem(meta: Path) -> str | None:
+    # a reader of the consolidated metadata never opens it, but every other reader (xarray, zarr) does
+    try:
+        doc = json.loads(meta.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "unreadable"
+    return None if isinstance(doc, dict) and doc.get("node_type") == "array" else "not an array's"
 
 
 def _shard_units(name: str, arr, rows: int, tok_spans: list[tuple[int, int, int]],

@@ -9,6 +9,7 @@ a deleted shard can never read as zeros. A chunk failing its checksum is one lin
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -23,10 +24,15 @@ if TYPE_CHECKING:
     import torch
 
 
+def extract_command(path: Path, attrs: dict[str, Any], force: bool) -> str:
+    """The extraction that writes this store: plain, it finishes the units not written; with
+    --force (what DVC's extract stage runs) it also reads every shard and rewrites the damaged units,
+    or rebuilds a store damaged beyond its units."""
+    return f"xmodel extract --model {attrs.get('role') or 'ROLE'} --out {path}" + (" --force" if force else "")
+
+
 def repair_hint(path: Path, attrs: dict[str, Any]) -> str:
-    """The command that rewrites the damaged units of this store (what DVC's extract stage runs)."""
-    role = attrs.get("role") or "ROLE"
-    return f"rerun `xmodel extract --model {role} --out {path} --force` (or `dvc repro`) to rewrite the damaged units"
+    return f"rerun `{extract_command(path, attrs, force=True)}` (or `dvc repro`) to rewrite the damaged units"
 
 
 @lru_cache(maxsize=1)
@@ -61,9 +67,12 @@ class ActivationStore:
         if attrs is None or not is_store(self.path):
             raise UserError(f"{self.path} is not an activation store: run `xmodel extract` first or fix the path")
         if not attrs.get("complete") and not allow_incomplete:
-            raise UserError(f"store incomplete: {self.path} is still being written or was interrupted; rerun `xmodel extract` to finish it")
+            raise UserError(f"store incomplete: {self.path} is still being written or was interrupted; rerun "
+                            f"`{extract_command(self.path, attrs, force=False)}` to finish it")
         self.attrs: dict[str, Any] = attrs
-        self.root = open_strict(self.path, use_consolidated=bool(attrs.get("complete")))
+        self._identity = _folder_identity(self.path)
+        # the consolidated metadata when there is some (a `complete` set by hand has none)
+        self.root = open_strict(self.path, use_consolidated=None if attrs.get("complete") else False)
         if not allow_incomplete:
             problems = scan(self.path, self.root, attrs, deep=False)
             if problems:
@@ -117,10 +126,21 @@ class ActivationStore:
         is one line naming the array and the fix, never a traceback from the codec."""
         arr = self.array(name)
         try:
-            return arr.oindex[rows] if isinstance(rows, np.ndarray) else arr[rows]
+            block = arr.oindex[rows] if isinstance(rows, np.ndarray) else arr[rows]
+        except UserError:
+            self._check_not_replaced()
+            raise
         except (ValueError, OSError) as e:
+            self._check_not_replaced()
             raise UserError(f"{self.path / name}: unreadable ({e.__class__.__name__}: {str(e)[:80]}), the store is "
                             f"damaged; {repair_hint(self.path, self.attrs)}") from None
+        self._check_not_replaced()  # rows of two stores must never mix, even where every read succeeds
+        return block
+
+    def _check_not_replaced(self) -> None:
+        if _folder_identity(self.path) != self._identity:
+            raise UserError(f"{self.path} was replaced while this run was reading it (by `xmodel extract --force` or "
+                            "another program): nothing read from it is used; rerun once the new store is complete")
 
     def dask(self, kind: str, layer: int):
         """A lazy float32 dask array chunked on shard boundaries (one task per shard)."""
@@ -153,6 +173,15 @@ class ActivationStore:
             block = np.empty((len(part), self.width), dtype=np.float32)
             block[order] = self.numpy(kind, layer, part[order])
             yield torch.from_numpy(block).to(device)
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    # a store replaced by another (a rename into place, or deleted and copied) is another folder
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Widened:

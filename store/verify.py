@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from store.check import scan
-from store.reader import ActivationStore, repair_hint
+from store.reader import ActivationStore, extract_command, repair_hint
 
 
 def _disk_bytes(path: Path) -> int:
@@ -29,13 +29,14 @@ def verify_store(path: Path) -> list[str]:
     problems = scan(path, store.root, store.attrs, deep=True, read=lambda name, arr, lo, hi: store.read(name, slice(lo, hi)))
     lines = [f"{p.text}; {_fix(p, path, store.attrs)}" for p in problems]
     if not store.attrs.get("complete"):
-        lines.append("store incomplete: not finalized; rerun `xmodel extract` to finish it")
+        lines.append(f"store incomplete: not finalized; rerun `{extract_command(path, store.attrs, force=False)}` to finish it")
     return lines
 
 
 def _fix(problem, path: Path, attrs: dict[str, Any]) -> str:
+    """The one command that repairs it (every hint of one store is the same command)."""
     if problem.unit is None:
-        return f"rerun `xmodel extract --model {attrs.get('role') or 'ROLE'} --out {path} --force` to rebuild the store"
-    if problem.text.endswith("(no marker)"):
-        return "rerun `xmodel extract` to finish the store"
+        return f"rerun `{extract_command(path, attrs, force=True)}` to rebuild the store"
+    if problem.text.endswith("(no marker)") and not attrs.get("complete"):
+        return f"rerun `{extract_command(path, attrs, force=False)}` to finish the store"
     return repair_hint(path, attrs)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from store.check import UNITS_DIR, is_store, is_token_array, marker_path, read_attrs, scan
+from store.check import UNITS_DIR, foreign_files, is_store, is_token_array, marker_path, read_attrs, scan
 from store.errors import UserError
 from store.layout import FILL, SCHEMA_VERSION, StoreLayout, UnitSpan
 from store.owned import check_replaceable
@@ -37,6 +37,16 @@ def _store_or_empty(path: Path) -> bool:
     # an empty folder holds nothing to lose; a `.creating` folder gets its attributes first, so a
     # creation killed after its first write is still recognised
     return is_store(path) or not any(path.iterdir())
+
+
+def check_only_ours(path: Path) -> None:
+    """Refuse to replace a store folder holding anything xmodel did not write there: --force and a
+    rebuild delete the whole folder, and no command deletes what xmodel did not create."""
+    extra = foreign_files(path) if Path(path).is_dir() else []
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UserError(f"{path} holds {extra[0]}{more}, which xmodel did not write: replacing the store would delete "
+                        "it; move it out of the store (or write to another path) and rerun")
 
 
 def check_existing(path: Path, identity: dict[str, Any], force: bool) -> str:
@@ -58,6 +68,7 @@ def check_existing(path: Path, identity: dict[str, Any], force: bool) -> str:
     differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
     if differ and force:
         check_replaceable(path, is_store, "store")
+        check_only_ours(path)
         return "new"
     if differ:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {identity.get(k)!r}" for k in differ[:3])
@@ -112,14 +123,15 @@ class StoreWriter:
         return []
 
     def _damaged_units(self, deep: bool) -> list[int] | None:
-        """Units that have a marker but fail the scan; None when some damage belongs to no unit."""
+        """Units that fail the scan (a lost marker too: a complete store's writer would otherwise
+        never reopen that unit); None when some damage belongs to no unit."""
         from store.reader import ActivationStore
 
         store = ActivationStore(self.path, allow_incomplete=True)
         problems = scan(self.path, store.root, store.attrs, deep=deep, read=lambda name, arr, lo, hi: store.read(name, slice(lo, hi)))
         if any(p.unit is None for p in problems):
             return None
-        return sorted({p.unit for p in problems if marker_path(self.path, p.unit).exists()})
+        return sorted({p.unit for p in problems})
 
     def _reopen(self, units: list[int]) -> None:
         # success marker first: a kill after it leaves an incomplete store that the rerun resumes
@@ -137,6 +149,8 @@ class StoreWriter:
         tmp = target.with_name(target.name + ".creating")
         check_replaceable(tmp, _store_or_empty, "half-created store")
         check_replaceable(self.path, _store_or_empty, "store")
+        for folder in (tmp, self.path):
+            check_only_ours(folder)
         attrs = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "complete": False,
                  "store_dtype": self.store_dtype, "layers": self.layout.layers, "width": self.layout.width,
                  "n_seq": self.layout.n_seq, "n_tok": self.layout.n_tok, "n_units": self.layout.n_units,

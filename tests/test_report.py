@@ -305,3 +305,34 @@ def test_the_answer_says_when_a_method_hurts(capsys):
     assert "Plain AC hurts here: `ac_replace` is -26.0 points below B alone (p 6.2e-06)." in tipsheets
     squad = next(line for line in out.splitlines() if line.startswith("- `squad`"))
     assert "Plain AC does not carry it detectably" in squad and "hurts" not in squad
+
+
+@pytest.mark.parametrize("foreign", [{"hello": 1}, {"methods": [1, 2]}, {"methods": {"b_alone": 3}, "primary": "em"},
+                                     {"models": "x", "methods": {}, "primary": "em"}, [1, 2]])
+def test_answer_over_foreign_json_is_one_line(tmp_path, capsys, foreign):
+    _write(tmp_path / "run" / "evaluate-squad.json", foreign)
+    code, out, err = run_cli(capsys, "report", "--answer", str(tmp_path / "run"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "evaluate-squad.json" in err, err
+
+
+def test_report_flags_an_evaluation_whose_aligner_changed_since(outputs, capsys):
+    """An evaluation record names the fingerprint of each aligner it used; refitting (or removing)
+    the aligner afterwards makes the report say that record's scores are not the current aligner's."""
+    from pipeline.artifacts import folder_hash
+
+    data = outputs / "data"
+    aligner = data / "aligners" / "procrustes"
+    aligner.mkdir(parents=True)
+    (aligner / "aligner.json").write_text('{"kind": "procrustes"}')
+    (aligner / "weights.safetensors").write_bytes(b"old weights")
+    record = json.loads((data / "details" / "evaluate-squad.json").read_text())
+    record["aligners_used"] = {"procrustes": {"path": "aligners/procrustes", "fingerprint": folder_hash(aligner)}}
+    _write(data / "details" / "evaluate-squad.json", record)
+    args = ("--params", str(outputs / "params.yaml"), "report", "--quiet")
+    assert run_cli(capsys, *args)[0] == 0
+    assert "has since been" not in (data / "report" / "report.md").read_text()
+    (aligner / "weights.safetensors").write_bytes(b"new weights")  # what `xmodel fit procrustes --force` does
+    assert run_cli(capsys, *args)[0] == 0
+    text = (data / "report" / "report.md").read_text()
+    assert ("**Warning: `evaluate-squad` used aligner `procrustes` (" in text and "has since been refitted" in text
+            and "rerun `xmodel evaluate squad`" in text), text

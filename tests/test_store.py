@@ -330,3 +330,143 @@ def test_parallel_shard_writers_write_the_one_writer_bytes(tmp_path, monkeypatch
         w.write_unit(layout.units[0], _unit_arrays(layout, layout.units[0], np.random.default_rng(7)))
     w.close()
     assert w.pending_units(0, 1) == layout.units
+
+
+# -- every damage `verify` reports has a repair that works (issues 22 and 23, item 5) ---------------
+
+def _damage(path, damage):
+    if damage == "missing marker":
+        (path / "_units" / "u000001.json").unlink()
+    elif damage == "missing shard":
+        (path / "tokens" / "L0" / "c" / "1" / "0").unlink()
+    elif damage == "bad checksum":
+        shard = path / "last" / "L2" / "c" / "3" / "0"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        shard.write_bytes(bytes(data))
+    elif damage == "bad metadata":
+        (path / "pooled" / "L2" / "zarr.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", ["missing marker", "missing shard", "bad checksum", "bad metadata"])
+def test_the_hint_of_every_damage_verify_reports_repairs_the_store(tmp_path, params_file, capsys, damage):
+    """`store verify` names each problem and a command; running that command (a rerun of the
+    extraction with --force) leaves a store that verifies, bit-identical to the original."""
+    from tests.helpers import store_arrays
+
+    path = run_extract(load_params(params_file), "a", quiet=True).path
+    reference = store_arrays(path)
+    _damage(path, damage)
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "store", "verify", str(path))
+    assert code == 1 and "Traceback" not in err and "`xmodel extract" in err, err
+    hints = {line.split("`xmodel ", 1)[1].split("`", 1)[0] for line in err.splitlines() if "`xmodel " in line}
+    assert len(hints) == 1, hints  # one command repairs it all
+    code, _, err = _follow_hint(capsys, params_file, err)
+    assert code == 0, err
+    assert verify_store(path) == []
+    repaired = store_arrays(path)
+    assert sorted(repaired) == sorted(reference) and all(np.array_equal(reference[k], repaired[k]) for k in reference)
+
+
+def test_a_lost_marker_is_rewritten_by_a_plain_rerun_and_fit_then_accepts_the_store(tmp_path, params_file, capsys):
+    params = load_params(params_file)
+    path = run_extract(params, "a", quiet=True).path
+    (path / "_units" / "u000001.json").unlink()
+    again = run_extract(params, "a", quiet=True)
+    assert again.status == "written" and again.units == 1  # not "already complete"
+    assert verify_store(path) == []
+
+
+def test_a_complete_flag_set_by_hand_is_one_line_everywhere_and_extract_finishes_the_store(
+        tmp_path, params_file, capsys, monkeypatch):
+    from collections import Counter
+
+    import pipeline.faults
+
+    params = load_params(params_file)
+    monkeypatch.setattr(pipeline.faults, "_passed", Counter())
+    monkeypatch.setenv("XMODEL_FAULT", "ioerror_after_shards:30")
+    with pytest.raises(UserError, match="No space left"):
+        run_extract(params, "a", quiet=True)
+    monkeypatch.delenv("XMODEL_FAULT")
+    run_extract(params, "b", quiet=True)
+    path = params.paths.store("a")
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["complete"] = True  # by hand: units are missing, metadata was never consolidated
+    (path / "zarr.json").write_text(json.dumps(meta))
+    capsys.readouterr()  # each below would raise (a traceback) before
+    code, _, err = run_cli(capsys, "store", "verify", str(path))
+    assert code == 1 and "not written" in err, err
+    code, out, err = run_cli(capsys, "store", "info", str(path))
+    assert code == 0 and "pooled/L0" in out, err
+    code, _, err = run_cli(capsys, "--params", str(params_file), "-S", "fit.layers=[0.5, 0.5]", "fit", "procrustes", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "not written" in err, err
+    code, _, err = run_cli(capsys, "--params", str(params_file), "extract", "--model", "a", "--quiet")
+    assert code == 0, err
+    assert verify_store(path) == []
+
+
+@pytest.mark.parametrize("why", ["other inputs", "damaged beyond its units"])
+def test_force_never_deletes_files_xmodel_did_not_write_inside_a_store(tmp_path, params_file, capsys, why):
+    path = run_extract(load_params(params_file), "a", quiet=True).path
+    (path / "last" / "my-notes.txt").write_text("precious")
+    override = ["-S", "extract.max_tokens=16"] if why == "other inputs" else []
+    if why == "damaged beyond its units":
+        (path / "pooled" / "L2" / "zarr.json").unlink()
+    before = _tree(path)
+    code, _, err = run_cli(capsys, "--params", str(params_file), *override, "extract", "--model", "a", "--quiet", "--force")
+    assert code == 2 and err.count("\n") == 1 and "my-notes.txt" in err, err
+    assert _tree(path) == before
+
+
+def test_a_checksum_mismatch_read_while_pairing_is_one_line(tmp_path, params_file):
+    from pipeline.pairing import pair_rows
+    from store.reader import ActivationStore
+
+    params = load_params(params_file)
+    a, b = (run_extract(params, role, quiet=True).path for role in "ab")
+    for name in ("text_index", "char_end"):
+        shard = b / name / "c" / "0"
+        good = shard.read_bytes()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+        with pytest.raises(UserError) as e:
+            pair_rows(ActivationStore(a), ActivationStore(b), "tokens")
+        assert "\n" not in str(e.value) and name in str(e.value) and "--force" in str(e.value), e.value
+        shard.write_bytes(good)
+
+
+def test_a_store_replaced_under_a_reader_is_named_as_replaced(tmp_path, params_file):
+    from store.reader import ActivationStore
+
+    params = load_params(params_file)
+    path = run_extract(params, "a", quiet=True).path
+    other = run_extract(params, "a", out=tmp_path / "other.zarr", quiet=True).path
+    store = ActivationStore(path)
+    store.numpy("last", 2)
+    path.rename(tmp_path / "moved.zarr")
+    other.rename(path)  # what a `cp -r` or another tool's swap does under a running fit
+    with pytest.raises(UserError, match="replaced while this run was reading it") as e:
+        store.numpy("last", 2)
+    assert "damaged" not in str(e.value)
+
+
+def test_extract_force_waits_for_no_reader_of_the_store(tmp_path, params_file, capsys):
+    """A running fit or grid holds the readers' side of a store's lock: `extract --force` (which
+    would replace the store under it) is refused at once, and so is a fit while extract writes."""
+    from pipeline.artifacts import exclusive, shared, store_lock
+
+    params = load_params(params_file)
+    path = run_extract(params, "a", quiet=True).path
+    capsys.readouterr()
+    before = _tree(path)
+    with shared(store_lock(path), path):  # what a running fit holds
+        code, _, err = run_cli(capsys, "--params", str(params_file), "-S", "extract.max_tokens=16",
+                               "extract", "--model", "a", "--quiet", "--force")
+    assert code == 2 and err.count("\n") == 1 and "being read" in err, err
+    assert _tree(path) == before
+    with exclusive(store_lock(path), path):  # what a running extract holds
+        code, _, err = run_cli(capsys, "--params", str(params_file), "fit", "procrustes", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "being written by pid" in err, err

@@ -80,7 +80,10 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
         key, trust = path.name, None
         if not (path / "aligner.json").is_file():  # a name: where `xmodel fit NAME` saved it
             path, trust = Layout(Path(data_dir)).aligner(name), name
-        aligner = load_aligner(path, trust=trust)
+        with shared(aligner_lock(path), path):  # never a folder half replaced by a running fit
+            recover(path)  # nor by a killed one: its commit is finished first
+            aligner = load_aligner(path, trust=trust)
+            aligner.fingerprint, aligner.directory = folder_hash(path), _relative(path, Path(data_dir))
         _check_models(name, path, aligner.meta or {}, pair)
         if (aligner.d_source, aligner.d_target) != (pair.width_a, pair.width_b):
             raise UserError(f"aligner {name} maps {aligner.d_source}→{aligner.d_target}, but the models are "
@@ -97,6 +100,22 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
             raise UserError(f"evaluate.aligners lists the aligner {key} twice: remove one")
         out[key] = aligner
     return out
+
+
+def _relative(path: Path, data_dir: Path) -> Path:
+    # relative to the data dir when inside it, so a record stays valid on a copy of data/
+    try:
+        return path.absolute().relative_to(data_dir.absolute())
+    except ValueError:
+        return path.absolute()
+
+
+def fingerprints(aligners: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """What an evaluation record names each aligner it used by: its folder (relative to the data dir
+    when inside it) and the hash of the weights and aligner.json it was loaded from (the report
+    flags a record whose aligner has changed since)."""
+    return {key: {"path": str(a.directory), "fingerprint": a.fingerprint}
+            for key, a in aligners.items() if getattr(a, "fingerprint", None)}
 
 
 def _check_models(name: str, path: Path, meta: dict[str, Any], pair: Pair) -> None:

@@ -253,6 +253,7 @@ class Outputs:
         that is not there yet). More than one rename is journalled first (`_Journal`): a kill between
         them is rolled forward by the next reader or writer, never left half old, half new."""
         steps: list[dict[str, str | None]] = []
+        journal = None
         target = next(iter([t for _, t, *_ in self._dirs] + [t for _, t in self._files]), Path("."))
         try:
             for tmp, target, is_ours, what in self._dirs:
@@ -268,7 +269,9 @@ class Outputs:
             if journal is not None:
                 journal.end()
         except OSError as e:
-            self.discard()
+            self.discard()  # the renames not done are dropped with their temporaries: nothing to finish
+            if journal is not None:
+                journal.end()
             for step in steps:
                 if step["old"] and not (Path(step["old"]) / "dir").exists():
                     shutil.rmtree(step["old"], ignore_errors=True)

@@ -218,3 +218,29 @@ def test_plots_survive_rounding_at_the_interval_edge(tmp_path):
     kl = {"kl": {"mean": 0.1, "lo": 0.1 + 1e-17, "hi": 0.2}, "cosine": {"mean": 1, "lo": 1, "hi": 1}}
     result = {"k": 1, "j": 2, "n": 3, "variants": {"none": {"replace/matched": kl, "replace/shuffled": kl}}}
     assert plot_similarity(result, tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_the_record_names_each_aligner_by_fingerprint_and_no_fit_writes_it_meanwhile(pair, aligner_dir, tmp_path,
+                                                                                      tiny_models):
+    """Issue 23, item 2: the evaluation record names the hash of the weights and aligner.json it
+    loaded, and an aligner that `xmodel fit` is rewriting is not read (refused at once, naming the fit)."""
+    import os
+
+    from pipeline.artifacts import aligner_lock, exclusive, folder_hash
+    from pipeline.config import load_params
+    from stages import evaluate as stage
+    from tests.helpers import write_params
+
+    params = load_params(write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]},
+                                      paths={"data": str(aligner_dir)}))
+    cfg = EvaluateConfig(layer_a=2, layer_b=3, aligners=["procrustes"], methods=["b_alone", "ac"], modes=["replace"],
+                         **FAST)
+    directory = aligner_dir / "aligners" / "procrustes"
+    out = stage.run(params, "squad", cfg, pair=pair)
+    used = json.loads(out["details"].read_text())["aligners_used"]
+    assert used == {"procrustes": {"path": "aligners/procrustes", "fingerprint": folder_hash(directory)}}
+    before = out["details"].read_bytes()
+    with exclusive(aligner_lock(directory), directory):  # what a running `xmodel fit procrustes --force` holds
+        with pytest.raises(UserError, match=f"is being written by pid {os.getpid()} ") as e:
+            stage.run(params, "squad", cfg, pair=pair)
+    assert "\n" not in str(e.value) and out["details"].read_bytes() == before

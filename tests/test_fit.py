@@ -329,3 +329,65 @@ def test_disk_full_at_aligner_save_is_one_line_and_keeps_the_old_aligner(capsys,
     assert run_cli(capsys, "--params", str(params_path), "-S", "fit.aligners.procrustes.refine_iters=3",
                    "fit", "procrustes", "--quiet", "--force")[0] == 0
     assert _snapshot(directory) != before  # the same command, with space, does replace it
+
+
+def test_disk_full_writing_the_lock_holder_is_one_line_and_keeps_the_old_aligner(capsys, params_path, monkeypatch):
+    from collections import Counter
+
+    import pipeline.faults
+
+    assert fit(capsys, params_path, "procrustes")[0] == 0
+    directory = load_params(params_path).paths.aligner("procrustes")
+    before = _snapshot(directory)
+    monkeypatch.setattr(pipeline.faults, "_passed", Counter())
+    monkeypatch.setenv("XMODEL_FAULT", "ioerror_after_locks:1")
+    code, _, err = run_cli(capsys, "--params", str(params_path), "-S", "fit.aligners.procrustes.refine_iters=3",
+                           "fit", "procrustes", "--quiet", "--force")
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err and ".lock" in err, err
+    assert _snapshot(directory) == before
+
+
+_KILLED_FIT = """
+import os, signal, sys
+from pathlib import Path
+target = Path(sys.argv[1]).absolute()
+real = {"rename": os.rename, "replace": os.replace}
+def killing(name):  # SIGKILL just before `target` is renamed into place
+    def rename(src, dst, *args, **kwargs):
+        if Path(dst).absolute() == target and ".tmp-" in Path(src).name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real[name](src, dst, *args, **kwargs)
+    return rename
+os.rename, os.replace = killing("rename"), killing("replace")
+from pipeline.cli import main
+sys.argv = ["xmodel", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("killed", ["between the folder's two renames", "before the record's renames"])
+def test_a_fit_killed_between_its_renames_is_finished_by_the_next_reader(capsys, params_path, killed):
+    """A fit replaces the aligner folder and its record together: killed between any two of those
+    renames, the next reader (here the report; evaluate and grid alike) finishes the commit, so the
+    folder and the record are never one old and one new."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    assert fit(capsys, params_path, "procrustes")[0] == 0
+    params = load_params(params_path)
+    directory, record = params.paths.aligner("procrustes"), params.paths.layout.details("fit-procrustes")
+    old_record = record.read_bytes()
+    target = directory if killed.startswith("between") else params.paths.metrics("fit-procrustes")
+    run = subprocess.run([sys.executable, "-c", _KILLED_FIT, str(target), "--params", str(params_path), "-S",
+                          "fit.aligners.procrustes.refine_iters=3", "fit", "procrustes", "--quiet", "--force"],
+                         capture_output=True, text=True, cwd=params_path.parent,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == -9, run.stderr
+    code, _, err = run_cli(capsys, "--params", str(params_path), "report", "--quiet")
+    assert code == 0, err
+    assert json.loads((directory / "aligner.json").read_text())["params"]["refine_iters"] == 3  # the new folder
+    assert record.read_bytes() != old_record  # and the new record with it
+    assert not [p.name for d in (directory.parent, record.parent) for p in d.iterdir() if p.name.startswith(".")]

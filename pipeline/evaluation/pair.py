@@ -69,9 +69,13 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
     these models: the model shas recorded in its meta (from the stores it was fitted on) must be the
     evaluated models' (when the pair knows them), its widths A's and B's, and its layers (keys
     layer_a/layer_b, or layers = {a, b}) k and j. A `module:Class` name may import its module
-    (params named it); a kind that only aligner.json names is never imported."""
+    (params named it); a kind that only aligner.json names is never imported.
+
+    Each is read under the readers' side of the lock `xmodel fit` writes it under, after finishing
+    a fit killed mid-commit, and carries `fingerprint` (artifacts.folder_hash of the bytes it was
+    loaded from) and `directory`: what the evaluation record names it by (`fingerprints`)."""
     from pipeline.aligners.registry import load_aligner
-    from pipeline.artifacts import Layout
+    from pipeline.artifacts import Layout, aligner_lock, folder_hash, recover, shared
 
     out = {}
     folders = [Path(name).name for name in names]

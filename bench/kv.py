@@ -5,10 +5,12 @@ tokens) and B's prompt (--prompt-tokens/2..--prompt-tokens), greedy, exactly --n
 per item (random weights never stop early; speed does not depend on weight values):
 - AC batched: A's partial pass to k, B's prefill with the graft at j, B's decoding
   (pipeline.injection.communicate, the default decoder: static cache, CUDA graphs on CUDA);
-- AC batched on the eager dynamic cache (the decoder KV communication must use), on CUDA only;
+- AC batched on the eager dynamic cache, on CUDA only;
 - KV batched, every layer shared: A's prefill cache (pipeline.evaluation.kv.a_cache), then B
-  reading it (kv_generate); and with --top of the layers shared (a fixed middle band: the
-  generation cost does not depend on which layers the top-m rule picks);
+  reading it (kv_generate, its default decoder: static cache, unshared layers without the prefix,
+  compiled and graphed on CUDA); and with --top of the layers shared (a fixed middle band: the
+  generation cost does not depend on which layers the top-m rule picks); each also on the eager
+  dynamic decoder (the previous path), on CUDA only;
 - B on prompt_a + prompt_b (the concatenated prompt KV replaces), and B alone.
 Prints tokens/s, the ratio of each method's time to AC's, A's cache memory, and whether KV with
 every layer shared produced the concatenated prompt's tokens (it should, to rounding).
@@ -91,9 +93,9 @@ def main() -> None:
         gen.extra["a_seconds"] = sent.seconds
         return gen
 
-    def kv_run(layers):
+    def kv_run(layers, cache_kind: str = "auto"):
         cache = kv.a_cache(model, tokenizer, items_a, batch_size=b)
-        gen = kv.kv_generate(model, tokenizer, items_b, cache, layers, decoding, batch_size=b)
+        gen = kv.kv_generate(model, tokenizer, items_b, cache, layers, decoding, batch_size=b, cache_kind=cache_kind)
         gen.extra.update(a_seconds=cache.seconds, cache_bytes=cache.bytes)
         return gen
 
@@ -108,10 +110,14 @@ def main() -> None:
             (f"B on prompt_a + prompt_b, x{b}", lambda: plain([a + p for a, p in zip(items_a, items_b)])),
             (f"B alone, x{b}", lambda: plain(items_b))]
     if cuda:
+        runs[3:3] = [(f"KV batched x{b}, all {n_layers} layers, dynamic cache (old)",
+                      lambda: kv_run(list(range(1, n_layers + 1)), "dynamic")),
+                     (f"KV batched x{b}, {m} middle layers, dynamic cache (old)", lambda: kv_run(band, "dynamic"))]
         runs.insert(1, (f"AC batched x{b}, dynamic cache", lambda: ac("dynamic")))
     with torch.no_grad():
-        ac()  # warm-up (allocator, kernels)
-        kv_run([1])
+        ac()  # warm-up (allocator, kernels, the compiled and captured decoder of each layout)
+        kv_run(list(range(1, n_layers + 1)))
+        kv_run(band)
         results = {}
         peaks = {}
         for name, fn in runs:
@@ -145,6 +151,13 @@ def main() -> None:
     sky = results[f"B on prompt_a + prompt_b, x{b}"][1].tokens
     same = sum(x == y for x, y in zip(kv_all.tokens, sky))
     print(f"KV all layers vs B on the concatenated prompt: {same}/{args.n} items identical")
+    for name in results:
+        if name.startswith("KV"):
+            print(f"{name}: {results[runs[0][0]][0] / results[name][0]:.2f} x AC's new tok/s")
+    if cuda:
+        for fast, old in ((runs[2][0], runs[4][0]), (runs[3][0], runs[5][0])):
+            same = sum(x == y for x, y in zip(results[fast][1].tokens, results[old][1].tokens))
+            print(f"{fast} vs its dynamic-cache run: {same}/{args.n} items identical")
 
 
 if __name__ == "__main__":

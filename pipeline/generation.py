@@ -19,7 +19,9 @@ flags, all updated in place):
 - static: a pre-allocated StaticCache and a 4-D boolean mask over its whole length, so every
   decoding step has the same shapes and addresses; on CUDA the step (forward + token choice +
   state update) is captured once as a CUDA graph and replayed. Stop conditions are read back only
-  every `check_every` steps (16 on CUDA), so the GPU runs steps back to back.
+  every `check_every` steps (16 on CUDA), so the GPU runs steps back to back. A `LayerPrefix` (KV
+  communication) gives the blocks that read it extra cache columns after B's own, and the others
+  none: a one-token query's attention costs each block only the columns it holds.
 
 Heavy imports stay inside functions.
 """
@@ -94,6 +96,19 @@ class Prefix(NamedTuple):
     offsets: Any
 
 
+class LayerPrefix(NamedTuple):
+    """Keys/values that some decoder blocks read before the prompt, on the static decoder (KV
+    communication, pipeline/evaluation/kv.py). Blocks in `layers` (0-based) get `width` cache columns
+    after B's own (prompt and new tokens), filled for each batch; the other blocks get none.
+    fill(rows) -> (kv (len(layers), 2, rows, kv_heads, w, head_dim) with w <= width, each row's
+    prefix at the end (left-padded); mask (rows, w), 1 where a column is real; offsets (rows,), each
+    row's real prefix length, the position of its first prompt token)."""
+
+    layers: tuple[int, ...]
+    width: int
+    fill: Callable[[list[int]], tuple[Any, Any, Any]]
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[Any, Any, Any]:
     """(input_ids, attention_mask, position_ids), left-padded; positions count real tokens from 0."""
     import torch
@@ -146,7 +161,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
              prefill_hook: Callable[[list[int]], Any] | None = None, keep_first_logits: bool = False,
              progress: Callable[[int], None] | None = None, cache: str = "auto",
              prefix: Callable[[list[int]], tuple[Any, Any, Any]] | None = None,
-             session_hook: Callable[[list[int]], Any] | None = None,
+             session_hook: Callable[[list[int]], Any] | None = None, layer_prefix: LayerPrefix | None = None,
              check_every: int | None = None, gold: Sequence[Sequence[int]] | None = None) -> Generation:
     """Generate for every prompt (token-id lists), batched by length with left padding.
 
@@ -156,7 +171,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     (static on CUDA, dynamic elsewhere). The eager dynamic decoder also takes
     prefix(rows) -> (a cache already holding a prefix, that prefix's (rows, P) attention-mask
     columns, a position offset: int or (rows,)) and session_hook(rows), a context manager entered
-    around the prefill and every decoding step of the batch.
+    around the prefill and every decoding step of the batch. The static decoder takes layer_prefix
+    (some blocks read a key/value prefix; the model must use sdpa attention).
     check_every: decoding steps between reads of the stop conditions (default 16 on CUDA, 1 elsewhere).
     gold: per item, token ids of a reference answer: B's log-likelihood of it under the same
     conditioning (the prefill's hook, prefix and session) is returned in extra["gold_logprob"]
@@ -171,6 +187,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = next(model.parameters()).device
     static = _use_static(model, device, cache, prefix is not None or session_hook is not None or gold is not None)
+    if layer_prefix is not None and not static:
+        raise ValueError("layer_prefix needs the static decoder (cache='static', or 'auto' on CUDA)")
     if gold is not None and len(gold) != n:
         raise ValueError(f"{len(gold)} gold answers for {n} prompts")
     gold_logprob: list[float] = [float("nan")] * n
@@ -187,8 +205,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     for rows in length_batches([len(p) for p in prompts], batch_size):
         if static:
             if len(rows) not in runners:
-                runners[len(rows)] = _static_runner(model, len(rows), length, decoding, stops, device)
+                runners[len(rows)] = _static_runner(model, len(rows), length, decoding, stops, device, layer_prefix)
             runner = runners[len(rows)]
+            runner.batch_prefix = layer_prefix.fill(rows) if layer_prefix else None
         else:
             runner = _DynamicRunner(model, _State(len(rows), decoding, stops, device), prefix(rows) if prefix else None)
         with session_hook(rows) if session_hook else nullcontext():
@@ -346,17 +365,19 @@ class _DynamicRunner:
         st.advance(out.logits[:, -1])
 
 
-def _static_runner(model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any):
+def _static_runner(model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any,
+                   layer_prefix: LayerPrefix | None = None):
     """A static decoder for this shape; on CUDA one kept from an earlier call when the shape, the
-    decoding rule and the weights' addresses (which a graph has baked in) are the same."""
+    decoding rule, the prefix's layout and the weights' addresses (which a graph has baked in) are the same."""
+    layout = (tuple(layer_prefix.layers), layer_prefix.width) if layer_prefix else ((), 0)
     if device.type != "cuda" or not CUDA_GRAPHS:
-        return _StaticRunner(model, rows, length, decoding, stops, device)
+        return _StaticRunner(model, rows, length, decoding, stops, device, *layout)
     params = list(model.parameters())
     key = (rows, length, decoding.max_new_tokens, decoding.sampling, decoding.top_p, decoding.temperature,
-           tuple(sorted(stops)), COMPILE, params[0].data_ptr(), params[-1].data_ptr(), len(params))
+           tuple(sorted(stops)), COMPILE, params[0].data_ptr(), params[-1].data_ptr(), len(params), layout)
     kept = _RUNNERS.setdefault(model, OrderedDict())
     if key not in kept:
-        kept[key] = _StaticRunner(model, rows, length, decoding, stops, device)
+        kept[key] = _StaticRunner(model, rows, length, decoding, stops, device, *layout)
         while len(kept) > KEEP_RUNNERS:
             kept.popitem(last=False)
     kept.move_to_end(key)
@@ -370,13 +391,21 @@ class _StaticRunner:
 
     WARM = 2  # eager steps before capture: cuBLAS handles and the allocator settle first
 
-    def __init__(self, model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any):
+    def __init__(self, model: Any, rows: int, length: int, decoding: Decoding, stops: set[int], device: Any,
+                 prefix_layers: Sequence[int] = (), prefix_width: int = 0):
         import torch
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         self.model, self.device = model, device
         self.cache = StaticCache(config=model.config, max_cache_len=length)
-        self.kv = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)  # key columns a query may see
+        # blocks that read a prefix hold it in columns length.. (the mask's last ones); the others
+        # hold B's own columns only and see the mask's first `length` (packed_gqa_attention cuts it)
+        for l in prefix_layers:
+            self.cache.layers[l] = StaticLayer(max_cache_len=length + prefix_width)
+        self.prefix_layers, self.batch_prefix = tuple(prefix_layers), None
+        width = length + (prefix_width if prefix_layers else 0)
+        self.kv = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)  # key columns a query may see
         self.cur = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token goes to
         self.state = _State(rows, decoding, stops, device)
         self.use_graph = device.type == "cuda" and CUDA_GRAPHS
@@ -394,16 +423,32 @@ class _StaticRunner:
         causal = q[None, :] <= q[:, None]
         # a padding query sees itself, so no row of the mask is empty (an empty row gives NaN)
         allowed = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=ids.device)[None])
-        full = torch.zeros(rows, 1, width, self.kv.shape[-1], dtype=torch.bool, device=ids.device)
-        full[:, 0, :, :width] = allowed
-        with hook_ctx:
-            out = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
-                             use_cache=True, logits_to_keep=1)
         self.kv.zero_()
         self.kv[:, 0, 0, :width] = real
+        if self.batch_prefix is not None:
+            positions = positions + self._place_prefix(*self.batch_prefix).to(positions.device).view(-1, 1)
+        full = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
+        full[:, 0, :, :width] = allowed
+        with hook_ctx, _packed_attention(self.model):
+            out = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
+                             use_cache=True, logits_to_keep=1)
         self.cur.fill_(width)
         self.state.reset(positions[:, -1:], uniforms)
         return out.logits[:, -1].float()
+
+    def _place_prefix(self, kv: Any, mask: Any, offsets: Any) -> Any:
+        """Writes a batch's prefix into the last columns of its blocks' caches (and the mask); returns the offsets."""
+        w = kv.shape[-2]
+        end = self.kv.shape[-1]
+        for s, l in enumerate(self.prefix_layers):
+            layer = self.cache.layers[l]
+            if not layer.is_initialized:
+                layer.lazy_initialization(kv[s, 0], kv[s, 1])
+            layer.keys[:, :, end - w:] = kv[s, 0]
+            layer.values[:, :, end - w:] = kv[s, 1]
+        if self.prefix_layers:
+            self.kv[:, 0, 0, end - w:] = mask.bool()
+        return offsets
 
     def _step(self) -> None:
         st = self.state
@@ -435,7 +480,8 @@ class _StaticRunner:
             self.graph.replay()
             return
         if not self.use_graph:
-            self._step()
+            with _packed_attention(self.model):
+                self._step()
             return
         with torch.cuda.device(self.device), _packed_attention(self.model):
             if self.eager_steps < self.WARM:  # on a side stream, as graph capture wants its warm-up
@@ -468,13 +514,13 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = attention_mask[..., :key.shape[-2]]  # a block without the prefix's columns (LayerPrefix)
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, _, dim = query.shape
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-        attention_mask = attention_mask[..., :key.shape[-2]]
     out = torch.nn.functional.scaled_dot_product_attention(query.reshape(rows, heads // groups, groups, dim), key,
                                                            value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, 1, heads, value.shape[-1]), None

@@ -102,6 +102,71 @@ def test_batched_equals_one_at_a_time(models, decoding):
     assert all(torch.equal(e, b) for e, b in zip(cache.entries, before))  # reusable for the next layer choice
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+@pytest.mark.parametrize("decoding", [GREEDY, NUCLEUS], ids=["greedy", "nucleus"])
+def test_static_decoder_equals_the_eager_one(models, name, decoding):
+    """The fast path (static cache, the one CUDA compiles and graphs; uncompiled here) gives the
+    eager dynamic decoder's tokens for every sharing: all, some, none, one row and padded batches;
+    and its unshared layers hold no prefix columns (their cache is B's own length)."""
+    model, tok = models[name]
+    pa, pb = ids(tok, TEXTS_A), ids(tok, TEXTS_B)
+    cache = kv.a_cache(model, tok, pa, batch_size=4)
+    n_layers = cache.shape.layers
+    held: dict[int, set] = {}
+
+    def lengths(module, args, kwargs):  # the cache length each block's attention reads in the static run
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        if past is not None and hasattr(past.layers[module.layer_idx], "max_cache_len"):
+            held.setdefault(module.layer_idx, set()).add(past.layers[module.layer_idx].max_cache_len)
+
+    for layers in (list(range(1, n_layers + 1)), [2, 3], [1], []):
+        for batch in (1, 4):
+            eager = kv.kv_generate(model, tok, pb, cache, layers, decoding, batch_size=batch, keep_first_logits=True,
+                                   cache_kind="dynamic")
+            held.clear()
+            handles = [blk.self_attn.register_forward_pre_hook(lengths, with_kwargs=True) for blk in model.model.layers]
+            try:
+                fast = kv.kv_generate(model, tok, pb, cache, layers, decoding, batch_size=batch,
+                                      keep_first_logits=True, cache_kind="static")
+            finally:
+                for h in handles:
+                    h.remove()
+            assert fast.extra["decoder"] == "static" and eager.extra["decoder"] == "dynamic"
+            assert fast.tokens == eager.tokens, (layers, batch)
+            torch.testing.assert_close(fast.first_logits, eager.first_logits, atol=1e-4, rtol=1e-4)
+            own = {min(v) for l, v in held.items() if l + 1 not in layers}
+            longer = {min(v) for l, v in held.items() if l + 1 in layers}
+            assert len(held) == n_layers and len(own) <= 1 and (not own or not longer or max(own) < min(longer))
+            assert not longer or min(longer) - max(own or {0}) >= max(cache.lengths)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("decoding", [GREEDY, NUCLEUS], ids=["greedy", "nucleus"])
+def test_graphed_kv_equals_the_eager_one(models, decoding):
+    """On CUDA (float32), KV's default decoder is the compiled, captured one and gives the eager
+    dynamic decoder's tokens for every layer, some and one; a second call reuses the captured decoder."""
+    import copy
+
+    model, tok = models["llama"]
+    model = copy.deepcopy(model).cuda()
+    pa, pb = ids(tok, TEXTS_A), ids(tok, TEXTS_B)
+    cache = kv.a_cache(model, tok, pa, batch_size=4)
+    for layers in (list(range(1, cache.shape.layers + 1)), [2, 3], [1]):
+        eager = kv.kv_generate(model, tok, pb, cache, layers, decoding, batch_size=4, cache_kind="dynamic")
+        graphed = kv.kv_generate(model, tok, pb, cache, layers, decoding, batch_size=4)
+        again = kv.kv_generate(model, tok, pb, cache, layers, decoding, batch_size=4)
+        assert graphed.extra["decoder"] == again.extra["decoder"] == "static+cuda-graph"
+        assert graphed.tokens == eager.tokens == again.tokens, layers
+
+
+def test_static_kv_needs_sdpa_attention(models):
+    model, tok = models["qwen"]
+    cache = kv.a_cache(model, tok, ids(tok, TEXTS_A[:1]))
+    with attention(model, "eager"), pytest.raises(UserError, match="needs sdpa attention") as e:
+        kv.kv_generate(model, tok, ids(tok, TEXTS_B[:1]), cache, [1], GREEDY, cache_kind="static")
+    assert "\n" not in str(e.value)
+
+
 def hf_importance(model, tok, pa, pb):
     """Attention mass of B's tokens on the prefix per layer, from HF's eager weights on the
     concatenated stream: mean over heads and B's tokens, then over items."""

@@ -16,11 +16,13 @@ prompt. So with A = B and every layer shared, B computes what it computes on the
 prompt (the skyline's token stream), to float rounding; any other offset would put A's keys at
 relative distances B never saw between a context and what follows it.
 
-Unshared layers see only B's own prompt: a forward pre-hook on their attention modules hides the
-prefix columns of the attention mask, at prefill and at every decoding step. The prefix still sits
-in their cache slots (every layer of an HF cache must have one length, since the mask is built
-once per forward pass), so the implementation spends that masked attention too; `kv_compute`
-charges only what sharing the chosen layers costs. Rotary position embeddings make attention
+Unshared layers see only B's own prompt. On the static decoder (the default on CUDA, compiled and
+graphed there; pipeline.generation.LayerPrefix) they hold no prefix at all: shared layers get the
+prefix in extra cache columns after B's own, so sharing m layers costs m layers' attention to it.
+On the eager dynamic decoder (CPU, and models not on sdpa attention) every layer of an HF cache has
+one length, so the prefix sits in every layer's slots and a forward pre-hook on the unshared
+layers' attention hides its columns, at prefill and at every decoding step: that path spends the
+masked attention too. `kv_compute` charges only what sharing the chosen layers costs. Rotary position embeddings make attention
 depend on relative positions only, so with no layer shared B computes what B alone computes, to
 float rounding, although its tokens sit at positions P.. instead of 0.. (pinned by a test). Models
 without rotary embeddings, with sliding-window layers, or attention other than sdpa/eager are
@@ -53,7 +55,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from pipeline.errors import UserError
-from pipeline.generation import Decoding, Generation, Prefix, generate, left_pad, length_batches
+from pipeline.generation import (CACHES, Decoding, Generation, LayerPrefix, Prefix, generate, left_pad,
+                                 length_batches)
 
 ATTENTION = ("sdpa", "eager")  # the mask formats the prefix-hiding hook knows (bool/None and additive float)
 PRIOR_SIGMA = 0.25  # prior width as a fraction of the depth
@@ -316,11 +319,22 @@ def _eager(model: Any) -> Iterator[None]:
 
 
 def _prefix(cache: KvCache, rows: Sequence[int], device: Any) -> Prefix:
-    """The rows' prefixes as one HF cache, left-padded to the longest (pad columns masked)."""
-    import torch
+    """The rows' prefixes as one HF cache, every layer, left-padded to the longest (pad columns masked)."""
     from transformers import DynamicCache
 
-    entries = [cache.entries[i] for i in rows]
+    kv, mask, offsets = _padded_prefix(cache, rows, device)
+    past = DynamicCache()
+    for l in range(kv.shape[0]):
+        past.update(kv[l, 0], kv[l, 1], l)
+    return Prefix(past, mask, offsets)
+
+
+def _padded_prefix(cache: KvCache, rows: Sequence[int], device: Any, layers: Sequence[int] | None = None) -> tuple:
+    """(kv (layers, 2, rows, kv_heads, width, head_dim), mask (rows, width), offsets (rows,)): the rows'
+    prefixes at the given layers (0-based; all when None), left-padded to the longest."""
+    import torch
+
+    entries = [cache.entries[i] if layers is None else cache.entries[i][list(layers)] for i in rows]
     width = max(int(e.shape[3]) for e in entries)
     first = entries[0]
     kv = first.new_zeros((first.shape[0], 2, len(rows), first.shape[2], width, first.shape[4]))
@@ -328,11 +342,7 @@ def _prefix(cache: KvCache, rows: Sequence[int], device: Any) -> Prefix:
     for r, e in enumerate(entries):
         kv[:, :, r, :, width - e.shape[3]:] = e
         mask[r, width - e.shape[3]:] = 1
-    kv = kv.to(device)
-    past = DynamicCache()
-    for l in range(kv.shape[0]):
-        past.update(kv[l, 0], kv[l, 1], l)
-    return Prefix(past, mask.to(device), torch.tensor([int(e.shape[3]) for e in entries], device=device))
+    return kv.to(device), mask.to(device), torch.tensor([int(e.shape[3]) for e in entries], device=device)
 
 
 def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int) -> Any:
@@ -384,10 +394,14 @@ def hide_prefix(model: Any, unshared: Sequence[int], width: int) -> Iterator[Non
 
 def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], cache: KvCache, layers: Sequence[int],
                 decoding: Decoding, *, batch_size: int = 8, seeds: Sequence[int] | None = None,
-                keep_first_logits: bool = False, gold: Sequence[Sequence[int]] | None = None) -> Generation:
+                keep_first_logits: bool = False, gold: Sequence[Sequence[int]] | None = None,
+                cache_kind: str = "auto") -> Generation:
     """B generates for its prompts while reading item i's A-cache at `layers` (KV layers 1..L),
     placed before its prompt (positions 0..P_i-1, B's tokens from P_i); other layers see only B's
-    prompt. Batched with left padding through pipeline.generation.generate."""
+    prompt. Batched with left padding through pipeline.generation.generate. cache_kind: "static"
+    (unshared layers hold no prefix; compiled and graphed on CUDA; needs sdpa attention), "dynamic"
+    (eager), or "auto" (static on CUDA with sdpa, dynamic otherwise); with gold answers to score,
+    the eager decoder (generate scores them there only)."""
     check_attention(model_b)
     check_pair(cache.shape, cache_shape(model_b, "B"))
     if len(cache.entries) != len(prompts_b):
@@ -397,13 +411,28 @@ def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], ca
     unshared = [l for l in range(1, n_layers + 1) if l not in shared]
     device = next(model_b.parameters()).device
     lengths = cache.lengths
+    if cache_kind not in CACHES:
+        raise UserError(f"cache {cache_kind!r} is not one of {', '.join(CACHES)}")
+    sdpa = getattr(model_b.config, "_attn_implementation", None) == "sdpa"
+    if cache_kind == "static" and not sdpa:
+        raise UserError(f"kv communication on the static cache needs sdpa attention, not "
+                        f"{model_b.config._attn_implementation!r}: load B with sdpa or use cache 'dynamic'")
+    if gold is None and (cache_kind == "static" or (cache_kind == "auto" and device.type == "cuda" and sdpa)):
+        held = [l - 1 for l in sorted(shared)]
+        # rounded up, so that calls with similar prompts reuse one graphed decoder
+        width = -(-max(lengths, default=0) // 64) * 64 if held else 0
+        prefix = LayerPrefix(tuple(held), width, lambda rows: _padded_prefix(cache, rows, device, held))
+        gen = generate(model_b, tok_b, prompts_b, decoding, batch_size=batch_size, seeds=seeds,
+                       keep_first_logits=keep_first_logits, cache="static", layer_prefix=prefix)
+        gen.extra["kv_layers"] = sorted(shared)
+        return gen
 
     def session(rows: list[int]):
         return hide_prefix(model_b, unshared, max(lengths[i] for i in rows))
 
     gen = generate(model_b, tok_b, prompts_b, decoding, batch_size=batch_size, seeds=seeds,
                    keep_first_logits=keep_first_logits, prefix=lambda rows: _prefix(cache, rows, device),
-                   session_hook=session, gold=gold)
+                   session_hook=session, gold=gold, cache="dynamic")
     gen.extra["kv_layers"] = sorted(shared)
     return gen
 

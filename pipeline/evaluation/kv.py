@@ -413,10 +413,13 @@ def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], ca
     lengths = cache.lengths
     if cache_kind not in CACHES:
         raise UserError(f"cache {cache_kind!r} is not one of {', '.join(CACHES)}")
-    sdpa = getattr(model_b.config, "_attn_implementation", None) == "sdpa"
+    from pipeline.architecture import architecture
+
+    impl = architecture(model_b).attn_implementation
+    sdpa = impl == "sdpa"
     if cache_kind == "static" and not sdpa:
-        raise UserError(f"kv communication on the static cache needs sdpa attention, not "
-                        f"{model_b.config._attn_implementation!r}: load B with sdpa or use cache 'dynamic'")
+        raise UserError(f"kv communication on the static cache needs sdpa attention, not {impl!r}: load B with "
+                        "sdpa or use cache 'dynamic'")
     if gold is None and (cache_kind == "static" or (cache_kind == "auto" and device.type == "cuda" and sdpa)):
         held = [l - 1 for l in sorted(shared)]
         # rounded up, so that calls with similar prompts reuse one graphed decoder

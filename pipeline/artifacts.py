@@ -311,7 +311,7 @@ def _apply(step: dict[str, str | None]) -> None:
 
 
 class _Journal:
-    """The renames of one commit, written before the first of them as `.xmodel-commit-PID-*.json`
+    """The renames of one commit, written before the first of them as `.xmodel-commit-PID-*`
     into every folder a target lives in, and removed after the last. Whoever next reads or writes
     beside one of those targets (`recover`) finds the journal of a dead writer and finishes its
     renames: every temporary was complete before the first rename, so rolling forward is always right."""
@@ -324,7 +324,7 @@ class _Journal:
     @classmethod
     def begin(cls, steps: list[dict[str, str | None]]) -> _Journal:
         folders = sorted({str(Path(st["target"]).parent) for st in steps})
-        name = f"{cls.PREFIX}-{os.getpid()}-{os.urandom(4).hex()}.json"
+        name = f"{cls.PREFIX}-{os.getpid()}-{os.urandom(4).hex()}"  # no .json: never globbed as a record
         copies = [Path(f) / name for f in folders]
         body = dumps({"copies": [str(c) for c in copies], "steps": steps})
         written = []

@@ -54,7 +54,6 @@ def _grid(params: Params, a, b, warn: Callable[[str], None] | None) -> dict[str,
 
 def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
     """Held-out scores of the aligners named in params (fit.aligners), fitted on these stores and split."""
-    from pipeline.aligners.registry import load_aligner
     from pipeline.artifacts import aligner_lock, recover, shared
     from pipeline.fitting import Paired, heldout_metrics
 
@@ -64,15 +63,10 @@ def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> 
     split = {"seed": fit.seed, "heldout_frac": fit.heldout_frac}
     for name in sorted(fit.aligners):  # the grid stage's declared deps
         directory = paths.aligner(name)
-        if not (directory / "aligner.json").exists():
-            warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {name}`")
-            continue
-        try:
-            with shared(aligner_lock(directory), directory):  # never a folder half replaced by a running fit
-                recover(directory)  # nor by a killed one: its commit is finished first
-                aligner = load_aligner(directory, trust=name)  # params name it: its module may be imported
-        except UserError as e:
-            warn(f"grid: skipped {directory}: {e}")
+        with shared(aligner_lock(directory), directory):  # a fit writing it refuses the grid at once
+            recover(directory)  # a fit killed mid-commit is finished first
+            aligner = _saved_aligner(directory, name, warn)
+        if aligner is None:
             continue
         inputs = aligner.meta.get("inputs", {})
         if inputs.get("stores") != stores or inputs.get("split") != split:
@@ -83,6 +77,20 @@ def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> 
         scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), fit.pairwise_rows, fit.temperature)
         out[directory.name] = {**paired.describe(), **scores}
     return out
+
+
+def _saved_aligner(directory: Path, name: str, warn: Callable[[str], None]):
+    """The aligner saved in `directory`, or None (and a warning) if there is none or it cannot be read."""
+    from pipeline.aligners.registry import load_aligner
+
+    if not (directory / "aligner.json").exists():
+        warn(f"grid: no fitted aligner in {directory}: run `xmodel fit {name}`")
+        return None
+    try:
+        return load_aligner(directory, trust=name)  # params name it: its module may be imported
+    except UserError as e:
+        warn(f"grid: skipped {directory}: {e}")
+        return None
 
 
 def cka_matrix(result: dict[str, Any]) -> np.ndarray:

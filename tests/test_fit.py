@@ -391,3 +391,18 @@ def test_a_fit_killed_between_its_renames_is_finished_by_the_next_reader(capsys,
     assert json.loads((directory / "aligner.json").read_text())["params"]["refine_iters"] == 3  # the new folder
     assert record.read_bytes() != old_record  # and the new record with it
     assert not [p.name for d in (directory.parent, record.parent) for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_grid_and_report_do_not_read_an_aligner_a_fit_is_writing(capsys, params_path):
+    """Issue 23, item 2: the readers' side of the lock fit takes (evaluate: tests/test_evaluate.py)."""
+    import os
+
+    from pipeline.artifacts import aligner_lock, exclusive
+
+    assert fit(capsys, params_path, "procrustes")[0] == 0
+    directory = load_params(params_path).paths.aligner("procrustes")
+    with exclusive(aligner_lock(directory), directory):  # what a running `xmodel fit procrustes --force` holds
+        for stage in ("grid", "report"):
+            code, _, err = run_cli(capsys, "--params", str(params_path), stage, "--quiet")
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert code == 2 and len(errors) == 1 and f"is being written by pid {os.getpid()} " in errors[0], err

@@ -19,9 +19,8 @@ Heavy imports stay inside functions.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from pipeline.errors import UserError
 
@@ -32,8 +31,7 @@ class Family:
     config_class: str  # transformers' config class of that model type (a remote-code class reusing the name is refused)
     decoder: str = "model"  # dotted path from the loaded model to its text decoder (embeddings, blocks, final norm)
     text_config: bool = False  # the text settings are config.text_config (multimodal configs)
-    embed: str = "embed_tokens"  # token embeddings (Gemma 1/2 scale them by sqrt(width) in the decoder's forward,
-    #                             so layer 0 is what layers.at_layer(model, 0) sees, not always embed's output)
+    embed: str = "embed_tokens"  # its output is layer 0 (Gemma's sqrt(width) scale is inside it)
     layers: str = "layers"
     norm: str = "norm"  # the final norm, after the last block
     rotary: str | None = "rotary_emb"  # None: no rotary position embeddings
@@ -260,16 +258,3 @@ class Architecture:
 def architecture(model: Any) -> Architecture:
     """The model seen through its family's row; UserError (one line) if there is none or it does not fit."""
     return Architecture(model)
-
-
-@contextmanager
-def attention_kernel(model: Any, name: str) -> Iterator[None]:
-    """Within the block, the model's attention blocks call kernel `name` (eager, sdpa, or a name
-    registered with transformers' AttentionInterface); the previous one after."""
-    config = architecture(model).config
-    old = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = old

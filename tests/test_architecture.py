@@ -64,9 +64,9 @@ def test_row_matches_the_model(model_type):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                     output_hidden_states=True)
     hidden = out.hidden_states
-    # layer 0 (the embedding output) and the final norm where the row says
+    # the embeddings (their output is layer 0) and the final norm where the row says
     assert torch.allclose(arch.final_norm(states[4]), hidden[4], atol=1e-5)
-    assert torch.equal(states[0], hidden[0])
+    assert torch.equal(states[0], hidden[0]) and torch.equal(arch.embed(ids), states[0])
     # every block's keys and values, recomputed from the residual stream at the layer before it
     for l in range(1, 5):
         keys, values = arch.keys_values(l, states[l - 1], positions)

@@ -45,6 +45,7 @@ def test_identity_fuser_with_a_equals_b_is_kv_all(tiny_loaded):
     pa, pb = [tok(t)["input_ids"] for t in TEXTS_A], [tok(t)["input_ids"] for t in TEXTS_B]
     fuser = identity_fuser(model)
     assert fuser.a_layers == [0, 1, 2, 3] and fuser.b_layers == [1, 2, 3, 4]
+    assert fuser.flops_per_a_token(model) == 4 * (2.0 * (48 * 48 * 2) + 2.0 * 48 * 2 * 2 * 12)  # 2 KV heads of 12
     built = fuser.cache(model, token_states(model, tok, pa, fuser.a_layers, batch_size=2).states)
     want = kv.a_cache(model, tok, pa)
     for g, w in zip(built.entries, want.entries):
@@ -145,3 +146,26 @@ def test_a_fuser_of_other_inputs_is_replaced_only_with_force(tmp_path, tiny_mode
     code, _, err = run_cli(capsys, "--params", str(params), "-S", "fuse.rank=4", "fuse", "task", "--quiet", "--force")
     assert code == 0, err
     assert load_fuser("task", tmp_path / "data").meta["config"]["rank"] == 4
+
+
+def test_task_items_are_train_places_and_never_an_evaluation_item(tiny_pair):
+    """The task variant draws Countries items from the train places (the place split) and skips every
+    item the evaluation reads; the target is B's greedy skyline answer."""
+    from dataclasses import replace
+
+    from pipeline.config import FuseConfig
+    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.fuser import task_examples
+    from pipeline.tasks.games import place_split
+    from pipeline.tasks.registry import get_task
+
+    evaluate = EvaluateConfig()
+    evaluate = replace(evaluate, countries=replace(evaluate.countries, n=40, places="all", max_new_tokens=3))
+    cfg = FuseConfig(n_train=30, n_heldout=10, answer_tokens=2)
+    examples = task_examples(cfg, evaluate, tiny_pair.model_b, tiny_pair.tok_a, tiny_pair.tok_b, lambda line: None)
+    assert len(examples) == 40
+    places = {e.a_text.split(" is at ", 1)[1].rstrip(".") for e in examples}
+    assert places <= {place for place, _ in place_split("train")}, places
+    evaluated = set(get_task("countries").prompts(evaluate.countries).a)
+    assert not evaluated & {e.a_text for e in examples}
+    assert all(len(e.target) <= 2 for e in examples) and any(e.target for e in examples)

@@ -63,7 +63,6 @@ from pipeline.errors import UserError
 WEIGHTS = "weights.safetensors"
 CONFIG = "fuser.json"
 FORMAT = 1
-KEYS = ("u", "v", "c", "gate", "mu", "sd")  # the module's tensors; mu and sd are fixed (no gradient)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,21 +204,25 @@ def load_fuser(name: str | Path, data_dir: str | Path = "data") -> Fuser:
     from safetensors.torch import load_file
 
     from pipeline.aligners.base import read_json
-    from pipeline.artifacts import Layout
+    from pipeline.artifacts import Layout, shared
 
     path = Path(name).expanduser()
     if not (path / CONFIG).is_file():
         path = Layout(Path(data_dir)).fuser(str(name))
-    meta = read_json(path / CONFIG, f"{path} holds no trained fuser (no {CONFIG}): run `xmodel fuse {Path(name).name}`")
-    if meta.pop("format", None) != FORMAT:
-        raise UserError(f"{path / CONFIG}: not a fuser of format {FORMAT}: retrain it (`xmodel fuse ... --force`)")
-    try:
-        state = load_file(str(path / WEIGHTS))
-        net = build_net(len(meta["sources"]), int(meta["d_a"]), int(meta["d_b"]), int(meta["config"]["rank"]))
-        net.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}): retrain it "
-                        "(`xmodel fuse ... --force`)") from None
+    path = path.absolute()
+    # read under the readers' side of the lock `xmodel fuse` writes under: never a folder half replaced
+    lock = Layout(path.parent.parent).lock(f"fusers/{path.name}") if path.parent.name == "fusers" else None
+    with shared(lock, path):
+        meta = read_json(path / CONFIG, f"{path} holds no trained fuser (no {CONFIG}): run `xmodel fuse {path.name}`")
+        if meta.pop("format", None) != FORMAT:
+            raise UserError(f"{path / CONFIG}: not a fuser of format {FORMAT}: retrain it (`xmodel fuse ... --force`)")
+        try:
+            state = load_file(str(path / WEIGHTS))
+            net = build_net(len(meta["sources"]), int(meta["d_a"]), int(meta["d_b"]), int(meta["config"]["rank"]))
+            net.load_state_dict(state, strict=True)
+        except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}): retrain it "
+                            "(`xmodel fuse ... --force`)") from None
     if not all(bool(v.isfinite().all()) for v in state.values()):
         raise UserError(f"{path / WEIGHTS} holds non-finite weights: retrain it with a lower fuse.lr")
     net.requires_grad_(False)

@@ -4,6 +4,8 @@
 Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluation.config.EvaluateConfig),
 loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
   data/evaluate/<task>/predictions.jsonl   every method's output and score per item
+  data/evaluate/<task>/samples.jsonl       the same in lm-evaluation-harness's per-sample layout (one line per
+                                           method and item, `method` naming the run), with bytes sent per item
   data/evaluate/<task>/table.md            the Markdown table
   data/details/evaluate-<task>.json        scores with intervals, paired tests, compute, diagnostics (the report's)
   data/metrics/evaluate-<task>.json        its headline numbers (dvc metrics; pipeline/headlines.py)
@@ -32,7 +34,7 @@ def evaluations() -> tuple[str, ...]:
     return (*TASKS, *PROBES, "sweep")
 
 
-EVALUATE_FILES = ("predictions.jsonl", "table.md")  # all data/evaluate/<task>/ holds: anything else is not ours
+EVALUATE_FILES = ("predictions.jsonl", "samples.jsonl", "table.md")  # all data/evaluate/<task>/ holds: anything else is not ours
 
 
 def outputs(params: Any, task: str) -> dict[str, Path]:
@@ -40,7 +42,7 @@ def outputs(params: Any, task: str) -> dict[str, Path]:
 
     paths = layout(params)
     folder = paths.evaluate_dir(task)
-    return {"predictions": folder / "predictions.jsonl", "table": folder / "table.md",
+    return {"predictions": folder / "predictions.jsonl", "samples": folder / "samples.jsonl", "table": folder / "table.md",
             "details": paths.details(f"evaluate-{task}"), "metrics": paths.metrics(f"evaluate-{task}"),
             "plot": paths.plot(f"evaluate-{task}")}
 
@@ -73,12 +75,21 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
 
     from pipeline.evaluation.methods.run import evaluate_task
     from pipeline.artifacts import Outputs, dumps, layout, write_record
-    from pipeline.evaluation.results import plot_scores
+    from pipeline.evaluation.prompts import check_context, task_prompts
+    from pipeline.evaluation.results import harness_samples, plot_scores
     from pipeline.headlines import evaluation
 
+    prompts, decoding = task_prompts(task, cfg)
+    check_context(pair, prompts, decoding, cfg.chat)  # every prompt fits both models, before any method runs
     result = evaluate_task(task, pair, cfg, aligners, log)
+    predictions = result.predictions()
+
+    def lines(rows):
+        return "".join(dumps(row, indent=None) + "\n" for row in rows)
+
     with Outputs():  # the folder, the metrics and the plot appear together, or none of them changes
-        _write_folder(out, {"predictions.jsonl": "".join(dumps(row, indent=None) + "\n" for row in result.predictions()),
+        _write_folder(out, {"predictions.jsonl": lines(predictions),
+                            "samples.jsonl": lines(harness_samples(result.prompts, predictions, decoding)),
                             "table.md": result.table() + "\n"})
         # the record names where the items came from (file and layout, or generator and split) and
         # each aligner it used by fingerprint (the report flags one that has changed since)

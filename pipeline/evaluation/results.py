@@ -62,6 +62,47 @@ def summarize(prompts: TaskPrompts, runs: Sequence[Any], n_boot: int = 10_000, s
     return out
 
 
+# lm-evaluation-harness's per-sample log (its `--log_samples` samples_<task>.jsonl), so that its
+# tools and others that read it can pair and compare runs item by item. One line per method and
+# item; `method` names the run (the harness writes one file per model; filter a file by it).
+def harness_samples(prompts: TaskPrompts, predictions: Sequence[dict[str, Any]], decoding: Any) -> list[dict[str, Any]]:
+    """Per (method, item) of `predictions` (TaskResult.predictions(): {"id", "gold", <method>: {"text",
+    scores..., "bytes_sent"?}}): doc_id, doc, target, arguments (B's own prompt and the decoding, as
+    the harness's generate_until request; what A sent is counted in bytes_sent), resps, filtered_resps
+    (the part of the reply the scores read), filter, metrics and each metric's value, and the harness's
+    doc/prompt/target hashes (sha256)."""
+    import hashlib
+    import json
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    gen_kwargs = {"until": list(decoding.stop_strings), "max_gen_toks": decoding.max_new_tokens,
+                  "do_sample": decoding.sampling != "greedy"}
+    if decoding.sampling != "greedy":
+        gen_kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
+    shown = prompts.shown or (lambda text: text)
+    methods = [k for k in (predictions[0] if predictions else {}) if k not in ("id", "gold")]
+    out = []
+    for method in methods:
+        for i, row in enumerate(predictions):
+            pred = row[method]
+            metrics = {k: pred[k] for k in prompts.columns if k in pred}
+            context = prompts.skyline[i] if method == "skyline" and prompts.skyline is not None else prompts.b[i]
+            doc = {"id": row["id"], "prompt_a": prompts.a[i], "prompt_b": prompts.b[i], "gold": row["gold"]}
+            sample = {"doc_id": i, "doc": doc, "target": row["gold"],
+                      "arguments": {"gen_args_0": {"arg_0": context, "arg_1": gen_kwargs}},
+                      "resps": [[pred["text"]]], "filtered_resps": [shown(pred["text"])],
+                      "filter": "none" if prompts.shown is None else "scored",
+                      "metrics": list(metrics), "doc_hash": sha(json.dumps(doc, indent=2, ensure_ascii=False)),
+                      "prompt_hash": sha(context), "target_hash": sha(str(row["gold"])), **metrics,
+                      "method": method}
+            if "bytes_sent" in pred:  # what A sent B for this item (text bytes, vectors, caches)
+                sample["bytes_sent"] = pred["bytes_sent"]
+            out.append(sample)
+    return out
+
+
 def format_table(summary: dict[str, Any], columns: Sequence[str]) -> str:
     """A Markdown table: each score [95% interval] (columns, primary first), p vs B alone and vs NL
     on the primary score, first-token agreement with the skyline, compute."""

@@ -166,7 +166,9 @@ def extract_model(model, tokenizer, source: dict, corpus, cfg, path: Path, dist,
             # batch_tokens is recorded when the store is begun and used by every later run on it (see below)
             writer.prepare(force, {"params_hash": fingerprint(identity), "created_with": f"xmodel {__version__}",
                                    "num_layers": n_layers, "corpus_source": corpus.source,
-                                   "batch_tokens": cfg.batch_tokens, **(attrs or {})})
+                                   "batch_tokens": cfg.batch_tokens, **(attrs or {}),
+                                   # a task corpus's items: its source and split beside the evaluation's
+                                   **({"corpus_split": corpus.split} if isinstance(corpus, TaskCorpus) else {})})
         dist.barrier()
         state = read_attrs(path) or {}
         if state.get("complete"):

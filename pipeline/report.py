@@ -326,15 +326,51 @@ def _best(scored: dict[str, dict], key: str, pick) -> tuple[str, float] | None:
     return pick(values, key=lambda nv: nv[1]) if values else None
 
 
-# What the literature reports for the setting each task reproduces (../shared/PAPER.md), in percent.
-PUBLISHED = {
-    "countries": "paper, LLaMA-3.2-3B ×2: B alone 0, NL 69, AC 78, skyline 84; "
-                 "KVComm, LLaMA-3.1-8B-Instruct ×2 (F1): B alone 0, NL 58, AC 0",
-    "tipsheets": "paper, LLaMA-3.1-8B ×2: B alone 54.3, NL 85.7, AC 95.7; "
-                 "KVComm, LLaMA-3.1-8B-Instruct ×2 (F1): B alone 5, NL 87, AC 36",
-    "gsm8k": "paper, 3.2-3B → 3.1-8B, both see the question: B alone 60, NL 75, AC 64, AC(W) 66",
-    "squad": "not reported by the paper or KVComm",
+# What the literature reports for the setting each task reproduces (../shared/PAPER.md), in percent,
+# and on which of our scores (pipeline/tasks/scoring.py SCORES): KVComm reports token F1 (Table 8);
+# the paper reports accuracy, which is our answer-contained accuracy on Countries (the country named in
+# B's reply), option accuracy on Tip Sheets (the company B picks: a reply naming all three would
+# "contain" the answer), and the final-number accuracy on GSM8K.
+@dataclass(frozen=True)
+class Published:
+    source: str
+    models: str
+    score: str
+    numbers: tuple[tuple[str, float], ...]  # (our method or family: b_alone, nl, ac, ac_w, skyline; percent)
+
+
+LABELS = {"b_alone": "B alone", "nl": "NL", "ac": "AC", "ac_w": "AC(W)", "kv": "KV", "skyline": "skyline"}
+PUBLISHED: dict[str, tuple[Published, ...]] = {
+    "countries": (Published("paper", "LLaMA-3.2-3B ×2", "contains",
+                            (("b_alone", 0), ("nl", 69), ("ac", 78), ("skyline", 84))),
+                  Published("KVComm", "LLaMA-3.1-8B-Instruct ×2", "f1", (("b_alone", 0), ("nl", 58), ("ac", 0)))),
+    "tipsheets": (Published("paper", "LLaMA-3.1-8B ×2", "option", (("b_alone", 54.3), ("nl", 85.7), ("ac", 95.7))),
+                  Published("KVComm", "LLaMA-3.1-8B-Instruct ×2", "f1", (("b_alone", 5), ("nl", 87), ("ac", 36)))),
+    "gsm8k": (Published("paper", "3.2-3B → 3.1-8B, both see the question", "accuracy",
+                        (("b_alone", 60), ("nl", 75), ("ac", 64), ("ac_w", 66))),),
 }
+
+
+def published_cell(m: dict[str, Any]) -> str:
+    """Each published number of the record's task, its score named, beside ours on that same score
+    (a family's entry is its best method on the primary score, as in the answer table)."""
+    task = m.get("task")
+    if task not in PUBLISHED:
+        return "not reported by the paper or KVComm" if task == "squad" else "—"
+    methods = m.get("methods", {})
+    picked = {fam: best_of_family(m, fam)[0] for fam in ("ac", "ac_w", "kv")}
+    parts = []
+    for pub in PUBLISHED[task]:
+        theirs = ", ".join(f"{LABELS[k]} {v:g}" for k, v in pub.numbers)
+        ours = []
+        for k, _ in pub.numbers:
+            name = picked.get(k, k)
+            mean = ((methods.get(name) or {}).get(pub.score) or {}).get("mean") if name else None
+            if isinstance(mean, (int, float)) and math.isfinite(mean):
+                ours.append(f"{LABELS[k]} {100 * mean:.1f}")
+        mine = f"ours: {', '.join(ours)}" if ours else f"ours: {pub.score} not recorded"
+        parts.append(f"{pub.source}, {pub.models}, {pub.score}: {theirs} ({mine})")
+    return "; ".join(parts)
 
 
 def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
@@ -361,7 +397,7 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
            cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac, p),
            cell(acw, p_w), cell(kv, p_kv), cell("skyline" if "skyline" in methods else None),
            f"{_num(_scaled(agree(ac)), '.0f')} / {_num(_scaled(agree('b_alone')), '.0f')}",
-           PUBLISHED.get(m.get("task"), "—")]
+           published_cell(m)]
     b, sky = score("b_alone").get("mean"), score("skyline").get("mean")
 
     def verdict(what: str, name: str | None, d: float | None, q: float | None) -> str:
@@ -409,7 +445,8 @@ def _answer_section(cfg: ReportConfig) -> str:
             "message), AC with the best plain f and the best aligner, KV-cache communication, and the skyline "
             "(B reading what A read). p: each family's best method against B alone on the same items (McNemar or "
             "paired bootstrap), Bonferroni-corrected for picking the best of the family. Published numbers are for "
-            "the paper's or KVComm's corresponding setting (other models).", ""]
+            "the paper's or KVComm's corresponding setting (other models), each with the score it is (KVComm: F1; the "
+            "paper: accuracy, our `contains` on Countries and `option` on Tip Sheets) and ours on that same score.", ""]
     runs = task_details(cfg.data)
     if not runs:
         return "\n".join(head + [f"No task was evaluated ({NOT_RUN})."])
@@ -488,6 +525,8 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
                          + ["Δ vs B alone (p)", "first token = skyline's [95% CI]", "A tokens", "B tokens",
                             "GFLOP", "seconds"], rows), "",
                   _plot_link(cfg, f"evaluate-{task}", f"{task} accuracy per method")]
+    if task in PUBLISHED:
+        out += ["", f"Published (other models; each number's score named, ours on the same score): {published_cell(m)}."]
     return "\n".join(out)
 
 

@@ -17,17 +17,19 @@ SHAPES = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
-    # tiny shapes for tests and the CI profile: two architectures, widths, depths and tokenizers
+    # tiny shapes for tests and the CI profile: two architectures, widths, depths and tokenizers; a
+    # context that holds the tasks' prompts in the tiny tokenizers (a SQuAD prompt is ~320 tokens), which
+    # evaluation checks before any method runs
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     "tiny-qwen": dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
     # Gemma-3's text model: q/k norms, head width != hidden / heads, sliding-window layers (window 6,
     # shorter than the test prompts) between full ones
     "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                         sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
-                        max_position_embeddings=256),
+                        max_position_embeddings=2048),
 }
 
 

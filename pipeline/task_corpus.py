@@ -44,6 +44,7 @@ class TaskCorpus(Corpus):
     view: str = "prompt_a"
     ids: tuple[str, ...] = ()  # the task's item ids, row for row
     shared_fingerprint: str = ""  # of the items and both views: the same in A's and B's store
+    split: Any = None  # which items: the training side's source (Countries: places train) and the evaluation's
     chat: bool = True  # encode()'s arguments, as evaluation passes them
     cue: str = "Answer:"
 
@@ -92,7 +93,7 @@ def task_corpus(cfg: CorpusConfig, evaluate: Any, role: str) -> TaskCorpus:
                                    "items": list(zip(train.ids, train.a, b_texts))}).encode())
     return TaskCorpus(texts=list(train.a if role == "a" else b_texts), index=list(range(len(train.ids))),
                       source=cfg.source, view=VIEWS[role], ids=tuple(train.ids),
-                      shared_fingerprint=h.hexdigest()[:16], chat=evaluate.chat, cue=train.cue)
+                      shared_fingerprint=h.hexdigest()[:16], chat=evaluate.chat, cue=train.cue, split=train.source)
 
 
 def training_prompts(cfg: CorpusConfig, evaluate: Any):
@@ -104,10 +105,14 @@ def training_prompts(cfg: CorpusConfig, evaluate: Any):
         raise UserError(f"corpus.source = {cfg.source!r} names no task: use task:<name> with one of "
                         f"{', '.join(TASKS)}")
     task, section = get_task(name), evaluate.section(name)
-    held = frozenset(task.prompts(section).a)  # exactly what evaluate@<name> reads (its n and seed)
-    train = task.prompts(replace(section, seed=cfg.seed), cfg.n, exclude=held)
+    evaluation = task.prompts(section)  # exactly what evaluate@<name> reads (its n and seed)
+    held = evaluation.held_out()  # its A prompts and what carries their answers (SQuAD: the passages)
+    # drawn from the section's training side (Countries: the train places) with the corpus seed
+    train = task.prompts(replace(section.training(), seed=cfg.seed), cfg.n, exclude=held)
+    train.source = {**train.source, "evaluation": evaluation.source,
+                    "shared_with_evaluation": len(held & train.held_out())}
     if not train.ids:
         raise UserError(f"corpus.source = {cfg.source!r} leaves no item outside the {len(held)} evaluation items "
                         f"(evaluate.{name}.source = {section.source!r}): use a larger source or fewer "
                         f"evaluate.{name}.n")
-    return train, held
+    return train, frozenset(evaluation.a)

@@ -133,7 +133,7 @@ def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
     s = cfg.sweep
     evaluation, _ = task_prompts(s.task, cfg)
     sweep_cfg = replace(cfg, **{s.task: replace(cfg.section(s.task), seed=s.seed)})
-    prompts, decoding = task_prompts(s.task, sweep_cfg, s.n, exclude=frozenset(evaluation.a))
+    prompts, decoding = task_prompts(s.task, sweep_cfg, s.n, exclude=evaluation.held_out())
     if s.max_new_tokens:
         decoding = replace(decoding, max_new_tokens=s.max_new_tokens)
 

@@ -62,14 +62,14 @@ def test_prompts_longer_than_a_context_are_refused_before_any_method(params, tin
         raise AssertionError("a method ran")
 
     monkeypatch.setattr(methods_run, "evaluate_task", no_method)
-    long = " ".join(["word"] * 600)  # the tiny models have 256 positions
+    long = " ".join(["word"] * 3000)  # the tiny models have 2048 positions
     rows = [{"prompt_a": "Ann is at the Louvre.", "prompt_b": "Which country is Ann in?", "answer": "France", "id": "ok"},
             {"prompt_a": f"Bo is at the Louvre. {long}", "prompt_b": "Which country is Bo in?", "answer": "France",
              "id": "long-one"}]
     path = tmp_path / "g.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"item long-one: its prompt_a is \d+ tokens \(\+3 to generate\) but A "
-                                         r"\(tiny-llama\) has a context of 256 positions") as e:
+                                         r"\(tiny-llama\) has a context of 2048 positions") as e:
         stage.run(params, "countries", _cfg(source=str(path), n=2), pair=tiny_pair)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "data" / "evaluate" / "countries").exists()  # nothing written

@@ -336,3 +336,25 @@ def test_report_flags_an_evaluation_whose_aligner_changed_since(outputs, capsys)
     text = (data / "report" / "report.md").read_text()
     assert ("**Warning: `evaluate-squad` used aligner `procrustes` (" in text and "has since been refitted" in text
             and "rerun `xmodel evaluate squad`" in text), text
+
+
+def test_published_numbers_name_their_score_beside_ours_on_it(outputs, capsys):
+    """KVComm reports F1 and the paper accuracy (our `contains` on Countries): each published number
+    is shown with its score and beside ours on that score, not beside our primary (EM)."""
+    path = outputs / "data" / "details" / "evaluate-countries.json"
+    m = json.loads(path.read_text())
+    for name, contained, f1 in (("b_alone", 0.05, 0.02), ("nl", 0.55, 0.45), ("ac_replace", 0.2, 0.2),
+                                ("ac_sum", 0.33, 0.31), ("skyline", 0.6, 0.5)):
+        m["methods"][name]["contains"] = _interval(contained, 0, 1, "wilson")
+        m["methods"][name]["f1"] = _interval(f1, 0, 1, "bootstrap")
+    path.write_text(json.dumps(m))
+    code, out, err = run_cli(capsys, "report", "--answer", str(outputs / "data"))
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("| `countries`"))
+    # AC is the family's best on the primary (ac_sum), shown on each published score
+    assert ("paper, LLaMA-3.2-3B ×2, contains: B alone 0, NL 69, AC 78, skyline 84 "
+            "(ours: B alone 5.0, NL 55.0, AC 33.0, skyline 60.0)") in row
+    assert "KVComm, LLaMA-3.1-8B-Instruct ×2, f1: B alone 0, NL 58, AC 0 (ours: B alone 2.0, NL 45.0, AC 31.0)" in row
+    code, out, err = run_cli(capsys, "report", "--answer", str(ROOT / "results" / "same05"))  # older records
+    assert "contains: B alone 0, NL 69, AC 78, skyline 84 (ours: contains not recorded)" in out
+    assert "tipsheets` |" in out and "paper, LLaMA-3.1-8B ×2, option: B alone 54.3, NL 85.7, AC 95.7 (ours: B alone 47.0" in out

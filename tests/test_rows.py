@@ -173,3 +173,17 @@ def _refuse_second_parse(loads):
         assert len(text) <= 4096, "the huge line was parsed"
         return loads(text, *a, **k)
     return guarded
+
+
+def test_primary_score_is_a_choice_and_every_score_is_recorded(tmp_path):
+    from pipeline.evaluation.config import config_from_dict
+
+    cfg = config_from_dict({"countries": {"primary": "contains", "n": 3}, "tipsheets": {"primary": "f1"}})
+    prompts = get_task("countries").prompts(cfg.countries)
+    assert prompts.primary == "contains" and prompts.columns == ("contains", "em", "f1")
+    assert set(prompts.score(0, "France")) == {"em", "f1", "contains"}  # every score, whichever is primary
+    assert get_task("tipsheets").prompts(cfg.tipsheets).columns == ("f1", "option", "em", "contains")
+    with pytest.raises(UserError, match="evaluate.countries.primary = 'bleu' is not one of em, f1, contains, option"):
+        config_from_dict({"countries": {"primary": "bleu"}})
+    with pytest.raises(UserError, match="evaluate.countries.primary = 'option', but these items are scored by em, f1"):
+        get_task("countries").prompts(GameConfig(primary="option", n=2))  # generated Countries have no options

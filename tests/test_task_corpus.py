@@ -54,13 +54,61 @@ def test_views_hold_the_same_items_apart_from_the_evaluation_items(tmp_path):
     assert len(a.texts) == len(b.texts) == 24 and a.index == b.index == list(range(24)) and a.ids == b.ids
     assert not set(a.texts) & set(evaluation.a), "a training item is an evaluation item"
     assert not set(a.ids) & set(evaluation.ids)
-    train = get_task("countries").prompts(params.evaluate.countries, 24, exclude=frozenset(evaluation.a))
+    train = get_task("countries").prompts(params.evaluate.countries.training(), 24, exclude=evaluation.held_out())
     assert a.texts == train.a and b.texts == train.skyline  # B's view: B reading prompt_a and its question
     assert a.fingerprint == b.fingerprint  # one corpus for pairing.check_same_corpus
     assert (a.view, b.view) == ("prompt_a", "skyline")
     # the items depend on the evaluation section they avoid, and on corpus.seed
     other = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, evaluate={"countries": {"n": 12, "seed": 5}}))
     assert corpus_for(other, "a").fingerprint != corpus_for(params, "a").fingerprint
+
+
+def _place(prompt_a: str) -> str:
+    return prompt_a.split(" is at ", 1)[1].removesuffix(".")
+
+
+def test_countries_place_split_no_evaluated_place_in_training(tmp_path):
+    """In-task corpora draw the train places; `evaluate.countries.places: eval` scores only the others."""
+    from pipeline.task_corpus import corpus_for
+    from pipeline.tasks.games import EVAL_SHARE, PLACES, place_split
+    from pipeline.tasks.registry import get_task
+
+    params = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"n": 300},
+                                      evaluate={"countries": {"n": 100, "places": "eval"}}))
+    train, evaluation = corpus_for(params, "a"), get_task("countries").prompts(params.evaluate.countries)
+    train_places, eval_places = {_place(t) for t in train.texts}, {_place(t) for t in evaluation.a}
+    assert len(train.texts) == 300 and len(evaluation.a) == 100
+    assert not train_places & eval_places, "an evaluated place was seen in training"
+    held, kept = {p for p, _ in place_split("eval")}, {p for p, _ in place_split("train")}
+    assert eval_places <= held and train_places <= kept and not held & kept and held | kept == {p for p, _ in PLACES}
+    assert len(held) == round(EVAL_SHARE * len(PLACES)) and place_split("eval") == place_split("eval")
+    # both records say which side they drew
+    assert evaluation.source["places"] == "eval" and train.split["places"] == "train"
+    assert train.split["evaluation"]["places"] == "eval" and train.split["shared_with_evaluation"] == 0
+    seen = get_task("countries").prompts(params.evaluate.countries.__class__(n=100))  # the default: every place
+    assert seen.source["places"] == "all" and {_place(t) for t in seen.a} & train_places
+
+
+def test_squad_training_items_never_share_a_passage_with_evaluation(tmp_path):
+    """A SQuAD file asks several questions per passage: training never reads an evaluated passage."""
+    from pipeline.task_corpus import corpus_for
+    from pipeline.tasks.registry import get_task
+
+    rows = [{"id": f"p{p}q{q}", "context": f"Person {p} was born in Town{p} and studied law.",
+             "question": f"Question {q} about person {p}?", "answers": [f"Town{p}"]} for p in range(12) for q in range(3)]
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"source": "task:squad", "n": 40},
+                                      evaluate={"squad": {"source": str(path), "n": 6}}))
+    train, evaluation = corpus_for(params, "a"), get_task("squad").prompts(params.evaluate.squad)
+    passages = {it.split("Passage: ", 1)[1].split("\n")[0] for it in evaluation.a}
+    assert train.texts and not any(p in t for p in passages for t in train.texts)
+    assert train.split["shared_with_evaluation"] == 0 and train.split["layout"] == "squad"
+    generated = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"source": "task:squad", "n": 40},
+                                         evaluate={"squad": {"n": 20}}))
+    split = corpus_for(generated, "a").split
+    assert split["passages"] == "generated, seed 1" and split["evaluation"]["passages"] == "generated, seed 0"
+    assert split["shared_with_evaluation"] == 0
 
 
 def test_bad_task_corpora_are_one_line(tmp_path):

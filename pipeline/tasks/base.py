@@ -75,6 +75,13 @@ class TaskPrompts:
     setting: str = "shared"  # private: only A sees the information B needs | shared: both see it
     source: dict[str, Any] = field(default_factory=dict)  # where the items came from (file, layout, split), for the record
     shown: Callable[[str], str] | None = None  # the part of a reply its scores read (the harness's filtered response)
+    # per item, the text holding its answer that other items may share (SQuAD: the passage), which
+    # items drawn apart from these (exclude=) must not share either; None: the A prompt alone
+    carriers: list[str] | None = None
+
+    def held_out(self) -> frozenset[str]:
+        """What items drawn apart from these must not repeat (Task.prompts' `exclude`)."""
+        return frozenset(self.a) | frozenset(self.carriers or ())
 
     def __post_init__(self):
         self.columns = tuple(self.columns) or (self.primary,)
@@ -90,10 +97,18 @@ class TaskPrompts:
         return replace(self, primary=primary, columns=columns)
 
 
-def disjoint(load: Callable[[int], list], n: int, exclude: frozenset[str], a_prompt: Callable[[Any], str]) -> list:
-    """n items whose A prompt is not in `exclude`: load(n + len(exclude)) items (so that enough are
-    left after dropping every excluded one) and keep the first n of the others."""
-    return [it for it in load(n + len(exclude)) if a_prompt(it) not in exclude][:n]
+def disjoint(load: Callable[[int], list], n: int, exclude: frozenset[str], a_prompt: Callable[[Any], str],
+             carrier: Callable[[Any], str] | None = None) -> list:
+    """n items whose A prompt (and carrier: the text that holds the answer, e.g. a SQuAD passage,
+    which several items may share) is not in `exclude`: load(n + len(exclude)) items, and twice as
+    many while fewer than n are left and the source has more, and keep the first n of the others."""
+    k = n + len(exclude)
+    while True:
+        items = load(k)
+        kept = [it for it in items if a_prompt(it) not in exclude and (carrier is None or carrier(it) not in exclude)]
+        if len(kept) >= n or len(items) < k or not exclude:
+            return kept[:n]
+        k *= 2
 
 
 @dataclass(frozen=True)
@@ -107,5 +122,6 @@ class Task:
 
     def prompts(self, section: TaskConfig, n: int | None = None, exclude: frozenset[str] = frozenset()) -> TaskPrompts:
         """The task's items as prompts: `n` (default section.n) items from its source, skipping items
-        whose A prompt is in `exclude` (training items disjoint from the evaluation items)."""
+        whose A prompt or carrier is in `exclude` (training items disjoint from the evaluation items:
+        pass TaskPrompts.held_out() of those)."""
         return self.build(section, n, exclude).choose(section.primary, self.name)

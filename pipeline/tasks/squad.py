@@ -281,7 +281,8 @@ def squad_prompts(items: Sequence[QAItem], setting: str = "private", source: dic
                        [ask(it) if private else read(it) for it in items],
                        [read(it) for it in items] if private else None, with_message, score, "em", ("em", "contains"),
                        "Answer:", ("\n",), [list(it.answers) for it in items], columns=("em", "f1", "contains"),
-                       setting=setting, source=dict(source or {}), shown=clean_prediction)
+                       setting=setting, source=dict(source or {}), shown=clean_prediction,
+                       carriers=[it.context for it in items])
 
 
 def _build(cfg: SquadConfig, n: int | None, exclude: frozenset[str]) -> TaskPrompts:
@@ -292,9 +293,9 @@ def _build(cfg: SquadConfig, n: int | None, exclude: frozenset[str]) -> TaskProm
         record.update(info)
         return items
 
-    # a generated item's passage is its own (names drawn per item): items apart by prompt are apart by passage;
-    # pipeline/task_corpus.py checks it for every source
-    items = disjoint(load, n or cfg.n, exclude, _read)
+    # several questions may share a passage (SQuAD files: about five): items drawn apart from others
+    # (training, the sweep) never share one with them
+    items = disjoint(load, n or cfg.n, exclude, _read, lambda it: it.context)
     return squad_prompts(items, cfg.setting, record)
 
 

@@ -180,7 +180,19 @@ def grid(ctx: click.Context, quiet: bool) -> None:
     click.echo(f"wrote {params.paths.layout.details('grid')}, {stage.metrics_path(params)} and {stage.plot_path(params)}")
 
 
-@cli.command()
+class _EvaluateCommand(click.Command):
+    """`xmodel evaluate --help` lists what exists, read from the task registry only when asked for."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from pipeline.tasks.registry import ABOUT, PROBES, TASKS
+
+        with formatter.section("Tasks (pipeline/tasks/registry.py)"):
+            formatter.write_dl([(name, task.about) for name, task in TASKS.items()])
+        with formatter.section("Probes"):
+            formatter.write_dl([(name, ABOUT[name]) for name in (*PROBES, "sweep")])
+
+
+@cli.command(cls=_EvaluateCommand)
 @click.argument("task")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.pass_context

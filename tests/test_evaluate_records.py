@@ -88,3 +88,14 @@ def test_prompts_longer_than_a_context_are_refused_before_any_method(params, tin
     with pytest.raises(UserError, match=r"item long-one: its prompt_a is 500,021 bytes, more than A \(tiny-llama\) "
                                          r"can read .* \(refused before tokenizing\)"):
         stage.run(params, "countries", _cfg(source=str(path), n=2), pair=tiny_pair)
+
+
+def test_evaluate_help_lists_every_task_and_probe(capsys):
+    from pipeline.tasks.registry import TASKS
+    from tests.helpers import run_cli
+
+    code, out, err = run_cli(capsys, "evaluate", "--help")
+    assert code == 0, err
+    for name, task in TASKS.items():
+        assert name in out and task.about.split(":")[0] in out
+    assert "similarity" in out and "sweep" in out and "Probes" in out

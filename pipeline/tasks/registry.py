@@ -14,6 +14,11 @@ from pipeline.tasks.base import Task
 
 TASKS: dict[str, Task] = {t.name: t for t in (squad.TASK, gsm8k.TASK, games.COUNTRIES, games.TIPSHEETS)}
 PROBES = ("similarity",)  # evaluations that are not item tasks: they have their own stage and section
+ABOUT = {  # one line each for the CLI help: the probes, and the sweep `xmodel evaluate` also runs
+    "similarity": "probe: how close a grafted B's next-token distribution comes to B's own, per aligner and f, "
+                  "on held-out sentences",
+    "sweep": "plain AC at every (k, j) of evaluate.sweep on items apart from the evaluation's (run by hand)",
+}
 
 
 def get_task(name: str) -> Task:

@@ -250,10 +250,9 @@ class Outputs:
     # -- commit -------------------------------------------------------------------------------
     def commit(self) -> None:
         """Rename every temporary into place (folders first: a metrics file never describes a folder
-        that is not there yet). More than one rename is journalled first (`_Journal`): a kill between
-        them is rolled forward by the next reader or writer, never left half old, half new."""
+        that is not there yet). More than one rename is journalled first (`_Journal`): a kill or an
+        error between them is rolled forward by the next reader or writer, never left half old, half new."""
         steps: list[dict[str, str | None]] = []
-        journal = None
         target = next(iter([t for _, t, *_ in self._dirs] + [t for _, t in self._files]), Path("."))
         try:
             for tmp, target, is_ours, what in self._dirs:
@@ -262,20 +261,27 @@ class Outputs:
                 steps.append({"tmp": str(tmp), "target": str(target), "old": old})
             steps += [{"tmp": str(tmp), "target": str(target), "old": None} for tmp, target in self._files]
             journal = _Journal.begin(steps) if len(steps) > 1 or any(st["old"] for st in steps) else None
+        except OSError as e:  # nothing renamed yet: every previous output stays as it was
+            self.discard()
+            for step in steps:
+                if step["old"]:
+                    shutil.rmtree(step["old"], ignore_errors=True)
+            raise _failed(target, e) from None
+        try:
             for step in steps:
                 target = Path(step["target"])
                 _apply(step)
                 fault_point("commits")
-            if journal is not None:
-                journal.end()
         except OSError as e:
-            self.discard()  # the renames not done are dropped with their temporaries: nothing to finish
-            if journal is not None:
-                journal.end()
-            for step in steps:
-                if step["old"] and not (Path(step["old"]) / "dir").exists():
-                    shutil.rmtree(step["old"], ignore_errors=True)
-            raise _failed(target, e) from None
+            if journal is None:  # its one rename did not happen
+                self.discard()
+                raise _failed(target, e) from None
+            # some outputs may be new: the journal and the temporaries stay, for the next run to finish
+            self._files, self._dirs = [], []
+            raise UserError(f"renaming {target} into place failed ({e.strerror or e}): check the disk and rerun any "
+                            "xmodel command on this data dir; it finishes these outputs first") from None
+        if journal is not None:
+            journal.end()
         self._files, self._dirs = [], []
 
     def discard(self) -> None:
@@ -299,8 +305,12 @@ def _apply(step: dict[str, str | None]) -> None:
     """One rename of a commit (a folder: two, the old one moved aside into `old` first); a step
     already done is skipped, so a commit can be rolled forward from any point."""
     tmp, target, old = Path(step["tmp"]), Path(step["target"]), step["old"]
-    if not tmp.exists():
-        return  # done
+    if not tmp.exists():  # done (a folder: only its old copy may be left to remove)
+        if old is not None and not target.exists() and (Path(old) / "dir").is_dir():
+            os.rename(Path(old) / "dir", target)  # its new copy is gone: the old one is all there is
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
     if old is not None:
         if target.exists() and not (Path(old) / "dir").exists():
             os.rename(target, Path(old) / "dir")

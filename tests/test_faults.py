@@ -300,3 +300,37 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o755 and (tmp_path / "f" / "t.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_error_between_the_renames_of_a_commit_is_finished_by_the_next_run(tmp_path):
+    """A rename failing part way (after the folder is swapped in, before its record): one line, and
+    the next xmodel process on these outputs finishes the commit: never a new folder beside an old record."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.artifacts import Outputs, recover
+    from tests.helpers import ROOT
+
+    folder, record = tmp_path / "aligners" / "x", tmp_path / "details" / "x.json"
+    with Outputs() as out:
+        out.directory(folder, lambda tmp: (tmp / "w").write_text("old"), is_ours=lambda p: True)
+        out.text(record, "old")
+    child = f"""
+from pathlib import Path
+from pipeline.artifacts import Outputs
+from pipeline.errors import UserError
+try:
+    with Outputs() as out:
+        out.directory(Path({str(folder)!r}), lambda tmp: (tmp / "w").write_text("new"), is_ours=lambda p: True)
+        out.text(Path({str(record)!r}), "new")
+except UserError as e:
+    print(e)
+"""
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "XMODEL_FAULT": "ioerror_after_commits:1"})
+    assert run.stdout.startswith("renaming") and run.stdout.count("\n") == 1 and "rerun" in run.stdout, run
+    assert (folder / "w").read_text() == "new" and record.read_text() == "old"  # part way
+    recover(record)  # what the next reader or writer of these outputs does
+    assert (folder / "w").read_text() == "new" and record.read_text() == "new"
+    assert not [p.name for d in (folder.parent, record.parent) for p in d.iterdir() if p.name.startswith(".")]

@@ -79,8 +79,11 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     from pipeline.evaluation.results import harness_samples, plot_scores
     from pipeline.headlines import evaluation
 
+    from pipeline.evaluation.methods.registry import get_method
+
     prompts, decoding = task_prompts(task, cfg)
-    check_context(pair, prompts, decoding, cfg.chat)  # every prompt fits both models, before any method runs
+    a_prefix = any("cache" in get_method(name).needs for name in cfg.methods)  # B reads A's cache, then its prompt
+    check_context(pair, prompts, decoding, cfg.chat, cfg.methods, a_prefix)  # every prompt fits both models, before any method runs
     result = evaluate_task(task, pair, cfg, aligners, log)
     predictions = result.predictions()
 

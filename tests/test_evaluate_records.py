@@ -99,3 +99,24 @@ def test_evaluate_help_lists_every_task_and_probe(capsys):
     for name, task in TASKS.items():
         assert name in out and task.about.split(":")[0] in out
     assert "similarity" in out and "sweep" in out and "Probes" in out
+
+
+def test_a_cache_before_b_prompt_counts_against_b_context(tiny_loaded):
+    """KV puts A's cache of prompt_a before B's prompt: the two together must fit B's context."""
+    from pipeline.evaluation.pair import Pair
+    from pipeline.evaluation.prompts import check_context, encode
+    from pipeline.generation import Decoding
+    from pipeline.tasks.games import GameItem, game_prompts
+
+    model, tok = tiny_loaded["qwen"]
+    pair = Pair(model, tok, model, tok, "tiny-qwen", "tiny-qwen")
+    item = GameItem("both-long", "Ann is at the Louvre. " + "word " * 380, "Which country is Ann in? " + "word " * 350,
+                    ("France",))
+    prompts = game_prompts("countries", [item])
+    lengths = [len(encode(tok, t, True, prompts.cue)) for t in (prompts.a[0], prompts.b[0])]
+    assert all(n + 3 < 2048 for n in lengths) and sum(lengths) + 3 > 2048  # each fits alone, not together
+    check_context(pair, prompts, Decoding(max_new_tokens=3), methods=["b_alone", "kv"], a_prefix=False)
+    with pytest.raises(UserError, match=rf"item both-long: its prompt_b is {lengths[1]} tokens \(\+{lengths[0] + 3} "
+                                        r"of A's prompt_a before it and to generate\) but B \(tiny-qwen\) has a "
+                                        r"context of 2048 positions"):
+        check_context(pair, prompts, Decoding(max_new_tokens=3), methods=["b_alone", "kv"], a_prefix=True)

@@ -373,6 +373,14 @@ def published_cell(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def items_line(items: dict[str, Any]) -> str:
+    """Where an evaluation's items came from, as its record says (pipeline/tasks/*: source, layout, split)."""
+    if items.get("layout"):
+        return f"`{items.get('file')}` ({items.get('rows')} rows, layout `{items['layout']}`)"
+    extra = {"places": "places {}", "passages": "passages {}", "dataset": "{}", "split": "split {}"}
+    return ", ".join([str(items.get("source"))] + [f.format(items[k]) for k, f in extra.items() if items.get(k)])
+
+
 def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     """One row of "Does AC carry the information here?" for a task's details, and its sentence.
 
@@ -393,7 +401,8 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     acw, diff_w, p_w = best_of_family(m, "ac_w")
     kv, diff_kv, p_kv = best_of_family(m, "kv")
     layers = m.get("layers", {})
-    row = [f"`{m.get('task')}`", label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
+    side = (m.get("items") or {}).get("places")
+    row = [f"`{m.get('task')}`" + (f" ({side} places)" if side in ("train", "eval") else ""), label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
            cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac, p),
            cell(acw, p_w), cell(kv, p_kv), cell("skyline" if "skyline" in methods else None),
            f"{_num(_scaled(agree(ac)), '.0f')} / {_num(_scaled(agree('b_alone')), '.0f')}",
@@ -519,6 +528,7 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
     out = head + [f"{m.get('n_items')} items, setting `{m.get('setting')}`, A `{models.get('a')}` layer k = "
                   f"{layers.get('k')} → B `{models.get('b')}` layer j = {layers.get('j')}"
                   + (f"; decoding: {decoding}" if decoding else "") + ".",
+                  *([f"Items: {items_line(m['items'])}."] if isinstance(m.get("items"), dict) else []),
                   f"Scores in percent with 95% intervals (Wilson for binary scores, bootstrap otherwise); "
                   f"Δ vs B alone in points on `{primary}`, p from McNemar (binary) or a paired bootstrap.", "",
                   _table(["method", "n"] + [f"{k} [95% CI]" for k in keys]

@@ -358,3 +358,20 @@ def test_published_numbers_name_their_score_beside_ours_on_it(outputs, capsys):
     code, out, err = run_cli(capsys, "report", "--answer", str(ROOT / "results" / "same05"))  # older records
     assert "contains: B alone 0, NL 69, AC 78, skyline 84 (ours: contains not recorded)" in out
     assert "tipsheets` |" in out and "paper, LLaMA-3.1-8B ×2, option: B alone 54.3, NL 85.7, AC 95.7 (ours: B alone 47.0" in out
+
+
+def test_report_says_which_items_a_number_comes_from(outputs, capsys):
+    """Countries scored on evaluation places (never seen by an in-task aligner) say so in the answer
+    table; the task section names the items' source, file layout or split."""
+    path = outputs / "data" / "details" / "evaluate-countries.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps({**m, "items": {"source": "generate", "places": "eval"}}))
+    squad = outputs / "data" / "details" / "evaluate-squad.json"
+    squad.write_text(json.dumps({**json.loads(squad.read_text()), "items": {
+        "source": "/x/dev.jsonl", "file": "/x/dev.jsonl", "layout": "squad", "fields": {}, "rows": 40}}))
+    code, out, err = run_cli(capsys, "report", "--answer", str(outputs / "data"))
+    assert code == 0, err
+    assert "| `countries` (eval places) | qwen-0.5b → qwen-0.5b |" in out
+    assert run_cli(capsys, "--params", str(outputs / "params.yaml"), "report", "--quiet")[0] == 0
+    md = (outputs / "data" / "report" / "report.md").read_text()
+    assert "Items: `/x/dev.jsonl` (40 rows, layout `squad`)." in md

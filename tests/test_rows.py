@@ -187,3 +187,10 @@ def test_primary_score_is_a_choice_and_every_score_is_recorded(tmp_path):
         config_from_dict({"countries": {"primary": "bleu"}})
     with pytest.raises(UserError, match="evaluate.countries.primary = 'option', but these items are scored by em, f1"):
         get_task("countries").prompts(GameConfig(primary="option", n=2))  # generated Countries have no options
+
+
+def test_a_file_opening_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt_a": "Ann is at the Louvre.", "prompt_b": "Which country?",
+                                                   "answer": "France"}).encode() + b"\r\n")
+    assert get_task("countries").prompts(GameConfig(source=str(path), n=1)).a == ["Ann is at the Louvre."]

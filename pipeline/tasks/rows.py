@@ -155,7 +155,7 @@ def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8"))
+                row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))  # a BOM may open a file
             except UnicodeDecodeError:
                 raise UserError(f"{where}: not UTF-8 text") from None
             except json.JSONDecodeError as e:

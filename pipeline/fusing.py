@@ -92,7 +92,11 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
             fuser = Fuser(net, meta)
             trainable = [net[k] for k in ("u", "v", "c", "gate")]
             opt = torch.optim.Adam(trainable, lr=cfg.lr)
-            st, best = (ckpt.load(net, opt) if ckpt.exists() else (TrainState(initial_heldout_loss=init["heldout_loss_init"]), None))
+            if ckpt.exists():
+                st, best = ckpt.load(net, opt)
+            else:  # the least-squares start is epoch 0: training must beat it to be kept
+                st = TrainState(initial_heldout_loss=init["heldout_loss_init"], best_loss=init["heldout_loss_init"])
+                best = {k: v.detach().clone() for k, v in net.items()}
             resumed = st.epoch
             bs = cfg.batch_size
             while st.epoch < cfg.epochs and not st.stopped_early:
@@ -117,7 +121,7 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
                 st.epoch += 1
                 st.history.append({"epoch": st.epoch, "step": st.step, "train_loss": total / max(1, tokens),
                                    "heldout_loss": heldout})
-                if st.best_loss is None or heldout < st.best_loss:
+                if heldout < st.best_loss:
                     st.best_loss, st.best_epoch, st.bad_epochs = heldout, st.epoch, 0
                     best = {k: v.detach().clone() for k, v in net.items()}
                 else:
@@ -130,13 +134,12 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
             if directory.is_dir() and not any(directory.iterdir()):
                 directory.rmdir()
             raise
-        if best is not None:
-            net.load_state_dict(best)
+        net.load_state_dict(best)
         net.requires_grad_(False)
         report = {"variant": variant, "task": inputs["task"], "models": inputs["models"],
                   "teacher": "B's greedy answer on the skyline prompt" if variant == "task" else "the text's second half",
                   "n_train": len(train), "n_heldout": len(held),
-                  "heldout_loss": st.best_loss if st.best_loss is not None else init["heldout_loss_init"],
+                  "heldout_loss": st.best_loss,
                   "heldout_loss_init": init["heldout_loss_init"], "heldout_loss_b_alone": init["heldout_loss_b_alone"],
                   "epochs_run": st.epoch, "best_epoch": st.best_epoch, "stopped_early": st.stopped_early,
                   "resumed_from_epoch": resumed, "history": st.history, "gates": fuser.gates,

@@ -4,6 +4,7 @@ wide, 3 layers, BOS) -> tiny-qwen (B, 48 wide, 4 layers, another tokenizer), fp3
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -79,6 +80,7 @@ def test_trains_on_the_tiny_pair_and_lowers_the_heldout_loss(tmp_path, tiny_mode
     details = json.loads((data / "details" / f"fuse-{variant}.json").read_text())
     assert details["heldout_loss"] < details["heldout_loss_init"], details["history"]
     assert details["n_train"] == 12 and details["n_heldout"] == 4 and details["epochs_run"] == 3
+    assert details["best_epoch"] >= 1 and details["heldout_loss"] == min(h["heldout_loss"] for h in details["history"])
     assert json.loads((data / "metrics" / f"fuse-{variant}.json").read_text())["loss"] == pytest.approx(
         details["heldout_loss"], rel=1e-3)
     assert sorted(p.name for p in (data / "fusers" / variant).iterdir()) == ["fuser.json", "weights.safetensors"]
@@ -169,3 +171,18 @@ def test_task_items_are_train_places_and_never_an_evaluation_item(tiny_pair):
     evaluated = set(get_task("countries").prompts(evaluate.countries).a)
     assert not evaluated & {e.a_text for e in examples}
     assert all(len(e.target) <= 2 for e in examples) and any(e.target for e in examples)
+
+
+def test_training_that_never_beats_the_least_squares_start_keeps_it(tmp_path, tiny_models, capsys):
+    """Early stopping counts the least-squares start as epoch 0. With A = B at full rank and open gates
+    the start is B's own cache of A's prompt (kv_all); an lr far too high (yet finite) only raises the
+    held-out loss, and those epochs are not kept."""
+    params = write_params(tmp_path, {"a": tiny_models["qwen"], "b": tiny_models["qwen"]},
+                          fuse={**FUSE, "rank": 48, "ridge": 1e-6, "gate_init": 10.0, "lr": 1000.0, "epochs": 2},
+                          evaluate={"countries": {"n": 6, "max_new_tokens": 6}})
+    code, _, err = run_cli(capsys, "--params", str(params), "fuse", "task", "--quiet")
+    assert code == 0, err
+    details = json.loads((tmp_path / "data" / "details" / "fuse-task.json").read_text())
+    assert all(h["heldout_loss"] > details["heldout_loss_init"] for h in details["history"]), details["history"]
+    assert details["best_epoch"] == 0 and details["heldout_loss"] == details["heldout_loss_init"]
+    assert details["gates"] == pytest.approx([1 / (1 + math.exp(-10.0))] * 4)  # the start's, untrained

@@ -71,7 +71,9 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     k, j = resolve_ks(pair, cfg.layer_a, cfg.layer_b)
     aligners = load_aligners(cfg.aligners, Path(params.paths.data), pair, k, j)
     if task == "similarity":
-        return _similarity(params, cfg, pair, aligners, k, j, out)
+        from pipeline.evaluation.pair import vector_aligners
+
+        return _similarity(params, cfg, pair, vector_aligners(aligners), k, j, out)
 
     from pipeline.evaluation.methods.run import evaluate_task
     from pipeline.artifacts import Outputs, dumps, layout, write_record

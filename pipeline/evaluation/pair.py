@@ -82,8 +82,12 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
     for name in names:
         path = Path(name).expanduser()
         key, trust = path.name, None
-        if not (path / "aligner.json").is_file():  # a name: where `xmodel fit NAME` saved it
+        if not (path / "aligner.json").is_file() and not _layer_maps(path):  # a name: where `xmodel fit NAME` saved it
             path, trust = Layout(Path(data_dir)).aligner(name), name
+        if _layer_maps(path):  # per-layer maps for mapped KV (`xmodel kvmaps`): every layer, not (k, j)
+            out[key] = _load_layer_maps(name, path, pair)
+            out[key].fingerprint, out[key].directory = folder_hash(path), _relative(path, Path(data_dir))
+            continue
         with shared(aligner_lock(path), path):  # never a folder half replaced by a running fit
             recover(path)  # nor by a killed one: its commit is finished first
             aligner = load_aligner(path, trust=trust)
@@ -120,6 +124,28 @@ def fingerprints(aligners: dict[str, Any]) -> dict[str, dict[str, str]]:
     flags a record whose aligner has changed since)."""
     return {key: {"path": str(a.directory), "fingerprint": a.fingerprint}
             for key, a in aligners.items() if getattr(a, "fingerprint", None)}
+
+
+def vector_aligners(aligners: dict[str, Any]) -> dict[str, Any]:
+    """The one-vector aligners of evaluate.aligners (not the layer maps or fusers listed beside them)."""
+    return {name: a for name, a in aligners.items() if hasattr(a, "transform")}
+
+
+def _layer_maps(path: Path) -> bool:
+    from pipeline.evaluation.mapped_kv import META
+
+    return (path / META).is_file()
+
+
+def _load_layer_maps(name: str, path: Path, pair: Pair) -> Any:
+    from pipeline.evaluation.mapped_kv import LayerMaps
+
+    maps = LayerMaps.load(path)
+    _check_models(name, path, maps.meta, pair)
+    if (maps.meta.get("d_a"), maps.meta.get("d_b")) != (pair.width_a, pair.width_b):
+        raise UserError(f"layer maps {name} map {maps.meta.get('d_a')}→{maps.meta.get('d_b')}, but the models are "
+                        f"{pair.width_a}→{pair.width_b} wide: refit them on these models (`xmodel kvmaps`)")
+    return maps
 
 
 def _check_models(name: str, path: Path, meta: dict[str, Any], pair: Pair) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from pipeline.evaluation.compute import Compute
 from pipeline.evaluation.methods.base import Context
 from pipeline.evaluation.methods.latent import LatentMethod, Sent, Variant
+from pipeline.evaluation.pair import vector_aligners
 
 
 def _combination(f: str, gate: float) -> tuple[str, float]:
@@ -32,7 +33,8 @@ class ActivationCommunication(LatentMethod):
         cfg, pair = ctx.cfg, ctx.pair
         sent = ctx.a_last
         plain = [(f"ac_{f}", None, f) for f in cfg.modes]
-        mapped = [(f"ac_{name}_{f}", aligner, f) for name, aligner in ctx.aligners.items() for f in cfg.aligner_modes]
+        mapped = [(f"ac_{name}_{f}", aligner, f) for name, aligner in vector_aligners(ctx.aligners).items()
+                  for f in cfg.aligner_modes]
         for name, aligner, f in plain + mapped:
             t0 = time.perf_counter()
             mode, scale = _combination(f, cfg.gate)

@@ -8,6 +8,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.methods.ac import ActivationCommunication, MultiVectorAC
 from pipeline.evaluation.methods.base import Method
 from pipeline.evaluation.methods.kv import KvCommunication
+from pipeline.evaluation.methods.mapped_kv import MappedKV
 from pipeline.evaluation.methods.reference import AAlone, BAlone, NaturalLanguage, Skyline
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -18,6 +19,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     ActivationCommunication(),
     MultiVectorAC(),
     KvCommunication(),
+    MappedKV(),
 )}
 
 

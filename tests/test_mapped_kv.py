@@ -1,0 +1,69 @@
+"""Mapped KV: per-layer maps from the store, A's states through them into B's keys and values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.evaluation.config import EvaluateConfig, KvSection
+from pipeline.evaluation.mapped_kv import LayerMaps, layer_pairs
+from pipeline.evaluation.methods.run import evaluate_task
+from pipeline.evaluation.pair import Pair
+from pipeline.tasks.games import GameConfig
+from tests.helpers import run_cli, write_params
+
+
+def test_identity_maps_with_a_equal_to_b_are_kv_all(tiny_pair):
+    """A = B, every layer read from the layer below unchanged: B's keys/values of A's prompt are A's
+    own cache, so mapped KV is kv_all: the same answers and first-token logits."""
+    model, tok = tiny_pair.model_b, tiny_pair.tok_b
+    same = Pair(model, tok, model, tok, "tiny-qwen", "tiny-qwen")
+    from pipeline.architecture import architecture
+
+    arch = architecture(model)
+    maps = LayerMaps.identity(arch.n_layers, arch.width)
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=3, n_boot=100, controls=[], methods=["kv", "mapped_kv"],
+                         kv=KvSection(layers=["all"]), countries=GameConfig(n=5, max_new_tokens=4))
+    runs = {r.name: r for r in evaluate_task("countries", same, cfg, {"ident": maps}).runs}
+    assert runs["mkv_ident"].texts == runs["kv_all"].texts
+    assert runs["mkv_ident"].diagnostics["gold_logprob"] == pytest.approx(runs["kv_all"].diagnostics["gold_logprob"],
+                                                                          abs=1e-4)
+    assert runs["mkv_ident"].family == "mapped_kv"
+
+
+def test_layer_pairs_by_relative_depth():
+    # B of 4 blocks stores layers 0..4; A of 8 stores even layers: block l reads B layer l-1 at depth (l-1)/4
+    assert layer_pairs([0, 2, 4, 6, 8], [0, 1, 2, 3, 4], 8, 4) == {1: 0, 2: 2, 3: 4, 4: 6}
+    assert layer_pairs([0, 3], [3, 4], 3, 4) == {4: 3}  # the last layer feeds no block; nearest stored A layer
+
+
+def test_cross_tokenizer_mapped_kv_end_to_end(tiny_models, tmp_path, capsys):
+    """tiny-llama → tiny-qwen (two tokenizers, widths and depths): extract every layer, fit the maps
+    from the stores alone, evaluate with them beside B alone and a mismatched control."""
+    params = write_params(tmp_path, {"a": tiny_models["llama"], "b": tiny_models["qwen"]},
+                          extract={"layers": [0.0, 0.25, 0.5, 0.75, 1.0]},
+                          evaluate={"tasks": ["countries"], "layer_a": 2, "layer_b": 2, "aligners": ["kvmaps"],
+                                    "methods": ["b_alone", "mapped_kv", "skyline"], "batch_size": 4, "n_boot": 100,
+                                    "countries": {"n": 6, "max_new_tokens": 3, "places": "eval"}})
+    p = ["--params", str(params)]
+    for role in ("a", "b"):
+        assert run_cli(capsys, *p, "extract", "--model", role, "--quiet")[0] == 0
+    code, out, err = run_cli(capsys, *p, "kvmaps")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "data" / "aligners" / "kvmaps" / "kvmaps.json").read_text())
+    assert meta["d_a"] == 64 and meta["d_b"] == 48 and meta["sources"] and meta["heldout_rows"] > 0
+    code, out, err = run_cli(capsys, *p, "evaluate", "countries")
+    assert code == 0, err
+    details = json.loads((tmp_path / "data" / "details" / "evaluate-countries.json").read_text())
+    methods = details["methods"]
+    assert {"b_alone", "mkv_kvmaps", "mkv_kvmaps~mismatched", "skyline"} <= set(methods)
+    assert "vs_mismatched" in methods["mkv_kvmaps"] and methods["mkv_kvmaps"]["bytes_sent"] > 0
+    # maps fitted on other models are refused with one line
+    (tmp_path / "other").mkdir()
+    other = write_params(tmp_path / "other", {"a": tiny_models["qwen"], "b": tiny_models["qwen"]},
+                         evaluate={"aligners": [str(tmp_path / "data" / "aligners" / "kvmaps")],
+                                   "methods": ["mapped_kv"], "countries": {"n": 2}})
+    code, out, err = run_cli(capsys, "--params", str(other), "evaluate", "countries")
+    assert code == 2 and "refit" in err

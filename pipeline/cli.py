@@ -160,13 +160,14 @@ def fuse(ctx: click.Context, variant: str, force: bool, quiet: bool) -> None:
 
 
 @cli.command()
+@click.argument("name", default="kvmaps")
 @click.option("--quiet", is_flag=True, help="No per-layer lines.")
 @click.pass_context
-def kvmaps(ctx: click.Context, quiet: bool) -> None:
-    """Fit mapped KV's per-layer maps (A's per-token states → B's residual stream) from the stores."""
+def kvmaps(ctx: click.Context, name: str, quiet: bool) -> None:
+    """Fit mapped KV's per-layer maps NAME (A's per-token states → B's residual stream) from the stores."""
     from stages import kvmaps as stage
 
-    click.echo(stage.run(_params(ctx), log=None if quiet else click.echo))
+    click.echo(stage.run(_params(ctx), name, log=None if quiet else click.echo))
 
 
 @cli.command()

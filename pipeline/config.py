@@ -71,6 +71,9 @@ class FitConfig:
     device: str = "auto"
     # per-aligner hyper-parameters: name (or module:Class) -> fields of the aligner's Params dataclass
     aligners: dict[str, dict[str, Any]] = field(default_factory=lambda: _default_aligners())
+    # per-layer maps of mapped KV (`xmodel kvmaps NAME`, one kvmaps@NAME stage each), fitted on the
+    # per-token rows of every stored layer; none by default (A = B needs no map)
+    layer_maps: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

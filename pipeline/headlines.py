@@ -115,6 +115,12 @@ def fuse(details: dict[str, Any]) -> dict[str, Any]:
                       "loss_b_alone": details.get("heldout_loss_b_alone")})
 
 
+def layer_maps(details: dict[str, Any]) -> dict[str, Any]:
+    """kvmaps@<name>: held-out rows and the mean held-out R² over the mapped layers."""
+    r2 = [v for v in (details.get("heldout_r2") or {}).values() if _finite(v)]
+    return _headline({"n": details.get("heldout_rows"), "r2": sum(r2) / len(r2) if r2 else None})
+
+
 def grid(details: dict[str, Any]) -> dict[str, Any]:
     """grid: held-out rows, the highest raw CKA of any layer pair, the best aligner's held-out top-1."""
     cka = [v for row in details.get("cka", {}).values() for v in row.values() if _finite(v)]

@@ -1,8 +1,8 @@
 """`xmodel kvmaps`: the per-layer maps of mapped KV (pipeline/evaluation/mapped_kv.py), fitted from
 the two activation stores alone (per-token rows paired by character offset; no model is loaded).
 
-Writes data/aligners/kvmaps/ (weights.safetensors + kvmaps.json: layer pairs, held-out R² per layer,
-the models' identities) and data/details/fit-kvmaps.json; evaluate lists `kvmaps` in
+Writes data/aligners/NAME/ (weights.safetensors + kvmaps.json: layer pairs, held-out R² per layer,
+the models' identities), data/details/fit-NAME.json and its headline data/metrics/fit-NAME.json; evaluate lists `kvmaps` in
 evaluate.aligners to run method mapped_kv through them."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, Callable
 NAME = "kvmaps"
 
 
-def run(params: Any, log: Callable[[str], None] | None = None) -> Path:
-    from pipeline.artifacts import Outputs, layout, write_json
-    from pipeline.evaluation.mapped_kv import fit_layer_maps
+def run(params: Any, name: str = NAME, log: Callable[[str], None] | None = None) -> Path:
+    from pipeline.artifacts import Outputs, layout, write_record
+    from pipeline.headlines import layer_maps
+    from pipeline.kvmaps import fit_layer_maps
     from pipeline.fitting import open_stores
     from pipeline.pairing import check_same_corpus
 
@@ -23,8 +24,8 @@ def run(params: Any, log: Callable[[str], None] | None = None) -> Path:
     check_same_corpus(a, b)
     maps = fit_layer_maps(a, b, params.fit.seed, params.fit.heldout_frac, log or (lambda s: None))
     paths = layout(params)
-    target = paths.aligner(NAME)
+    target = paths.aligner(name)
     with Outputs():  # the maps and their record appear together
         maps.save(target)
-        write_json(paths.details(f"fit-{NAME}"), maps.meta)
+        write_record(paths, f"fit-{name}", maps.meta, layer_maps)
     return target

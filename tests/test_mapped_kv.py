@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.evaluation.config import EvaluateConfig, KvSection
-from pipeline.evaluation.mapped_kv import LayerMaps, layer_pairs
+from pipeline.evaluation.mapped_kv import LayerMaps
+from pipeline.kvmaps import layer_pairs
 from pipeline.evaluation.methods.run import evaluate_task
 from pipeline.evaluation.pair import Pair
 from pipeline.tasks.games import GameConfig
@@ -67,3 +68,17 @@ def test_cross_tokenizer_mapped_kv_end_to_end(tiny_models, tmp_path, capsys):
                                    "methods": ["mapped_kv"], "countries": {"n": 2}})
     code, out, err = run_cli(capsys, "--params", str(other), "evaluate", "countries")
     assert code == 2 and "refit" in err
+
+
+def test_the_fuser_method_through_an_identity_fuser_is_kv_all(tiny_pair):
+    """The registry's fuser method runs B on the fuser's prefix: with A = B and an identity fuser it
+    is kv_all, and its mismatched control runs beside it."""
+    from tests.test_fuser import identity_fuser
+
+    model, tok = tiny_pair.model_b, tiny_pair.tok_b
+    same = Pair(model, tok, model, tok, "tiny-qwen", "tiny-qwen")
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=3, n_boot=100, methods=["kv", "fuser"],
+                         kv=KvSection(layers=["all"]), countries=GameConfig(n=5, max_new_tokens=4))
+    runs = {r.name: r for r in evaluate_task("countries", same, cfg, {"ident": identity_fuser(model)}).runs}
+    assert runs["fuser_ident"].texts == runs["kv_all"].texts and runs["fuser_ident"].family == "fuser"
+    assert runs["fuser_ident~mismatched"].control_of == "fuser_ident"

@@ -13,7 +13,7 @@ from pipeline.tasks.registry import PROBES, TASKS
 
 # the communication methods (pipeline/evaluation/methods/registry.py, whose keys a test holds equal
 # to these): "ac" = every f and aligner; "mv_ac" = every m of evaluate.mv; "kv" = every kv.layers choice
-METHODS = ("b_alone", "a_alone", "nl", "ac", "mv_ac", "kv", "mapped_kv", "skyline")
+METHODS = ("b_alone", "a_alone", "nl", "ac", "mv_ac", "kv", "mapped_kv", "fuser", "skyline")
 AC_MODES = (*MODES, "gated")  # gated: b + g·v, the gated residual (g = evaluate.gate)
 CONTROLS = ("mismatched", "noise", "zero")  # of every latent method (pipeline/evaluation/methods/latent.py)
 

@@ -82,10 +82,11 @@ def load_aligners(names: Sequence[str], data_dir: Path, pair: Pair, k: int, j: i
     for name in names:
         path = Path(name).expanduser()
         key, trust = path.name, None
-        if not (path / "aligner.json").is_file() and not _layer_maps(path):  # a name: where `xmodel fit NAME` saved it
+        if not (path / "aligner.json").is_file() and not _layer_maps(path) and not _fuser(path):
+            # a name: where `xmodel fit NAME` (or kvmaps NAME) saved it
             path, trust = Layout(Path(data_dir)).aligner(name), name
-        if _layer_maps(path):  # per-layer maps for mapped KV (`xmodel kvmaps`): every layer, not (k, j)
-            out[key] = _load_layer_maps(name, path, pair)
+        if _layer_maps(path) or _fuser(path):  # mapped KV's maps, a trained fuser: every layer, not (k, j)
+            out[key] = _load_layer_maps(name, path, pair) if _layer_maps(path) else _load_fuser(path, pair)
             out[key].fingerprint, out[key].directory = folder_hash(path), _relative(path, Path(data_dir))
             continue
         with shared(aligner_lock(path), path):  # never a folder half replaced by a running fit
@@ -135,6 +136,20 @@ def _layer_maps(path: Path) -> bool:
     from pipeline.evaluation.mapped_kv import META
 
     return (path / META).is_file()
+
+
+def _fuser(path: Path) -> bool:
+    from pipeline.fuser import CONFIG
+
+    return (path / CONFIG).is_file()
+
+
+def _load_fuser(path: Path, pair: Pair) -> Any:
+    from pipeline.fuser import load_fuser
+
+    fuser = load_fuser(path)
+    fuser.check(pair)
+    return fuser
 
 
 def _load_layer_maps(name: str, path: Path, pair: Pair) -> Any:

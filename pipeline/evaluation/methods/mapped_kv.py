@@ -36,7 +36,9 @@ class MappedKV(LatentMethod):
             # what A sends: its states at the layers the maps read, every token of prompt_a
             sizes = [sum(states[la][i].numel() * states[la][i].element_size() for la in maps.a_layers)
                      for i in range(ctx.n)]
-            yield Variant(f"mkv_{name}", list(cache.entries), _sender(ctx, cache, maps, sent), sizes, "mapped_kv")
+            map_flops = 2.0 * sent.tokens * ctx.pair.width_a * ctx.pair.width_b * len(maps.kv_layers)
+            yield Variant(f"mkv_{name}", list(cache.entries),
+                          prefix_sender(ctx, cache, maps.kv_layers, maps.a_layers, sent, map_flops), sizes, "mapped_kv")
 
 
 def _maps(ctx: Context) -> dict[str, Any]:
@@ -45,7 +47,9 @@ def _maps(ctx: Context) -> dict[str, Any]:
     return {name: a for name, a in ctx.aligners.items() if isinstance(a, LayerMaps)}
 
 
-def _sender(ctx: Context, cache: Any, maps: Any, sent: Any):
+def prefix_sender(ctx: Context, cache: Any, kv_layers: list[int], a_layers: list[int], sent: Any, map_flops: float):
+    """B generating on a B-shaped key/value prefix built from A's per-token states (mapped KV, the
+    fuser): A's pass up to the deepest layer read, the maps, B's extra attention on the prefix."""
     def send(message: list[Any]) -> Sent:
         from dataclasses import replace
 
@@ -53,18 +57,15 @@ def _sender(ctx: Context, cache: Any, maps: Any, sent: Any):
         from pipeline.evaluation.kv import kv_compute, kv_generate
 
         pair = ctx.pair
-        gen = kv_generate(pair.model_b, pair.tok_b, ctx.enc_b, replace(cache, entries=list(message)), maps.kv_layers,
+        gen = kv_generate(pair.model_b, pair.tok_b, ctx.enc_b, replace(cache, entries=list(message)), kv_layers,
                           ctx.decoding, **ctx.b_options())
-        work = kv_compute(cache, gen, maps.kv_layers, pair.model_b, pair.model_b)
+        work = kv_compute(cache, gen, kv_layers, pair.model_b, pair.model_b)
         c = Compute()
         c.add_run(pair.model_b, "b", gen)
         per_block, _ = block_flops(pair.model_a)
-        c.a_tokens, c.a_blocks = sent.tokens, max(maps.a_layers)
-        # A's pass up to the deepest layer read, one map per shared layer, B's extra attention on the prefix
-        c.flops += (per_block * max(maps.a_layers) * sent.tokens
-                    + 2.0 * sent.tokens * pair.width_a * pair.width_b * len(maps.kv_layers)
-                    + work.b_extra_attention_flops)
+        c.a_tokens, c.a_blocks = sent.tokens, max(a_layers)
+        c.flops += per_block * max(a_layers) * sent.tokens + map_flops + work.b_extra_attention_flops
         c.seconds += cache.seconds
-        return Sent(gen, c, {}, {"layers": maps.kv_layers, "a_layers": maps.a_layers,
+        return Sent(gen, c, {}, {"layers": list(kv_layers), "a_layers": list(a_layers),
                                  "b_extra_attention_flops": work.b_extra_attention_flops})
     return send

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pipeline.errors import UserError
 from pipeline.evaluation.methods.ac import ActivationCommunication, MultiVectorAC
 from pipeline.evaluation.methods.base import Method
+from pipeline.evaluation.methods.fuser import LearnedFuser
 from pipeline.evaluation.methods.kv import KvCommunication
 from pipeline.evaluation.methods.mapped_kv import MappedKV
 from pipeline.evaluation.methods.reference import AAlone, BAlone, NaturalLanguage, Skyline
@@ -20,6 +21,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     MultiVectorAC(),
     KvCommunication(),
     MappedKV(),
+    LearnedFuser(),
 )}
 
 

@@ -13,6 +13,15 @@ import click
 from pipeline.errors import UserError
 
 
+# options several commands share, declared once
+model_option = click.option("--model", "role", required=True, help="Model role in params.yaml (a or b).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress output: only errors and warnings (for scripts and DVC).")
+
+
+def force_option(what: str):
+    return click.option("--force", is_flag=True, help=f"Replace {what}.")
+
+
 def _parse_sets(sets: tuple[str, ...]) -> dict:
     import yaml
 
@@ -41,13 +50,18 @@ def cli(ctx: click.Context, overlays: tuple[str, ...], sets: tuple[str, ...]) ->
 
 
 def _params(ctx: click.Context):
-    from pipeline.config import load_params
+    from pipeline.config import DEFAULT_PARAMS, load_params
 
+    if not DEFAULT_PARAMS.is_file() and not ctx.obj["overlays"]:
+        # the built-in defaults are real models: a run from the wrong folder would download and fill
+        # a data/ here without saying which params it ran
+        raise UserError(f"no {DEFAULT_PARAMS} in {Path.cwd()}: run xmodel in the project folder (the one with "
+                        "params.yaml and dvc.yaml), or name the params with --params FILE")
     return load_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=ctx.obj["overlays"])
 
 
 @cli.command()
-@click.option("--model", "role", required=True, help="Model role in params.yaml (a or b).")
+@model_option
 @click.pass_context
 def prepare(ctx: click.Context, role: str) -> None:
     """Resolve a model (hub, local dir, .gguf or offline catalog), convert and cache it."""
@@ -69,19 +83,25 @@ def inputs(ctx: click.Context) -> None:
 @cli.command()
 @click.argument("profiles", nargs=-1)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the result here (e.g. params.yaml, which DVC reads) instead of printing it.")
+              help="Write the result here (e.g. params.yaml, which DVC reads) instead of printing it; an existing "
+                   "file is replaced only if it is a params file.")
+@force_option("an --out file that is not a params file")
 @click.pass_context
-def profile(ctx: click.Context, profiles: tuple[str, ...], out: Path | None) -> None:
+def profile(ctx: click.Context, profiles: tuple[str, ...], out: Path | None, force: bool) -> None:
     """./params.yaml with each PROFILE (a name in profiles/, or a file) merged over it, validated, as YAML.
 
     `xmodel profile tiny --out params.yaml && dvc repro` runs the pipeline on the tiny profile."""
     import yaml
 
-    from pipeline.config import merged_params, params_from_dict
+    from pipeline.config import is_params_file, merged_params, params_from_dict
+    from pipeline.fitting import check_aligners
 
     files = [*ctx.obj["overlays"], *(p if p.endswith((".yaml", ".yml")) else f"profiles/{p}.yaml" for p in profiles)]
     raw = merged_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=files)
-    params_from_dict(raw)  # refuse an invalid result before anything is written
+    check_aligners(params_from_dict(raw).fit)  # refuse what a stage would refuse, before anything is written
+    if out is not None and out.exists() and not force and not is_params_file(out):
+        raise UserError(f"--out {out} exists and is not a params file (a YAML mapping of params sections): "
+                        "choose another path, or add --force to replace it")
     text = yaml.safe_dump(raw, sort_keys=False)
     if out is None:
         click.echo(text, nl=False)
@@ -92,10 +112,10 @@ def profile(ctx: click.Context, profiles: tuple[str, ...], out: Path | None) -> 
 
 
 @cli.command()
-@click.option("--model", "role", required=True, help="Model role in params.yaml (a or b).")
+@model_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store path (default: data/stores/<role>.zarr).")
-@click.option("--force", is_flag=True, help="Overwrite a store made from other inputs.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option("a store made from other inputs")
+@quiet_option
 @click.pass_context
 def extract(ctx: click.Context, role: str, out: Path | None, force: bool, quiet: bool) -> None:
     """Run one model over the corpus into its activation store (torchrun for several GPUs)."""
@@ -113,8 +133,8 @@ def extract(ctx: click.Context, role: str, out: Path | None, force: bool, quiet:
 
 @cli.command()
 @click.argument("name")
-@click.option("--force", is_flag=True, help="Replace an aligner or checkpoint fitted on other inputs.")
-@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+@force_option("an aligner or checkpoint fitted on other inputs")
+@quiet_option
 @click.pass_context
 def fit(ctx: click.Context, name: str, force: bool, quiet: bool) -> None:
     """Fit aligner NAME (registered, or module:Class) from the stores; no model is loaded.
@@ -140,8 +160,8 @@ def _echo_epoch(entry: dict) -> None:
 
 @cli.command()
 @click.argument("variant")
-@click.option("--force", is_flag=True, help="Replace a fuser or checkpoint trained on other inputs.")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@force_option("a fuser or checkpoint trained on other inputs")
+@quiet_option
 @click.pass_context
 def fuse(ctx: click.Context, variant: str, force: bool, quiet: bool) -> None:
     """Train the learned fuser VARIANT (task | prose): A's states -> B's key/value prefix, B frozen.
@@ -161,7 +181,7 @@ def fuse(ctx: click.Context, variant: str, force: bool, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("name", default="kvmaps")
-@click.option("--quiet", is_flag=True, help="No per-layer lines.")
+@quiet_option
 @click.pass_context
 def kvmaps(ctx: click.Context, name: str, quiet: bool) -> None:
     """Fit mapped KV's per-layer maps NAME (A's per-token states → B's residual stream) from the stores."""
@@ -171,7 +191,7 @@ def kvmaps(ctx: click.Context, name: str, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--quiet", is_flag=True, help="Print only warnings.")
+@quiet_option
 @click.pass_context
 def grid(ctx: click.Context, quiet: bool) -> None:
     """CKA and mutual k-NN of every stored layer pair, and each fitted aligner's held-out scores."""
@@ -205,7 +225,7 @@ class _EvaluateCommand(click.Command):
 
 @cli.command(cls=_EvaluateCommand)
 @click.argument("task")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@quiet_option
 @click.pass_context
 def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
     """Reload A and B and evaluate activation communication on TASK: a registered task
@@ -223,7 +243,7 @@ def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@quiet_option
 @click.option("--answer", "answer_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of the report: print the 'Does AC carry the information here?' table of these data dirs "
                    "(one row per evaluated task of each; repeatable).")

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.config_evaluate import EvaluateConfig  # a leaf too: reading params imports no stage code
+from pipeline.config_tasks import check_depths, check_range
 from pipeline.errors import UserError
-from pipeline.evaluation.config import EvaluateConfig  # light: evaluation code imports torch only when it runs
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -29,6 +30,14 @@ class CorpusConfig:
     min_chars: int = 40
     max_chars: int = 300
     text_field: str = "text"  # the field read from .jsonl rows
+
+    @property
+    def task(self) -> str | None:
+        """The task a `task:<name>` source names (pipeline/task_corpus.py), else None."""
+        return self.source[len(TASK_CORPUS):] if self.source.startswith(TASK_CORPUS) else None
+
+
+TASK_CORPUS = "task:"  # corpus.source prefix of a task corpus
 
 
 @dataclass(frozen=True)
@@ -59,10 +68,10 @@ class FitConfig:
     # (A layer, B layer): ints or relative depths, resolved against each store's model depth; the
     # pair must be among the stored layers. 0.93 is the paper's k = j = 26 of 28.
     layers: list[int | float] = field(default_factory=lambda: [0.93, 0.93])
-    heldout_frac: float = 0.1  # texts held out (hashed text_index) from every fit; all scores use them
+    heldout_frac: float = 0.1  # in (0, 1): texts held out (hashed text_index) from every fit; all scores use them
     seed: int = 0  # the held-out split
     pairwise_rows: int = 4096  # held-out rows used by O(rows²) metrics (retrieval, InfoNCE, kNN, uniformity)
-    temperature: float = 0.07  # of the InfoNCE score
+    temperature: float = 0.07  # in (0, 100]: of the InfoNCE score
     # torch threads while fitting; 0 = torch's default. Speed only. Mini-batch matmuls are small: on
     # a busy CPU extra OpenMP threads spin-wait (4× slower on 2 shared cores); GPUs ignore it.
     threads: int = 1
@@ -180,34 +189,39 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     except dacite.UnexpectedDataError as e:
         raise UserError(f"params: unknown key(s) {sorted(e.keys)}: remove them or fix the spelling") from None
     except dacite.WrongTypeError as e:
-        raise UserError(f"params: {e.field_path} = {e.value!r} has the wrong type: expected {_type_name(e.field_type)}") from None
+        raise UserError(f"params: {e.field_path} = {e.value!r} has the wrong type: expected {_type_name(e.field_type)}"
+                        f"{yaml_number_hint(e.value)}") from None
     except dacite.DaciteError as e:
         raise UserError(f"params: {e}") from None
-    refuse_bools(params, Params, "")
+    check_scalars(params, Params, "")
     _validate(params)
     return params
 
 
-def refuse_bools(value: Any, hint: Any, key: str) -> None:
-    """bool is a subclass of int, so dacite takes `corpus.n: true` for 1: refuse a boolean wherever
-    the typed config does not ask for one, at any depth (dataclass fields, list items, mapping values)."""
+def check_scalars(value: Any, hint: Any, key: str) -> None:
+    """Two things a type check lets through, refused at any depth (dataclass fields, list items,
+    mapping values): a boolean where the typed config does not ask for one (bool is a subclass of
+    int, so dacite takes `corpus.n: true` for 1), and NaN or an infinity anywhere, fit.aligners'
+    hyper-parameters included (YAML's .nan, .inf and 1e400 are floats)."""
+    import math
     import typing
     from dataclasses import fields, is_dataclass
 
-    if hint is Any:
-        return
     if is_dataclass(value) and not isinstance(value, type):
         hints = typing.get_type_hints(type(value))
         for f in fields(value):
-            refuse_bools(getattr(value, f.name), hints.get(f.name, Any), f"{key}.{f.name}" if key else f.name)
+            check_scalars(getattr(value, f.name), hints.get(f.name, Any), f"{key}.{f.name}" if key else f.name)
     elif isinstance(value, bool):
-        if not _admits(hint, bool):
+        if hint is not Any and not _admits(hint, bool):
             raise UserError(f"params: {key} = {str(value).lower()} is a boolean: expected {_type_name(hint)}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserError(f"params: {key} = {value} is not a finite number: give a value in its range")
     elif isinstance(value, (list, tuple, dict)):
         member = next((a for a in _members(hint) if typing.get_origin(a) in (list, tuple, dict)), Any)
         item = (typing.get_args(member) or (Any,))[-1]
         for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
-            refuse_bools(v, item, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
+            check_scalars(v, item, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
 
 
 def _members(hint: Any) -> tuple:
@@ -242,10 +256,27 @@ def merged_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] |
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                above = ".".join(parents[:i + 1])
+                raise UserError(f"-S {key}={value!r}: {above} is {node!r}, not a section with keys: "
+                                f"set {above} itself (-S {above}=VALUE) or check the key's spelling")
         node[leaf] = value
     return raw
+
+
+def is_params_file(path: Path) -> bool:
+    """Whether `path` is a file holding a YAML mapping of params sections only (what `xmodel
+    profile --out` may replace: never a dvc.yaml or any other file)."""
+    import yaml
+    from dataclasses import fields
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and bool(raw) and set(raw) <= {f.name for f in fields(Params)}
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
@@ -275,6 +306,15 @@ def merge_params(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def yaml_number_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML, DVC) reads 1e-4 as text, not a number: say so where a number was meant."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. 1.0e-4 or 2.0e+3)" if isinstance(value, str) else ""
+
+
 def _type_name(t: Any) -> str:
     return getattr(t, "__name__", str(t))
 
@@ -290,21 +330,18 @@ def _validate(p: Params) -> None:
         raise UserError(f"params: extract.tokens_per_seq = {e.tokens_per_seq} must be 0 (none) or more")
     if not e.layers:
         raise UserError("params: extract.layers is empty: give layer indices (ints) or relative depths (floats in [0, 1])")
-    for layer in e.layers:
-        if isinstance(layer, float) and not 0.0 <= layer <= 1.0:
-            raise UserError(f"params: relative depth {layer} in extract.layers is outside [0, 1]: use a float in [0, 1] or an int index")
+    check_depths("extract.layers", e.layers)
     f = p.fit
     if len(f.layers) != 2:
         raise UserError(f"params: fit.layers = {f.layers} must be a pair [A layer, B layer] (ints or relative depths)")
-    if not 0.0 < f.heldout_frac < 1.0:
-        raise UserError(f"params: fit.heldout_frac = {f.heldout_frac} must be in (0, 1)")
+    check_depths("fit.layers", f.layers)
+    check_range("fit.heldout_frac", f.heldout_frac, 0.0, 1.0, low_open=True, high_open=True)
     if f.threads < 0:
         raise UserError(f"params: fit.threads = {f.threads} must be 0 (torch's default) or more")
     for key, value in (("fit.pairwise_rows", f.pairwise_rows), ("grid.knn_k", p.grid.knn_k)):
         if value < 1:
             raise UserError(f"params: {key} = {value} must be at least 1")
-    if f.temperature <= 0:
-        raise UserError(f"params: fit.temperature = {f.temperature} must be > 0")
+    check_range("fit.temperature", f.temperature, 0.0, 100.0, low_open=True)
     for key, value in f.aligners.items():
         if not isinstance(value, dict):
             raise UserError(f"params: fit.aligners.{key} must be a mapping of hyper-parameters, got {value!r}")

@@ -1,6 +1,7 @@
 """One process or many under torchrun: rank, world size, barriers. CPU runs use gloo.
 
-`is_main()` is the one answer to "am I rank 0" (only rank 0 writes metrics, checkpoints, markers).
+`is_main()` is the one answer to "am I rank 0" (only rank 0 writes metrics, checkpoints, markers);
+`pick_device` the one answer to "which device does params' `device: auto` mean here".
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import UserError
 
 
 def _live_group():
@@ -96,3 +100,21 @@ def close_dist(d: Dist) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def pick_device(device: str = "auto") -> Any:
+    """auto: cuda, else mps, else cpu. An explicit device must exist."""
+    import torch
+
+    mps = torch.backends.mps.is_available()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not valid: use auto, cpu, cuda, cuda:N or mps") from None
+    missing = (dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count())
+               or dev.type == "mps" and not mps)
+    if missing:
+        raise UserError(f"device {device!r} is not available on this machine: use auto or cpu")
+    return dev

@@ -16,10 +16,10 @@ import inspect
 import json
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -31,14 +31,18 @@ INPUTS = "inputs.json"  # in the checkpoint directory: what the checkpoint was m
 
 
 def open_stores(params: Params, held: ExitStack | None = None):
-    """Stores a and b, each held with the readers' side of its lock until `held` closes (the fit and
-    grid stages: no `xmodel extract --force` replaces a store under them)."""
+    """Stores a and b of params' data dir (see read_stores)."""
+    return read_stores((params.paths.store("a"), params.paths.store("b")), held)
+
+
+def read_stores(paths: tuple[Path, Path], held: ExitStack | None = None):
+    """The stores at `paths`, each held with the readers' side of its lock until `held` closes (the
+    fit and grid stages: no `xmodel extract --force` replaces a store under them)."""
     from pipeline.artifacts import shared, store_lock
     from store.reader import ActivationStore
 
     out = []
-    for role in "ab":
-        path = params.paths.store(role)
+    for path in paths:
         if held is not None:
             held.enter_context(shared(store_lock(path), path))
         out.append(ActivationStore(path))
@@ -155,39 +159,45 @@ def make_aligner(name: str, cfg: FitConfig):
         raise UserError(f"params fit.aligners.{name}: {e}") from None
 
 
+def check_aligners(cfg: FitConfig) -> None:
+    """Every fit.aligners entry names an aligner and gives it valid hyper-parameters (one line for the
+    first that does not). `xmodel profile` and the `inputs` stage, the first of every `dvc repro`,
+    check this, so a typo is not found by its fit stage after the models ran."""
+    for name in cfg.aligners:
+        make_aligner(name, cfg)
+
+
 def identity(aligner, paired: Paired) -> dict[str, Any]:
     return {"aligner": aligner.kind_name(), "params": asdict(aligner.params), **paired.inputs()}
 
 
-def fit_from_stores(params: Params, name: str, force: bool = False,
+def fit_from_stores(name: str, cfg: FitConfig, stores: tuple[Path, Path], paths: Any, force: bool = False,
                     log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
-    """Fit aligner `name` on the configured rows of stores a and b and score it on the held-out
-    texts; data/aligners/<name>/ and its record (data/details/ and data/metrics/fit-<name>.json) then
-    appear together (rank 0), or,
-    if anything fails (too few rows, a diverged training, a full disk), neither changes. Under
-    torchrun the trainable aligners train with DDP; the checkpoint of an interrupted run
-    (<dir>/ckpt) is resumed. One process at a time fits a given aligner directory."""
+    """Fit aligner `name` (hyper-parameters cfg.aligners[name]) on the configured rows of the stores
+    `stores` (A's, B's) and score it on the held-out texts; `paths` (a pipeline.artifacts.Layout) places
+    the aligner folder and its record (details/ and metrics/fit-<name>.json), which appear together
+    (rank 0), or, if anything fails (too few rows, a diverged training, a full disk), neither changes.
+    Under torchrun the trainable aligners train with DDP; the checkpoint of an interrupted run
+    (<dir>/ckpt) is resumed. One process at a time fits a given aligner directory, and no store is
+    replaced under a fit.
+
+    Four steps: everything is checked before anything is claimed, then claim (lock and refuse or
+    clear a folder of other inputs), train, score, save."""
     import torch
 
-    from pipeline.aligners.training import Diverged
-    from pipeline import headlines
-    from pipeline.artifacts import Outputs, aligner_lock, exclusive, layout, write_record
-    from pipeline.distributed import close_dist, init_dist, is_main
-    from pipeline.models import pick_device
+    from pipeline.distributed import close_dist, init_dist, pick_device
 
-    cfg = params.fit
     if cfg.pairwise_rows < 2:  # retrieval of one row against itself is a sure hit: not a score
         raise UserError(f"fit.pairwise_rows = {cfg.pairwise_rows}: the pairwise scores need at least 2 rows")
     aligner = make_aligner(name, cfg)
     held = ExitStack()  # the locks: readers' side of both stores, the writer's of the aligner directory
     dist, threads = None, torch.get_num_threads()
     try:
-        a, b = open_stores(params, held)
+        a, b = read_stores(stores, held)
         paired = paired_for_fit(a, b, cfg)
         if len(paired.heldout) < 2:
             raise UserError(f"{len(paired.heldout)} held-out row(s) cannot score an aligner (at least 2 are needed): "
                             "use more texts (corpus.n) or a larger fit.heldout_frac")
-        paths = layout(params)
         directory = paths.aligner(name)
         inputs = identity(aligner, paired)
         torch.set_num_threads(cfg.threads or threads)
@@ -195,60 +205,99 @@ def fit_from_stores(params: Params, name: str, force: bool = False,
         # resolved before anything is claimed: a bad fit.device leaves the aligner directory untouched.
         # DDP ranks average gradients over gloo on the CPU; one process may train on a GPU
         device = pick_device(cfg.device) if dist.world == 1 else torch.device("cpu")
-        refusal = None
-        if is_main():
-            try:
-                held.enter_context(exclusive(aligner_lock(directory), directory))
-                _claim(directory, inputs, force)
-            except UserError as e:
-                refusal = e
-        if not dist.all_ok(refusal is None):  # every rank stops, none waits at a barrier forever
-            raise refusal or UserError(f"rank 0 refused {directory}: see its error")
+        held.enter_context(claim(directory, inputs, force, dist))
         aligner.meta = {**paired.describe(), "inputs": inputs, "models": provenance(a, b),
                         "store_paths": {"a": str(a.path), "b": str(b.path)}}
-        source, target = paired.arrays(paired.train)
-        options = _fit_options(aligner, directory / "ckpt", log, device)
-        if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
-            # DDP deals row blocks to ranks: cut the rows into enough blocks for every rank
-            rows = max(1, len(paired.train) // (4 * dist.world))
-            source, target = source.rechunk({0: rows}), target.rechunk({0: rows})
-            options["block_rows"] = rows
-        t0 = time.perf_counter()
-        try:
-            aligner.fit(source, target, **options)
-        except Diverged:
-            if is_main():  # its checkpoint would only diverge again: the folder is left as it was before
-                shutil.rmtree(directory / "ckpt", ignore_errors=True)
-                if directory.is_dir() and not any(directory.iterdir()):
-                    directory.rmdir()
-            raise
-        seconds = time.perf_counter() - t0
-        report, failure = {}, None
-        if is_main():
-            try:
-                # scored before anything is written: a fit that cannot be scored leaves no aligner
-                scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
-                report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
-                          "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), "fit_device": str(device),
-                          **scores}
-                for key in ("epochs_run", "best_epoch", "stopped_early"):
-                    if key in aligner.fit_info:
-                        report[key] = aligner.fit_info[key]
-                # the folder replaces the old one (and with it the checkpoint, which only serves an
-                # interrupted run: one kept would let a rerun after a code change skip training)
-                with Outputs() as out:
-                    aligner.stage_save(out, directory)
-                    write_record(paths, f"fit-{name}", report, headlines.fit)  # details/ and metrics/fit-<name>.json
-            except UserError as e:
-                failure = e
-        if not dist.all_ok(failure is None):
-            raise failure or UserError(f"rank 0 could not save {directory}: see its error")
-        return FitResult(directory, aligner, report)
+        seconds = train(aligner, paired, directory, log, device, dist)
+        report = on_main(dist, lambda: save(aligner, directory, paths, name, score(aligner, paired, cfg, seconds, device)),
+                         f"rank 0 could not save {directory}: see its error")
+        return FitResult(directory, aligner, report or {})
     finally:
         held.close()
         if dist is not None:
             close_dist(dist)
         torch.set_num_threads(threads)
+
+
+def on_main(dist, step: Callable[[], Any], elsewhere: str) -> Any:
+    """`step()` on rank 0; every rank raises if it raised a UserError there (none waits at a barrier
+    forever). Its result on rank 0, None on the others."""
+    from pipeline.distributed import is_main
+
+    result, failure = None, None
+    if is_main():
+        try:
+            result = step()
+        except UserError as e:
+            failure = e
+    if not dist.all_ok(failure is None):
+        raise failure or UserError(elsewhere)
+    return result
+
+
+@contextmanager
+def claim(directory: Path, inputs: dict[str, Any], force: bool, dist) -> Iterator[None]:
+    """Hold the aligner directory (rank 0 takes its lock) after refusing, or with `force` clearing, one
+    fitted on other inputs."""
+    from pipeline.artifacts import aligner_lock, exclusive
+
+    with ExitStack() as held:
+        def take() -> None:
+            held.enter_context(exclusive(aligner_lock(directory), directory))
+            _claim(directory, inputs, force)
+
+        on_main(dist, take, f"rank 0 refused {directory}: see its error")
+        yield
+
+
+def train(aligner, paired: Paired, directory: Path, log, device, dist) -> float:
+    """Fit `aligner` on the training rows (resuming <directory>/ckpt); the seconds it took. A training
+    that diverged leaves the folder as it was before (its checkpoint would only diverge again)."""
+    from pipeline.aligners.training import Diverged
+    from pipeline.distributed import is_main
+
+    source, target = paired.arrays(paired.train)
+    options = _fit_options(aligner, directory / "ckpt", log, device)
+    if dist.world > 1 and "block_rows" in inspect.signature(aligner.fit).parameters:
+        # DDP deals row blocks to ranks: cut the rows into enough blocks for every rank
+        rows = max(1, len(paired.train) // (4 * dist.world))
+        source, target = source.rechunk({0: rows}), target.rechunk({0: rows})
+        options["block_rows"] = rows
+    t0 = time.perf_counter()
+    try:
+        aligner.fit(source, target, **options)
+    except Diverged:
+        if is_main():
+            shutil.rmtree(directory / "ckpt", ignore_errors=True)
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
+    return time.perf_counter() - t0
+
+
+def score(aligner, paired: Paired, cfg: FitConfig, seconds: float, device) -> dict[str, Any]:
+    """The fit's record: what it was fitted on and its held-out scores (scored before anything is
+    written: a fit that cannot be scored leaves no aligner)."""
+    scores = heldout_metrics(aligner, *paired.arrays(paired.heldout), cfg.pairwise_rows, cfg.temperature)
+    report = {"aligner": aligner.kind_name(), **paired.describe(), "d_source": aligner.d_source,
+              "d_target": aligner.d_target, "fit_seconds": round(seconds, 3), "fit_device": str(device), **scores}
+    for key in ("epochs_run", "best_epoch", "stopped_early"):
+        if key in aligner.fit_info:
+            report[key] = aligner.fit_info[key]
+    return report
+
+
+def save(aligner, directory: Path, paths: Any, name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The aligner folder and its record, together. The folder replaces the old one (and with it the
+    checkpoint, which only serves an interrupted run: one kept would let a rerun after a code change
+    skip training)."""
+    from pipeline import headlines
+    from pipeline.artifacts import Outputs, write_record
+
+    with Outputs() as out:
+        aligner.stage_save(out, directory)
+        write_record(paths, f"fit-{name}", report, headlines.fit)  # details/ and metrics/fit-<name>.json
+    return report
 
 
 def provenance(a, b) -> dict[str, Any]:

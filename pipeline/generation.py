@@ -36,9 +36,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
+from pipeline.config_tasks import SAMPLING  # the params' vocabulary (a leaf)
 from pipeline.errors import UserError
 
-SAMPLING = ("greedy", "nucleus")
 CACHES = ("auto", "dynamic", "static")
 CUDA_GRAPHS = True  # the static decoder replays a captured step on CUDA; bench/evaluate.py turns it off to compare
 # the captured step is first compiled (kernel fusion: norms, rotary, activations); XMODEL_COMPILE=0 turns it off

@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from pipeline.config_evaluate import MODES  # the params' vocabulary of f (a leaf)
 from pipeline.errors import UserError
 from pipeline.generation import Decoding, Generation, generate, left_pad, length_batches
-
-MODES = ("replace", "sum", "mean")
 
 
 def check_mode(mode: str) -> str:

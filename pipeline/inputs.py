@@ -74,7 +74,7 @@ def describe(spec: str, hashes: HashCache) -> dict[str, Any]:
 def manifests(params: Any, hashes: HashCache) -> dict[str, dict[str, Any]]:
     """Name of each input manifest (its file is data/inputs/<name>.json) -> its content: `corpus`,
     `model-<role>` per model role, and `evaluate-<task>` per task of evaluate.tasks (its `source`)."""
-    out = {"corpus": describe(params.corpus.source, hashes)}
+    out = {"corpus": corpus_manifest(params, hashes)}
     for role, spec in sorted(params.models.items()):
         out[f"model-{role}"] = describe(spec, hashes)
     for task in params.evaluate.tasks:
@@ -83,4 +83,20 @@ def manifests(params: Any, hashes: HashCache) -> dict[str, dict[str, Any]]:
         if source is not None and not isinstance(source, str):
             raise UserError(f"params: evaluate.{task}.source = {source!r} must be a string (a name or a path)")
         out[f"evaluate-{task}"] = describe(source, hashes) if source is not None else {}
+    return out
+
+
+def corpus_manifest(params: Any, hashes: HashCache) -> dict[str, Any]:
+    """The corpus by content. A task corpus (`task:<name>`) is the task's items, which its section
+    `evaluate.<name>` defines (its source file by content; its n and seed hold the evaluation items
+    out), in `evaluate.chat`'s prompt format: params keys that params chooses, so dvc.yaml cannot
+    declare them to extract, which depends on this manifest instead."""
+    from dataclasses import asdict
+
+    out = describe(params.corpus.source, hashes)
+    name = params.corpus.task
+    section = getattr(params.evaluate, name, None) if name else None
+    if section is not None:  # an unknown task is refused by extract, with the names it knows
+        out["evaluate"] = {"chat": params.evaluate.chat,
+                           name: {**asdict(section), "source": describe(section.source, hashes)}}
     return out

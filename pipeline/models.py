@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.catalog import CATALOG, CatalogEntry, fetch_gguf, find_entry
+from pipeline.distributed import pick_device  # owned there: fit picks its device without model code
 from pipeline.errors import UserError
 from pipeline.inputs import sha256_file
 
@@ -276,24 +277,6 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 # --- loading -----------------------------------------------------------------------------------
-
-def pick_device(device: str = "auto") -> Any:
-    """auto: cuda, else mps, else cpu. An explicit device must exist."""
-    import torch
-
-    mps = torch.backends.mps.is_available()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device {device!r} is not valid: use auto, cpu, cuda, cuda:N or mps") from None
-    missing = (dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count())
-               or dev.type == "mps" and not mps)
-    if missing:
-        raise UserError(f"device {device!r} is not available on this machine: use auto or cpu")
-    return dev
-
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_tasks import TASK_SECTIONS as TASKS  # the task names, from params' types (no task code)
 from pipeline.errors import UserError
 from pipeline.headlines import best, best_of_family  # the family rule (plain AC, AC (W), KV), one owner
-
-from pipeline.tasks.registry import TASKS  # names only: the registry imports no model or evaluation code
 
 ROLES = ("a", "b")
 NOT_RUN = "_not run_"

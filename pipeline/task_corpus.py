@@ -16,7 +16,7 @@ Both views share one fingerprint (the items, both views' texts and the prompt en
 what fitting compares to accept two stores as one corpus (pipeline.pairing.check_same_corpus); each
 store's identity also records its view, so a store of one view is never resumed as the other.
 
-Each text is encoded by pipeline.evaluation.prompts.encode, the function evaluation uses (the chat
+Each text is encoded by pipeline.encoding.encode, the function evaluation uses (the chat
 template with the assistant cue when evaluate.chat and the tokenizer has one, else the task's
 plain-text cue), so the stored last-token state is exactly the one evaluation sends or replaces.
 A prompt longer than extract.max_tokens is refused rather than cut: cutting would change that state.
@@ -33,7 +33,6 @@ from pipeline.config import CorpusConfig, Params
 from pipeline.data import Corpus, load_corpus
 from pipeline.errors import UserError
 
-PREFIX = "task:"
 VIEWS = {"a": "prompt_a", "b": "skyline"}  # model role -> the prompt its store holds
 
 
@@ -56,7 +55,7 @@ class TaskCorpus(Corpus):
         """(token ids, end offsets) of each prompt, encoded as evaluation encodes it; none is cut."""
         import numpy as np
 
-        from pipeline.evaluation.prompts import encode
+        from pipeline.encoding import encode
 
         ids = [np.asarray(encode(tokenizer, t, self.chat, self.cue), dtype=np.int32) for t in self.texts]
         longest = max((len(x) for x in ids), default=0)
@@ -76,7 +75,7 @@ class TaskCorpus(Corpus):
 
 def corpus_for(params: Params, role: str) -> Corpus:
     """The texts extraction runs model `role` over: the role's view of a task corpus, or the corpus."""
-    if not params.corpus.source.startswith(PREFIX):
+    if params.corpus.task is None:
         return load_corpus(params.corpus)
     if role not in VIEWS:
         raise UserError(f"corpus.source = {params.corpus.source!r} has views for the roles a (prompt_a) and b "
@@ -100,7 +99,7 @@ def training_prompts(cfg: CorpusConfig, evaluate: Any):
     """(the corpus's items as pipeline.tasks.base.TaskPrompts, the evaluation items' A prompts)."""
     from pipeline.tasks.registry import TASKS, get_task
 
-    name = cfg.source[len(PREFIX):]
+    name = cfg.task
     if name not in TASKS:
         raise UserError(f"corpus.source = {cfg.source!r} names no task: use task:<name> with one of "
                         f"{', '.join(TASKS)}")

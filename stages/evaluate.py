@@ -1,7 +1,7 @@
 """Stages `evaluate@<task>` (every task of pipeline/tasks/registry.py), `evaluate@similarity`, and
 `xmodel evaluate sweep`.
 
-Reads params (models, paths, corpus, and the `evaluate` section: pipeline.evaluation.config.EvaluateConfig),
+Reads params (models, paths, corpus, and the `evaluate` section: pipeline.config_evaluate.EvaluateConfig),
 loads both models and the fitted aligners, runs pipeline/evaluation/, writes:
   data/evaluate/<task>/predictions.jsonl   every method's output and score per item
   data/evaluate/<task>/samples.jsonl       the same in lm-evaluation-harness's per-sample layout (one line per
@@ -18,9 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.config_evaluate import SHARED_KEYS
+
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks): the models, the
+# corpus (held out of the similarity probe), the keys of `evaluate` shared by every task, and the
+# task's own section (so a change to another task's section, or to evaluate.tasks, leaves it alone)
+PARAMS = ("models", "corpus", *(f"evaluate.{key}" for key in SHARED_KEYS), "evaluate.${item}")
+
 
 def evaluate_config(params: Any):
-    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.config_evaluate import EvaluateConfig
 
     cfg = getattr(params, "evaluate", None)
     return cfg if cfg is not None else EvaluateConfig()
@@ -86,7 +93,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     prompts, decoding = task_prompts(task, cfg)
     a_prefix = any("cache" in get_method(name).needs for name in cfg.methods)  # B reads A's cache, then its prompt
     check_context(pair, prompts, decoding, cfg.chat, cfg.methods, a_prefix)  # every prompt fits both models, before any method runs
-    result = evaluate_task(task, pair, cfg, aligners, log)
+    result = evaluate_task(task, pair, cfg, aligners, log, layers=(k, j))  # resolved once, above
     predictions = result.predictions()
 
     def lines(rows):

@@ -6,6 +6,11 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks). A task corpus
+# (corpus.source task:<name>) also reads evaluate.<name> and evaluate.chat: a key params chooses,
+# which dvc.yaml cannot name, so they reach DVC through data/inputs/corpus.json (pipeline/inputs.py)
+PARAMS = ("corpus", "extract", "models.${item}")
+
 
 def run(params: Params, role: str, out: Path | None = None, force: bool = False, quiet: bool = False):
     from pipeline import headlines

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks); fit.threads and
+# fit.device change only the speed
+PARAMS = ("fit.kind", "fit.layers", "fit.heldout_frac", "fit.seed", "fit.pairwise_rows", "fit.temperature",
+          "fit.aligners.${key}")
+
 
 def run(params: Params, name: str, force: bool = False, log=None):
+    from pipeline.artifacts import layout
     from pipeline.fitting import fit_from_stores
 
-    return fit_from_stores(params, name, force=force, log=log)
+    paths = layout(params)
+    return fit_from_stores(name, params.fit, (paths.store("a"), paths.store("b")), paths, force=force, log=log)

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks): the task variant's
+# items are evaluate.<fuse.task>'s, in evaluate.chat's prompt format
+PARAMS = ("models", "corpus", "evaluate.chat", "evaluate.${fuse.task}", "fuse")
+
 
 def run(params: Params, variant: str, force: bool = False, log=None):
     from pipeline.fusing import fuse

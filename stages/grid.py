@@ -9,6 +9,10 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks): fit.aligners
+# names the aligners it scores
+PARAMS = ("grid", "fit.aligners", "fit.heldout_frac", "fit.seed", "fit.pairwise_rows", "fit.temperature")
+
 
 def metrics_path(params: Params) -> Path:
     return params.paths.metrics("grid")

@@ -10,10 +10,17 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks): none, as it
+# runs on every repro (always_changed) and hands what it reads on as data/inputs/*.json
+PARAMS: tuple[str, ...] = ()
+
 
 def run(params: Params) -> list[Path]:
     from pipeline.artifacts import Outputs, layout
+    from pipeline.fitting import check_aligners
     from pipeline.inputs import HashCache, manifests
+
+    check_aligners(params.fit)  # the first stage of every repro: a bad aligner entry stops it here
 
     hashes = HashCache(params.paths.cache_dir() / "input-hashes.json")
     where = layout(params)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 NAME = "kvmaps"
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks)
+PARAMS = ("fit.heldout_frac", "fit.seed")
 
 
 def run(params: Any, name: str = NAME, log: Callable[[str], None] | None = None) -> Path:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks)
+PARAMS = ("models.${item}",)
+
 
 def run(params: Params, role: str) -> Path:
     from pipeline.models import resolve_model

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from pipeline.config import Params
 
+# params this stage reads, as dvc.yaml declares them (tests/test_imports.py checks): the facts it
+# prints and the fingerprint of every section
+PARAMS = ("models", "corpus", "extract", "fit", "grid", "evaluate")
+
 
 def run(params: Params) -> dict[str, Path]:
     from pipeline.report import config_from_params, write_report

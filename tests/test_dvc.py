@@ -324,6 +324,13 @@ MATRIX = {
     "code pipeline/grid.py": (lambda r: r.path / "pipeline" / "grid.py", _comment, {"grid"}),
     "code pipeline/stats.py": (lambda r: r.path / "pipeline" / "stats.py", _comment, EVALUATE),
     "code pipeline/report.py": (lambda r: r.path / "pipeline" / "report.py", _comment, {"report"}),
+    # the expensive mistakes: code that only some stages read (reading params imports none of it)
+    "code the decoder": (lambda r: r.path / "pipeline" / "generation.py", _comment, EVALUATE),
+    "code a task generator": (lambda r: r.path / "pipeline" / "tasks" / "games.py", _comment,
+                              {"extract@a", "extract@b", *EVALUATE}),  # extract reads a task corpus (task:<name>)
+    "code an aligner": (lambda r: r.path / "pipeline" / "aligners" / "adapters.py", _comment,
+                        lambda r: _fits(r) | {"grid", *EVALUATE}),
+    "code the store writer": (lambda r: r.path / "store" / "writer.py", _comment, {"extract@a", "extract@b"}),
     # input files, by content (stage `inputs`); the corpus is also held out of the similarity
     # probe, and every evaluate@* shares the dvc.yaml template
     "corpus file": (lambda r: r.inputs / "corpus.txt", _new_first_line, {"extract@a", "extract@b", *EVALUATE}),
@@ -403,3 +410,27 @@ def test_inputs_name_local_files_by_content_and_other_sources_as_they_are(tmp_pa
     (tmp_path / "corpus.txt").write_text("another line\n")  # new size: read again
     manifests(params, HashCache(tmp_path / "hashes.json"))
     assert reads == [tmp_path / "corpus.txt"]
+
+
+def test_a_task_corpus_manifest_holds_what_extract_reads_of_evaluate(tmp_path):
+    """extract over `task:<name>` reads evaluate.<name> (its items: source file, n and seed) and
+    evaluate.chat, keys dvc.yaml cannot name: data/inputs/corpus.json carries them, so it changes
+    with each of them (and with the task file's content), and not with another task's section."""
+    from pipeline.config import params_from_dict
+    from pipeline.inputs import HashCache, manifests
+    from pipeline.tasks.squad import generate_items, write_squad_json
+
+    write_squad_json(generate_items(6, seed=5), tmp_path / "squad.json")
+    base = {"corpus": {"source": "task:squad", "n": 4},
+            "evaluate": {"squad": {"source": str(tmp_path / "squad.json"), "n": 2}}}
+
+    def corpus(**evaluate) -> dict:
+        raw = _merge(json.loads(json.dumps(base)), {"evaluate": evaluate})
+        return manifests(params_from_dict(raw), HashCache(None))["corpus"]
+
+    before = corpus()
+    assert corpus(gsm8k={"n": 5}) == before and corpus(n_boot=99) == before
+    for changed_key in ({"squad": {"n": 3}}, {"squad": {"seed": 4}}, {"squad": {"setting": "shared"}}, {"chat": False}):
+        assert corpus(**changed_key) != before, changed_key
+    write_squad_json(generate_items(6, seed=6), tmp_path / "squad.json")
+    assert corpus() != before

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.evaluation.config import (EvaluateConfig, SimilarityConfig, SweepConfig,
+from pipeline.config_evaluate import (EvaluateConfig, SimilarityConfig, SweepConfig,
                                         config_from_dict)
 from pipeline.evaluation.methods.run import evaluate_task
 from pipeline.evaluation.pair import Pair, load_aligners

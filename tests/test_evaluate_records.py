@@ -10,7 +10,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.evaluation.config import EvaluateConfig
+from pipeline.config_evaluate import EvaluateConfig
 from pipeline.tasks.games import GameConfig
 
 

@@ -154,7 +154,7 @@ def test_disk_full_in_evaluate_keeps_every_output_of_the_previous_run(tiny_model
     from dataclasses import replace
 
     from pipeline.config import load_params
-    from pipeline.evaluation.config import config_from_dict
+    from pipeline.config_evaluate import config_from_dict
     from pipeline.evaluation.pair import Pair
     from pipeline.models import load_model, resolve_model
     from stages import evaluate as stage

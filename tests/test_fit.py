@@ -269,12 +269,29 @@ def test_a_failed_fit_leaves_the_previous_aligner_and_metrics_untouched(capsys, 
     assert code == 2 and not params.paths.aligner("affine").exists() and not params.paths.metrics("fit-affine").exists()
 
 
-@pytest.mark.parametrize("lr, match", [("1.0e+30", "training diverged: the "), (".inf", "expected a finite number")])
-def test_diverging_training_stops_with_one_line_and_saves_nothing(capsys, params_path, lr, match):
+@pytest.mark.parametrize("lr, match", [
+    ("nan_step", "training diverged: the "),  # weights a step made NaN (what an exploding training does)
+    ("1.0e+30", "lr = 1e+30 must be in (0, 10]"),  # beyond Adam's float32 step: refused before training
+    (".inf", "is not a finite number"),
+])
+def test_diverging_training_stops_with_one_line_and_saves_nothing(capsys, params_path, monkeypatch, lr, match):
+    import torch
+
     assert fit(capsys, params_path, "linear")[0] == 0
     params = load_params(params_path)
     directory = params.paths.aligner("linear")
     before, metrics_before = _snapshot(directory), params.paths.metrics("fit-linear").read_bytes()
+    if lr == "nan_step":  # lr in range cannot blow up these activations: make Adam's step do it
+        step = torch.optim.Adam.step
+
+        def exploding(self, *args, **kwargs):
+            out = step(self, *args, **kwargs)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+
+        monkeypatch.setattr(torch.optim.Adam, "step", exploding)
+        lr = "0.001"
     code, _, err = run_cli(capsys, "--params", str(params_path), "-S", f"fit.aligners.linear.lr={lr}",
                            "fit", "linear", "--quiet", "--force")
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err

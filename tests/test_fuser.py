@@ -156,7 +156,7 @@ def test_task_items_are_train_places_and_never_an_evaluation_item(tiny_pair):
     from dataclasses import replace
 
     from pipeline.config import FuseConfig
-    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.config_evaluate import EvaluateConfig
     from pipeline.fuser import task_examples
     from pipeline.tasks.games import place_split
     from pipeline.tasks.registry import get_task

@@ -110,7 +110,7 @@ def test_jsonl_loader_file_level_errors(tmp_path):
 
 
 def test_registry_is_the_one_list_of_tasks():
-    from pipeline.evaluation.config import EvaluateConfig, config_from_dict
+    from pipeline.config_evaluate import EvaluateConfig, config_from_dict
     from stages.evaluate import evaluations
 
     assert set(TASKS) == {"squad", "gsm8k", "countries", "tipsheets"}
@@ -126,7 +126,7 @@ def test_registry_is_the_one_list_of_tasks():
 
 
 def test_game_task_runs_every_method_with_diagnostics(tiny_pair):
-    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.config_evaluate import EvaluateConfig
     from pipeline.evaluation.methods.run import evaluate_task
 
     cfg = EvaluateConfig(layer_a=2, layer_b=3, batch_size=4, n_boot=100, modes=["replace", "sum", "mean"],
@@ -167,7 +167,7 @@ def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 
     import torch
 
     from pipeline.evaluation.diagnostics import graft_geometry, skyline_closeness
-    from pipeline.evaluation.prompts import encode
+    from pipeline.encoding import encode
     from pipeline.generation import Decoding, generate
     from pipeline.injection import communicate, sender_states
     from pipeline.architecture import architecture
@@ -194,7 +194,7 @@ def check_last_layer_graft_is_the_skyline(model, tok, n: int = 5, atol: float = 
 
 
 def test_kv_methods_run_beside_ac_on_the_same_items(tiny_pair, monkeypatch):
-    from pipeline.evaluation.config import EvaluateConfig, KvSection
+    from pipeline.config_evaluate import EvaluateConfig, KvSection
     from pipeline.evaluation.methods.run import evaluate_task
     from pipeline.evaluation.pair import Pair
 

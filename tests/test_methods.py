@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.evaluation.config import EvaluateConfig, KvSection, MultiVectorSection
+from pipeline.config_evaluate import EvaluateConfig, KvSection, MultiVectorSection
 from pipeline.evaluation.methods.run import evaluate_task
 from pipeline.evaluation.pair import Pair
 from pipeline.evaluation.prompts import task_prompts
@@ -23,7 +23,7 @@ def same(tiny_pair):
 
 
 def test_registry_names_are_the_config_vocabulary():
-    from pipeline.evaluation.config import METHODS as VOCABULARY
+    from pipeline.config_evaluate import METHODS as VOCABULARY
     from pipeline.evaluation.methods.registry import METHODS
 
     assert set(METHODS) == set(VOCABULARY)
@@ -50,7 +50,7 @@ def test_each_method_is_its_primitive(same):
     """The registry only orders and accounts: B alone, plain AC and KV equal direct calls of
     generate, communicate and kv_generate on the same items (the default report's numbers follow)."""
     from pipeline.evaluation.kv import a_cache, kv_generate
-    from pipeline.evaluation.prompts import encode
+    from pipeline.encoding import encode
     from pipeline.generation import generate
     from pipeline.injection import communicate, sender_states
 
@@ -89,7 +89,7 @@ def test_multi_vector_with_one_token_is_plain_ac(same):
 
 
 def test_multi_vector_one_token_edit_equals_plain_injection(same):
-    from pipeline.evaluation.prompts import encode
+    from pipeline.encoding import encode
     from pipeline.injection import Graft, communicate, communicate_rows, with_placeholders
     from pipeline.generation import Decoding
 
@@ -143,7 +143,7 @@ def test_controls_run_beside_each_latent_variant(same):
 
 
 def test_gold_logprob_is_the_teacher_forced_likelihood_and_leaves_decoding_alone(same):
-    from pipeline.evaluation.prompts import encode
+    from pipeline.encoding import encode
     from pipeline.generation import Decoding, generate
 
     tok, m = same.tok_b, same.model_b

@@ -95,3 +95,83 @@ def test_profile_command_writes_what_the_overlay_loads(tmp_path):
     done = _xmodel("-S", "corpus.n=oops", "profile", "tiny", "--out", "params.yaml", cwd=tmp_path)
     assert done.returncode == 2 and "corpus.n" in done.stderr
     assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+# --- bad params are one line, before anything runs or is written ----------------------------------
+
+def _one_line(capsys, *args: str) -> str:
+    from tests.helpers import run_cli
+
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (code, err)
+    return err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("fit.temperature=.inf", "fit.temperature = inf"), ("fit.temperature=.nan", "fit.temperature = nan"),
+    ("fit.temperature=0.0", "fit.temperature = 0.0 must be in (0, 100]"),
+    ("fit.temperature=1000.0", "fit.temperature = 1000.0 must be in (0, 100]"),
+    ("fit.heldout_frac=1.0", "fit.heldout_frac = 1.0 must be in (0, 1)"),
+    ("fit.layers=[0.5, .nan]", "fit.layers[1] = nan"), ("evaluate.layer_b=-.inf", "relative depth -inf in evaluate.layer_b"),
+    ("evaluate.layer_a=1.5", "relative depth 1.5 in evaluate.layer_a"),
+    ("evaluate.squad.top_p=.nan", "evaluate.squad.top_p = nan"),
+    ("evaluate.gsm8k.temperature=.inf", "evaluate.gsm8k.temperature = inf"),
+    ("evaluate.sweep.layers_a=[2.0]", "relative depth 2.0 in evaluate.sweep.layers_a"),
+    ("fit.aligners.linear.lr=.inf", "fit.aligners.linear.lr = inf"),
+    ("fit.aligners.linear.heldout_frac=.nan", "fit.aligners.linear.heldout_frac = nan"),
+])
+def test_every_float_param_refuses_nan_inf_and_values_outside_its_range(capsys, override, named):
+    assert named in _one_line(capsys, "-S", override, "profile")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("fit.aligners.linear.lr=1.0e+38", "lr = 1e+38 must be in (0, 10]"),  # Adam's step overflows float32
+    ("fit.aligners.lora.weight_decay=1.0e+30", "weight_decay = 1e+30 must be in [0, 10]"),
+    ("fit.aligners.linear.temperature=1.0e+9", "temperature = 1000000000.0 must be in (0, 100]"),
+    ("fit.aligners.linear.symmetric=1", "symmetric = 1: expected bool"),
+    ("fit.aligners.linear.epochs=true", "epochs = True: expected int"),
+    ("fit.aligners.linear.lr=1e-4", "YAML reads 1e-4 as text"),  # YAML 1.1: no dot, no number
+    ("fit.aligners.lroa={}", "unknown aligner 'lroa'"),
+])
+def test_aligner_entries_training_cannot_use_are_refused_when_params_are_read(capsys, override, named):
+    """`xmodel profile` and the inputs stage (the first of every repro) check fit.aligners fully, so a
+    typo or an unusable value is one line there, not a traceback or a refusal mid-repro."""
+    assert named in _one_line(capsys, "-S", override, "profile")
+
+
+def test_fitting_with_an_unusable_learning_rate_is_one_line(capsys):
+    assert "lr = 1e+38 must be in (0, 10]" in _one_line(capsys, "-S", "fit.aligners.linear.lr=1.0e+38", "fit", "linear")
+
+
+def test_profile_validates_fully_and_overwrites_only_a_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for args in (["-S", "fit.aligners.linear.lr=1e-4"], ["-S", "fit.aligners.lroa={}"]):  # a string lr, a typo
+        done = _xmodel(*args, "profile", "--out", "params.yaml", cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    done = _xmodel("-S", "corpus.n=40", "profile", "--out", "dvc.yaml", cwd=tmp_path)
+    assert done.returncode == 2 and "dvc.yaml exists and is not a params file" in done.stderr, done.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # a params file is replaced; another file only with --force
+    assert _xmodel("-S", "corpus.n=40", "profile", "--out", "params.yaml", cwd=tmp_path).returncode == 0
+    assert load_params(tmp_path / "params.yaml").corpus.n == 40
+    assert _xmodel("profile", "--out", "dvc.yaml", "--force", cwd=tmp_path).returncode == 0
+    assert yaml.safe_load((tmp_path / "dvc.yaml").read_text()) == yaml.safe_load((tmp_path / "params.yaml").read_text())
+
+
+def test_a_folder_without_params_yaml_runs_nothing(tmp_path):
+    """The built-in defaults name real models: from the wrong folder a stage is refused, not run on them."""
+    for command in (["inputs"], ["prepare", "--model", "a"], ["extract", "--model", "a"]):
+        done = _xmodel(*command, cwd=tmp_path)
+        assert done.returncode == 2 and "no params.yaml in" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, named", [
+    (["-S", "corpus.n.x=1", "profile"], "corpus.n is 512, not a section"),
+    (["fit", ".foo:Bar"], "'.foo:Bar' is not an absolute import path"),
+    (["fit", ":Bar"], "':Bar' is not an absolute import path"),
+])
+def test_malformed_keys_and_names_are_one_line(capsys, args, named):
+    assert named in _one_line(capsys, *args)

@@ -176,7 +176,7 @@ def _refuse_second_parse(loads):
 
 
 def test_primary_score_is_a_choice_and_every_score_is_recorded(tmp_path):
-    from pipeline.evaluation.config import config_from_dict
+    from pipeline.config_evaluate import config_from_dict
 
     cfg = config_from_dict({"countries": {"primary": "contains", "n": 3}, "tipsheets": {"primary": "f1"}})
     prompts = get_task("countries").prompts(cfg.countries)

@@ -153,7 +153,7 @@ def test_stores_hold_the_states_ac_sends_and_b_has_on_the_skyline(tiny_models, c
     """Row i of A's store is A's last-token state on encode(prompt_a) at k (what AC sends); row i of
     B's is B's state on encode(skyline) at j; a fit on them loads in evaluation for (k, j)."""
     from pipeline.evaluation.pair import load_aligners, load_pair, resolve_ks
-    from pipeline.evaluation.prompts import encode
+    from pipeline.encoding import encode
     from pipeline.injection import map_vectors, sender_states
     from pipeline.task_corpus import training_prompts
     from store.reader import ActivationStore

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.config import yaml_number_hint
 from pipeline.errors import UserError
 from pipeline.metrics import is_dask
 
@@ -37,7 +38,7 @@ def check_fields(params: Any) -> None:
         value = getattr(params, f.name)
         bad_bool = isinstance(value, bool) and f.type in ("int", "float", int, float)
         if want is not None and (bad_bool or not isinstance(value, want)):
-            raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected {f.type}")
+            raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected {f.type}{yaml_number_hint(value)}")
         if isinstance(value, float) and not math.isfinite(value):  # YAML's 1e400 is inf, and .nan is NaN
             raise UserError(f"{type(params).__name__}.{f.name} = {value!r}: expected a finite number")
 

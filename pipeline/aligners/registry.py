@@ -10,12 +10,15 @@ __init__, which imports nothing, so that the aligner modules can import it witho
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from pipeline.aligners.base import Aligner
 from pipeline.errors import UserError
 
 __all__ = ["Aligner", "get_aligner", "load_aligner", "register", "registered_names"]
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # an absolute module name, or a class's qualname
 
 _REGISTRY: dict[str, type | str] = {
     "procrustes": "pipeline.aligners.procrustes:Procrustes",
@@ -68,6 +71,9 @@ def get_aligner(name_or_path: str) -> type[Aligner]:
 
 def _import(path: str) -> type[Aligner]:
     module_name, _, qualname = path.partition(":")
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(qualname):
+        raise UserError(f"aligner {path!r} is not an absolute import path: give module:Class with dotted names and "
+                        "no leading dot, e.g. mypkg.aligners:MyAligner")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:

@@ -71,23 +71,27 @@ class TrainParams:
     """Hyper-parameters shared by trainable aligners (saved in aligner.json)."""
 
     loss: str = "mse"  # "mse" keeps scale (what injection needs); "infonce" matches direction only
-    temperature: float = 0.07  # InfoNCE softmax temperature
+    temperature: float = 0.07  # InfoNCE softmax temperature, in (0, 100]
     symmetric: bool = True  # InfoNCE: average source→target and target→source
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # in (0, 10]
+    weight_decay: float = 0.0  # in [0, 10]
     batch_size: int = 256
     epochs: int = 10
     patience: int = 3  # epochs without held-out improvement before stopping; 0 = run all epochs
-    min_delta: float = 0.0  # improvement smaller than this does not count
-    heldout_frac: float = 0.1  # rows held out (by hashed row id) for early stopping and scores
+    min_delta: float = 0.0  # >= 0: improvement smaller than this does not count
+    heldout_frac: float = 0.1  # in [0, 1): rows held out (by hashed row id) for early stopping and scores
     seed: int = 0  # initialization, split and batch order
     shuffle_buffer: int = 8192  # rows shuffled together across blocks
 
     def __post_init__(self):
         check_fields(self)
         require(self.loss in ("mse", "infonce"), f"loss = {self.loss!r} must be 'mse' or 'infonce'")
-        require(self.temperature > 0, f"temperature = {self.temperature} must be > 0")
-        require(self.lr > 0, f"lr = {self.lr} must be > 0")
+        # ranges a training can use: beyond them Adam's step overflows float32 (lr 1e38 is a torch
+        # RuntimeError, not a divergence) or the loss is meaningless
+        require(0 < self.temperature <= 100, f"temperature = {self.temperature} must be in (0, 100]")
+        require(0 < self.lr <= 10, f"lr = {self.lr} must be in (0, 10] (Adam's step size; 1e-3 is usual)")
+        require(0 <= self.weight_decay <= 10, f"weight_decay = {self.weight_decay} must be in [0, 10]")
+        require(self.min_delta >= 0, f"min_delta = {self.min_delta} must be 0 or more")
         require(self.batch_size >= 1, f"batch_size = {self.batch_size} must be at least 1")
         require(self.epochs >= 0, f"epochs = {self.epochs} must be 0 or more")
         require(self.patience >= 0, f"patience = {self.patience} must be 0 or more")

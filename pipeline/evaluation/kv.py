@@ -54,56 +54,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from pipeline.config_evaluate import KvConfig  # params' type for one choice of layers (a leaf)
 from pipeline.errors import UserError
 from pipeline.generation import (CACHES, Decoding, Generation, LayerPrefix, Prefix, generate, left_pad,
                                  length_batches)
 
 ATTENTION = ("sdpa", "eager")  # the mask formats the prefix-hiding hook knows (bool/None and additive float)
 PRIOR_SIGMA = 0.25  # prior width as a fraction of the depth
-
-
-@dataclass(frozen=True)
-class KvConfig:
-    """Which of B's layers read A's cache: "all", "top" (the top-m rule), or a list of layers
-    (ints 1..L, or floats as relative depths). top_m: a count (int >= 1) or a fraction of the
-    depth (float in (0, 1]). calib_items: how many items the top-m rule scores on (the first ones)."""
-
-    layers: str | list[int | float] = "all"
-    top_m: int | float = 0.3
-    prior_weight: float = 0.5
-    calib_items: int = 16
-
-    def __post_init__(self):
-        if isinstance(self.layers, str):
-            if self.layers not in ("all", "top"):
-                raise UserError(f"kv layers {self.layers!r} is not one of: all, top, or a list of layers (e.g. [4, 0.5])")
-        elif isinstance(self.layers, (list, tuple)):
-            if not self.layers:
-                raise UserError("kv layers [] shares nothing (that is b_alone): give all, top, or at least one layer")
-            for item in self.layers:
-                if isinstance(item, bool) or not isinstance(item, (int, float)):
-                    raise UserError(f"kv layer {item!r} is neither a block index (int >= 1) nor a relative depth (float)")
-            object.__setattr__(self, "layers", list(self.layers))
-        else:
-            raise UserError(f"kv layers {self.layers!r} must be all, top, or a list of layers")
-        m = self.top_m
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or (isinstance(m, int) and m < 1) or (
-                isinstance(m, float) and not 0.0 < m <= 1.0):
-            raise UserError(f"kv top_m = {m!r} must be a layer count (int >= 1) or a fraction of the depth (float in (0, 1])")
-        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or not (
-                0.0 <= self.prior_weight <= 1.0):
-            raise UserError(f"kv prior_weight = {self.prior_weight!r} must be in [0, 1] (0: attention only, 1: prior only)")
-        if isinstance(self.calib_items, bool) or not isinstance(self.calib_items, int) or self.calib_items < 1:
-            raise UserError(f"kv calib_items = {self.calib_items!r} must be an int >= 1")
-
-    @property
-    def name(self) -> str:
-        """The method's name in results: kv_all, kv_top0.3 / kv_top4, kv_L2_5."""
-        if self.layers == "all":
-            return "kv_all"
-        if self.layers == "top":
-            return f"kv_top{self.top_m}"
-        return "kv_L" + "_".join(str(x) for x in self.layers)
 
 
 @dataclass(frozen=True)

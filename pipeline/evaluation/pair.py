@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.config_evaluate import EvaluateConfig
 
 
 @dataclass

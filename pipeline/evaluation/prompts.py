@@ -1,5 +1,5 @@
-"""From a task's registry entry to what the models read: prompts as token ids (chat template or
-plain text with a cue), and the decoding the task's params section asks for."""
+"""From a task's registry entry to what the models read: its prompts (as token ids through
+pipeline.encoding.encode), and the decoding the task's params section asks for."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ from pipeline.generation import Decoding
 from pipeline.tasks.base import TaskPrompts
 
 if TYPE_CHECKING:
-    from pipeline.evaluation.config import EvaluateConfig
-
-
-def encode(tokenizer: Any, text: str, chat: bool = True, cue: str = "Answer:") -> list[int]:
-    """Token ids of a user turn: the chat template (with the assistant cue) when the tokenizer has
-    one and chat is on, else the plain text followed by a newline and `cue`."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(out, "keys"):  # BatchEncoding
-            out = out["input_ids"]
-        return [int(t) for t in out]
-    return [int(t) for t in tokenizer(f"{text}\n{cue}", add_special_tokens=True)["input_ids"]]
+    from pipeline.config_evaluate import EvaluateConfig
 
 
 def task_prompts(task: str, cfg: EvaluateConfig, n: int | None = None,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.errors import UserError
-from pipeline.evaluation.config import SimilarityConfig
+from pipeline.config_evaluate import SimilarityConfig
 from pipeline.evaluation.pair import Pair
 from pipeline.injection import map_vectors, prefill, sender_states
 

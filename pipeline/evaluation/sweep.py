@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pipeline.encoding import encode
 from pipeline.evaluation.diagnostics import skyline_closeness
 from pipeline.evaluation.methods.base import score_all as _score_all
 from pipeline.evaluation.pair import Pair
-from pipeline.evaluation.prompts import encode
-from pipeline.tasks.base import TaskPrompts
 from pipeline.generation import Decoding, generate
 from pipeline.injection import communicate, sender_states
+from pipeline.tasks.base import TaskPrompts
 
 
 def layer_sweep(pair: Pair, prompts: TaskPrompts, decoding: Decoding, layers_a: Sequence[int], layers_b: Sequence[int],

@@ -2,7 +2,7 @@
 report columns it hands to the evaluation harness. The registry (pipeline/tasks/registry.py) maps
 names to `Task`s; nothing else in the project lists task names.
 
-Light on purpose: the typed params import this module, so it imports no torch and no task data.
+Each section's type lives with the typed params (pipeline/config_tasks.py), which import no task code.
 """
 
 from __future__ import annotations
@@ -10,48 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
+from pipeline.config_tasks import TaskConfig
 from pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """The fields every `evaluate.<task>` section has; a task subclasses it to add its own (and to
-    change defaults)."""
-
-    source: str = "generate"  # where items come from; each task says which sources it knows
-    n: int = 100
-    seed: int = 0
-    max_new_tokens: int = 16
-    sampling: str = "greedy"  # greedy | nucleus
-    top_p: float = 0.9
-    temperature: float = 1.0
-    # a local file's field names when its layout is not recognised: the task's own name -> the file's,
-    # plus `ignore: [fields]` (pipeline/tasks/rows.py); empty: recognise the layout
-    fields: dict[str, Any] = field(default_factory=dict)
-    primary: str = ""  # the score reported first (of `scores`); empty: the task's own choice
-
-    scores: ClassVar[tuple[str, ...]] = ("em", "f1", "contains")  # what `primary` may name
-
-    def check(self, name: str) -> None:
-        """One clear line for a bad value (called when the params are loaded)."""
-        from pipeline.generation import SAMPLING
-
-        if self.sampling not in SAMPLING:
-            raise UserError(f"evaluate.{name}.sampling = {self.sampling!r} is not one of {', '.join(SAMPLING)}")
-        for key in ("n", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise UserError(f"evaluate.{name}.{key} = {getattr(self, key)} must be at least 1")
-        if self.primary and self.primary not in self.scores:
-            raise UserError(f"evaluate.{name}.primary = {self.primary!r} is not one of {', '.join(self.scores)}")
-
-    def training(self) -> "TaskConfig":
-        """The section the task's in-task training items are drawn from (pipeline/task_corpus.py);
-        a task whose items share what carries the answer says so here (Countries: its train places)."""
-        return self
-
-    def split(self) -> dict[str, Any]:
-        """What a record says about which part of the task's items this section draws."""
-        return {}
 
 
 @dataclass

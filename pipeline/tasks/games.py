@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.config_tasks import PLACE_SPLITS, CountriesConfig, GameConfig
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.base import Task, TaskPrompts, disjoint
 from pipeline.tasks.rows import Layout, Rows, distinct_keys, read_rows, strings
 
 
@@ -113,7 +114,6 @@ PEOPLE = ("Alice", "Bob", "Carmen", "David", "Elena", "Farid", "Grace", "Hiro", 
 # places; the rest are train places (what in-task corpora draw from). No place is in both, so an
 # aligner trained on train places and scored on `places: eval` is scored on places it never saw.
 PLACE_SPLIT_SEED, EVAL_SHARE = "xmodel-places-v1", 0.3
-PLACE_SPLITS = ("all", "train", "eval")
 
 
 def place_split(which: str = "all") -> tuple[tuple[str, str], ...]:
@@ -325,29 +325,6 @@ def game_prompts(name: str, items: Sequence[GameItem], source: dict[str, Any] | 
                        [f"{it.prompt_a}\n\n{it.prompt_b}" for it in items], with_message, score, columns[0],
                        tuple(c for c in columns if c != "f1"), "Answer:", ("\n",), [list(it.answers) for it in items],
                        columns=columns, setting="private", source=dict(source or {}), shown=clean_prediction)
-
-
-@dataclass(frozen=True)
-class GameConfig(TaskConfig):
-    source: str = "generate"  # generate (our seeded generator) | a local .jsonl/.json/.parquet/.csv (pipeline/tasks/rows.py)
-    max_new_tokens: int = 12  # answers are a few words; generation also stops at the first newline
-
-    scores = ("em", "f1", "contains", "option")
-
-
-@dataclass(frozen=True)
-class CountriesConfig(GameConfig):
-    places: str = "all"  # generated items' places: all | train | eval (place_split: 30% of places, fixed seed)
-
-    def check(self, name: str) -> None:
-        super().check(name)
-        if self.places not in PLACE_SPLITS:
-            raise UserError(f"evaluate.{name}.places = {self.places!r} is not one of {', '.join(PLACE_SPLITS)}")
-
-    def training(self) -> "CountriesConfig":
-        from dataclasses import replace
-
-        return replace(self, places="train")  # in-task corpora never draw an evaluation place
 
 
 def _builder(game: str):

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.config_tasks import STYLES, Gsm8kConfig
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.base import Task, TaskPrompts, disjoint
 from pipeline.tasks.rows import Layout, read_rows
 from pipeline.tasks.scoring import parse_number
 
@@ -113,7 +114,6 @@ def reasoning_gym_items(n: int, seed: int = 0) -> list[MathItem]:
 # "debate": the multiagent-debate prompts of Du et al. (2023), the NL baseline the paper compares with
 # (first round, then "solutions from other agents"). "brief": ours, asks for short solutions so that a
 # slow CPU can decode them within a small token budget.
-STYLES = ("debate", "brief")
 DEBATE = ("Can you solve the following math problem? {question} Explain your reasoning. Your final answer "
           "should be a single numerical number, in the form \\boxed{{answer}}, at the end of your response.")
 DEBATE_READ = ("These are the solutions to the problem from other agents:\n\nOne agent solution: {message}\n\n"
@@ -123,22 +123,6 @@ DEBATE_READ = ("These are the solutions to the problem from other agents:\n\nOne
 BRIEF = ("Solve the math problem. Be brief: write only the calculations needed, one short line each, then "
          "give the final answer on the last line as 'Answer: <number>'.\n\nProblem: {question}")
 BRIEF_READ = BRIEF + "\n\nAnother assistant's solution:\n{message}"
-
-
-@dataclass(frozen=True)
-class Gsm8kConfig(TaskConfig):
-    source: str = "reasoning-gym"  # reasoning-gym (offline gsm_symbolic) | hub (openai/gsm8k) | path to .jsonl
-    prompt: str = "debate"  # debate (Du et al.'s prompts, \\boxed{} answers) | brief (short solutions, for CPUs)
-    max_new_tokens: int = 192
-    sampling: str = "nucleus"  # the paper samples its reasoning benchmarks with p = 0.9
-    temperature: float = 0.6  # Llama-3 instruct's generation_config default, which p = 0.9 also comes from
-
-    scores = ("accuracy",)
-
-    def check(self, name: str) -> None:
-        super().check(name)
-        if self.prompt not in STYLES:
-            raise UserError(f"evaluate.{name}.prompt = {self.prompt!r} is not one of {', '.join(STYLES)}")
 
 
 def gsm8k_prompts(items: Sequence[MathItem], style: str = "debate", source: dict[str, Any] | None = None

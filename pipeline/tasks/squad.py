@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pipeline.config_tasks import SquadConfig
 from pipeline.errors import UserError
 from pipeline.sampling import seeded_sample
-from pipeline.tasks.base import Task, TaskConfig, TaskPrompts, disjoint
+from pipeline.tasks.base import Task, TaskPrompts, disjoint
 from pipeline.tasks.rows import Layout, distinct_keys, read_rows, strings
 
 
@@ -238,18 +239,6 @@ def generate_items(n: int, seed: int = 0, kinds: tuple[str, ...] = ("biography",
 SQUAD_ASK = "Answer the question with a short phrase. Reply with the answer only."
 SQUAD_READ = ("Read the passage, then answer the question with a short phrase copied from the passage. "
               "Reply with the answer only.")
-
-
-@dataclass(frozen=True)
-class SquadConfig(TaskConfig):
-    source: str = "generate"  # generate (offline, ours) | hub (rajpurkar/squad) | path to a SQuAD v1.1 .json
-    setting: str = "private"  # private: only A sees the context | shared: both see it
-    max_new_tokens: int = 16  # answers are short; generation also stops at the first newline
-
-    def check(self, name: str) -> None:
-        super().check(name)
-        if self.setting not in ("private", "shared"):
-            raise UserError(f"evaluate.{name}.setting = {self.setting!r} is not private or shared")
 
 
 def _read(it: QAItem) -> str:

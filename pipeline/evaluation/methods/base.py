@@ -78,18 +78,18 @@ class Context:
 
     @cached_property
     def enc_a(self) -> list[list[int]]:
-        from pipeline.evaluation.prompts import encode
+        from pipeline.encoding import encode
 
         return [encode(self.pair.tok_a, t, self.cfg.chat, self.prompts.cue) for t in self.prompts.a]
 
     @cached_property
     def enc_b(self) -> list[list[int]]:
-        from pipeline.evaluation.prompts import encode
+        from pipeline.encoding import encode
 
         return [encode(self.pair.tok_b, t, self.cfg.chat, self.prompts.cue) for t in self.prompts.b]
 
     def encode_b(self, texts: Sequence[str]) -> list[list[int]]:
-        from pipeline.evaluation.prompts import encode
+        from pipeline.encoding import encode
 
         return [encode(self.pair.tok_b, t, self.cfg.chat, self.prompts.cue) for t in texts]
 

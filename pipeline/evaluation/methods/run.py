@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from pipeline.evaluation.config import EvaluateConfig
+from pipeline.config_evaluate import EvaluateConfig
 from pipeline.evaluation.methods.base import Context, MethodRun
 from pipeline.evaluation.pair import Pair, resolve_ks
 from pipeline.evaluation.prompts import task_prompts
@@ -80,9 +80,12 @@ class TaskResult:
 
 
 def evaluate_task(task: str, pair: Pair, cfg: EvaluateConfig, aligners: dict[str, Any] | None = None,
-                  log: Callable[[str], None] | None = None, n: int | None = None) -> TaskResult:
+                  log: Callable[[str], None] | None = None, n: int | None = None,
+                  layers: tuple[int, int] | None = None) -> TaskResult:
+    """`layers`: (k, j) as the caller resolved them for its aligners (the stage does it once);
+    None resolves evaluate.layer_a/layer_b against the pair here."""
     prompts, decoding = task_prompts(task, cfg, n)
-    k, j = resolve_ks(pair, cfg.layer_a, cfg.layer_b)
+    k, j = layers or resolve_ks(pair, cfg.layer_a, cfg.layer_b)
     start = time.perf_counter()
     runs = run_methods(pair, prompts, decoding, cfg, k, j, aligners, log)
     summary = summarize(prompts, runs, n_boot=cfg.n_boot)

@@ -1,19 +1,24 @@
-"""The `evaluate` params section as typed dataclasses, validated on construction."""
+"""The `evaluate` params section as typed dataclasses, validated on construction.
+
+A leaf of the typed params (pipeline/config.py), like pipeline/config_tasks.py: it imports no
+evaluation, task or model code, so it owns the vocabularies params are checked against (methods,
+combinations f, KV layer choices) and the code that runs them imports them from here.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_tasks import PROBES, TASK_SECTIONS, check_depths
 from pipeline.errors import UserError
-from pipeline.injection import MODES
-from pipeline.tasks.registry import PROBES, TASKS
 
 # the communication methods (pipeline/evaluation/methods/registry.py, whose keys a test holds equal
 # to these): "ac" = every f and aligner; "mv_ac" = every m of evaluate.mv; "kv" = every kv.layers choice
 METHODS = ("b_alone", "a_alone", "nl", "ac", "mv_ac", "kv", "mapped_kv", "fuser", "skyline")
+MODES = ("replace", "sum", "mean")  # AC's combination f of A's state with B's (pipeline/injection.py)
 AC_MODES = (*MODES, "gated")  # gated: b + g·v, the gated residual (g = evaluate.gate)
 CONTROLS = ("mismatched", "noise", "zero")  # of every latent method (pipeline/evaluation/methods/latent.py)
 
@@ -28,6 +33,50 @@ class SimilarityConfig:
 
 
 @dataclass(frozen=True)
+class KvConfig:
+    """Which of B's layers read A's cache: "all", "top" (the top-m rule), or a list of layers
+    (ints 1..L, or floats as relative depths). top_m: a count (int >= 1) or a fraction of the
+    depth (float in (0, 1]). calib_items: how many items the top-m rule scores on (the first ones)."""
+
+    layers: str | list[int | float] = "all"
+    top_m: int | float = 0.3
+    prior_weight: float = 0.5
+    calib_items: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            if self.layers not in ("all", "top"):
+                raise UserError(f"kv layers {self.layers!r} is not one of: all, top, or a list of layers (e.g. [4, 0.5])")
+        elif isinstance(self.layers, (list, tuple)):
+            if not self.layers:
+                raise UserError("kv layers [] shares nothing (that is b_alone): give all, top, or at least one layer")
+            for item in self.layers:
+                if isinstance(item, bool) or not isinstance(item, (int, float)):
+                    raise UserError(f"kv layer {item!r} is neither a block index (int >= 1) nor a relative depth (float)")
+            object.__setattr__(self, "layers", list(self.layers))
+        else:
+            raise UserError(f"kv layers {self.layers!r} must be all, top, or a list of layers")
+        m = self.top_m
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or (isinstance(m, int) and m < 1) or (
+                isinstance(m, float) and not 0.0 < m <= 1.0):
+            raise UserError(f"kv top_m = {m!r} must be a layer count (int >= 1) or a fraction of the depth (float in (0, 1])")
+        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or not (
+                0.0 <= self.prior_weight <= 1.0):
+            raise UserError(f"kv prior_weight = {self.prior_weight!r} must be in [0, 1] (0: attention only, 1: prior only)")
+        if isinstance(self.calib_items, bool) or not isinstance(self.calib_items, int) or self.calib_items < 1:
+            raise UserError(f"kv calib_items = {self.calib_items!r} must be an int >= 1")
+
+    @property
+    def name(self) -> str:
+        """The method's name in results: kv_all, kv_top0.3 / kv_top4, kv_L2_5."""
+        if self.layers == "all":
+            return "kv_all"
+        if self.layers == "top":
+            return f"kv_top{self.top_m}"
+        return "kv_L" + "_".join(str(x) for x in self.layers)
+
+
+@dataclass(frozen=True)
 class KvSection:
     """KV-cache communication (pipeline/evaluation/kv.py): one method per entry of `layers`."""
 
@@ -36,10 +85,8 @@ class KvSection:
     prior_weight: float = 0.5  # weight of the depth prior against the importance (B's attention on A's cache)
     calib_items: int = 16  # items the top-m rule scores layers on
 
-    def configs(self) -> list[Any]:
-        """One validated pipeline.evaluation.kv.KvConfig per choice (one clear line for a bad one)."""
-        from pipeline.evaluation.kv import KvConfig
-
+    def configs(self) -> list[KvConfig]:
+        """One validated KvConfig per choice (one clear line for a bad one)."""
         return [KvConfig(layers=choice, top_m=self.top_m, prior_weight=self.prior_weight,
                          calib_items=self.calib_items) for choice in self.layers]
 
@@ -98,9 +145,14 @@ class _Shared:
         return getattr(self, task)
 
 
+# what every evaluate@<task> stage reads besides its own section `evaluate.<task>`: the keys above but
+# the list of stages and the sections of the probe and of the sweep (stages/evaluate.py's PARAMS)
+SHARED_KEYS = tuple(f.name for f in fields(_Shared) if f.name not in ("tasks", *PROBES, "sweep"))
+
+
 # evaluate.<task> for every registered task: typed, with the task's defaults (cfg.squad, cfg.countries, ...)
-EvaluateConfig = make_dataclass("EvaluateConfig", [(name, t.config, field(default_factory=t.config))
-                                                   for name, t in TASKS.items()],
+EvaluateConfig = make_dataclass("EvaluateConfig", [(name, config, field(default_factory=config))
+                                                   for name, config in TASK_SECTIONS.items()],
                                 bases=(_Shared,), frozen=True)
 EvaluateConfig.__module__ = __name__  # pickling and reprs name this module
 EvaluateConfig.__doc__ = "The `evaluate` params section: the shared keys, the probes, and one section per task."
@@ -108,19 +160,23 @@ EvaluateConfig.__doc__ = "The `evaluate` params section: the shared keys, the pr
 
 def validate(cfg: _Shared) -> None:
     for key, values, allowed in (("modes", cfg.modes, AC_MODES), ("aligner_modes", cfg.aligner_modes, AC_MODES),
-                                 ("methods", cfg.methods, METHODS), ("tasks", cfg.tasks, (*TASKS, *PROBES)),
+                                 ("methods", cfg.methods, METHODS), ("tasks", cfg.tasks, (*TASK_SECTIONS, *PROBES)),
                                  ("controls", cfg.controls, CONTROLS), ("mv.mode", [cfg.mv.mode], AC_MODES)):
         for v in values:
             if v not in allowed:
                 raise UserError(f"evaluate.{key}: {v!r} is not one of {', '.join(allowed)}")
+    check_depths("evaluate.layer_a", [cfg.layer_a])
+    check_depths("evaluate.layer_b", [cfg.layer_b])
     for key in ("layers_a", "layers_b"):
         if isinstance(getattr(cfg.sweep, key), str) and getattr(cfg.sweep, key) != "all":
             raise UserError(f"evaluate.sweep.{key} = {getattr(cfg.sweep, key)!r}: give a list of layers or 'all'")
+        if not isinstance(getattr(cfg.sweep, key), str):
+            check_depths(f"evaluate.sweep.{key}", getattr(cfg.sweep, key))
     if cfg.sweep.mode not in MODES:
         raise UserError(f"evaluate.sweep.mode = {cfg.sweep.mode!r} is not one of {', '.join(MODES)}")
-    if cfg.sweep.task not in TASKS:
-        raise UserError(f"evaluate.sweep.task = {cfg.sweep.task!r} is not one of {', '.join(TASKS)}")
-    for name in TASKS:
+    if cfg.sweep.task not in TASK_SECTIONS:
+        raise UserError(f"evaluate.sweep.task = {cfg.sweep.task!r} is not one of {', '.join(TASK_SECTIONS)}")
+    for name in TASK_SECTIONS:
         if hasattr(cfg, name):  # the base alone (no sections) is validated by the subclass's call
             cfg.section(name).check(name)
     cfg.kv.configs()

@@ -246,7 +246,8 @@ def task_examples(cfg: Any, evaluate: Any, model_b: Any, tok_a: Any, tok_b: Any,
     train places where the task splits its places; target: B's greedy skyline answer."""
     from dataclasses import replace
 
-    from pipeline.evaluation.prompts import decoding_for, encode
+    from pipeline.encoding import encode
+    from pipeline.evaluation.prompts import decoding_for
     from pipeline.generation import generate
     from pipeline.tasks.registry import get_task
 

@@ -104,7 +104,8 @@ def test_evaluate_help_lists_every_task_and_probe(capsys):
 def test_a_cache_before_b_prompt_counts_against_b_context(tiny_loaded):
     """KV puts A's cache of prompt_a before B's prompt: the two together must fit B's context."""
     from pipeline.evaluation.pair import Pair
-    from pipeline.evaluation.prompts import check_context, encode
+    from pipeline.encoding import encode
+    from pipeline.evaluation.prompts import check_context
     from pipeline.generation import Decoding
     from pipeline.tasks.games import GameItem, game_prompts
 

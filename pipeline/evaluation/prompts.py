@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Collection
 
+from pipeline.encoding import encode
 from pipeline.generation import Decoding
 from pipeline.tasks.base import TaskPrompts
 

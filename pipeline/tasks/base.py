@@ -8,7 +8,7 @@ Each section's type lives with the typed params (pipeline/config_tasks.py), whic
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from pipeline.config_tasks import TaskConfig
 from pipeline.errors import UserError

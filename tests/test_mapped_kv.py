@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluation.config import EvaluateConfig, KvSection
+from pipeline.config_evaluate import EvaluateConfig, KvSection
 from pipeline.evaluation.mapped_kv import LayerMaps
 from pipeline.kvmaps import layer_pairs
 from pipeline.evaluation.methods.run import evaluate_task

@@ -180,6 +180,18 @@ def fuse(ctx: click.Context, variant: str, force: bool, quiet: bool) -> None:
 
 
 @cli.command()
+def methods() -> None:
+    """List the communication methods (evaluate.methods), what each needs and how it conditions B."""
+    from pipeline.evaluation.methods.registry import METHODS
+
+    for name, m in METHODS.items():
+        needs = ", ".join({"answer": "A's answer", "last": "A's layer-k last state", "cache": "A's KV cache",
+                           "tokens": "A's per-token states"}[n] for n in m.needs) or "nothing of A"
+        click.echo(f"{name:10} [{m.family}] {m.summary}\n{'':10} needs {needs}"
+                   + (f"; requires {m.requires}" if m.requires else ""))
+
+
+@cli.command()
 @click.argument("name", default="kvmaps")
 @quiet_option
 @click.pass_context

@@ -75,6 +75,17 @@ def best(details: dict[str, Any], names: Iterable[str]) -> tuple[str | None, flo
     return name, cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * len(names))
 
 
+def control_test(details: dict[str, Any], method: str, control: str = "mismatched") -> tuple[float, float] | None:
+    """(difference, p) of `method` against its `control` run on the primary score, or None when that
+    control did not run: a method carries information only where it beats its mismatched control."""
+    cmp = ((details.get("methods", {}).get(method) or {}).get(f"vs_{control}") or {}).get(details.get("primary"))
+    if not cmp:
+        return None
+    p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
+    diff = cmp.get("paired_bootstrap", {}).get("diff")
+    return None if p is None or diff is None else (diff, p)
+
+
 def best_of_family(details: dict[str, Any], fam: str) -> tuple[str | None, float | None, float | None]:
     return best(details, [n for n, e in details.get("methods", {}).items() if family(n, e) == fam])
 

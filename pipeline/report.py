@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config_tasks import TASK_SECTIONS as TASKS  # the task names, from params' types (no task code)
 from pipeline.errors import UserError
-from pipeline.headlines import best, best_of_family  # the family rule (plain AC, AC (W), KV), one owner
+from pipeline.headlines import best, best_of_family, control_test  # the family rule (plain AC, AC (W), KV), one owner
 
 ROLES = ("a", "b")
 NOT_RUN = "_not run_"
@@ -393,17 +393,18 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     def cell(name: str | None, p: float | None = None) -> str:
         if not name:
             return "—"
-        tag = f" `{name}`" if name.startswith(("ac_", "kv_")) else ""
+        tag = f" `{name}`" if name not in ("b_alone", "nl", "skyline") else ""
         return _pct_ci(score(name)) + tag + (f" (p {p:.2g})" if p is not None and tag else "")
 
     ac, diff, p = best_of_family(m, "ac")
     acw, diff_w, p_w = best_of_family(m, "ac_w")
     kv, diff_kv, p_kv = best_of_family(m, "kv")
+    lat, diff_lat, p_lat = best_of_family(m, "latent")
     layers = m.get("layers", {})
     side = (m.get("items") or {}).get("places")
     row = [f"`{m.get('task')}`" + (f" ({side} places)" if side in ("train", "eval") else ""), label, f"{layers.get('k')} → {layers.get('j')}", _num(m.get("n_items"), "d"), primary,
            cell("b_alone" if "b_alone" in methods else None), cell("nl" if "nl" in methods else None), cell(ac, p),
-           cell(acw, p_w), cell(kv, p_kv), cell("skyline" if "skyline" in methods else None),
+           cell(acw, p_w), cell(kv, p_kv), cell(lat, p_lat), cell("skyline" if "skyline" in methods else None),
            f"{_num(_scaled(agree(ac)), '.0f')} / {_num(_scaled(agree('b_alone')), '.0f')}",
            published_cell(m)]
     b, sky = score("b_alone").get("mean"), score("skyline").get("mean")
@@ -411,6 +412,11 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
     def verdict(what: str, name: str | None, d: float | None, q: float | None) -> str:
         if name is None or d is None:
             return ""
+        control = control_test(m, name)
+        if d > 0 and q is not None and q < 0.05 and control is not None and not (control[0] > 0 and control[1] < 0.05):
+            # above B alone, but another item's message does as well: a nudge, not information
+            return (f"{what} moves B but carries no information detectably: `{name}` is {100 * d:+.1f} points over B "
+                    f"alone (p {q:.2g}) but {100 * control[0]:+.1f} from its mismatched control (p {control[1]:.2g}).")
         if d > 0 and q is not None and q < 0.05:
             share = (f", {100 * d / (sky - b):.0f}% of the way from B alone to the skyline"
                      if isinstance(sky, float) and isinstance(b, float) and sky > b else "")
@@ -420,7 +426,8 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
         return f"{what} does not carry it detectably: `{name}` is {100 * d:+.1f} points from B alone (p {_num(q, '.2g')})."
 
     parts = [verdict("Plain AC", ac, diff, p), verdict("AC through an aligner", acw, diff_w, p_w),
-             verdict("KV communication", kv, diff_kv, p_kv)]
+             verdict("KV communication", kv, diff_kv, p_kv), verdict("The best cross-model latent method", lat,
+                                                                     diff_lat, p_lat)]
     if ac is not None and diff is not None and not (diff > 0 and p is not None and p < 0.05):
         parts.append(f"B's first token equals the skyline's on {_num(_scaled(agree(ac)), '.0f')}% of items with "
                      f"plain AC, {_num(_scaled(agree('b_alone')), '.0f')}% alone.")
@@ -434,7 +441,7 @@ def answer_rows(label: str, m: dict[str, Any]) -> tuple[list[str], str]:
 
 
 ANSWER_HEAD = ["task", "A → B", "k → j", "n", "score", "B alone", "NL", "AC (best f)", "AC (W)", "KV",
-               "skyline", "first token = skyline's, AC / B alone (%)", "published"]
+               "latent (multi-vector, mapped KV, fuser)", "skyline", "first token = skyline's, AC / B alone (%)", "published"]
 
 
 def answer_table(runs: list[tuple[str, dict[str, Any]]]) -> str:

@@ -172,3 +172,14 @@ def test_every_method_records_the_gold_answers_likelihood(same):
     assert "gold_logprob" in s["ac_replace"]["vs_mismatched"] and "gold_logprob" in s["nl"]["vs_b_alone"]
     off = EvaluateConfig(layer_a=2, layer_b=2, methods=["b_alone"], gold_logprob=False, **FAST)
     assert "gold_logprob" not in evaluate_task("countries", same, off).runs[0].diagnostics
+
+
+def test_xmodel_methods_lists_every_method_and_its_needs(capsys):
+    from pipeline.evaluation.methods.registry import METHODS
+    from tests.helpers import run_cli
+
+    code, out, err = run_cli(capsys, "methods")
+    assert code == 0
+    for name, method in METHODS.items():
+        assert f"{name} " in out and method.summary in out
+    assert "one architecture" in out and "A's per-token states" in out

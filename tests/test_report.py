@@ -127,7 +127,7 @@ def test_report_sections_and_numbers(outputs, capsys):
     answer = sections["Does AC carry the information here?"]
     # the best plain f (sum), its p doubled for picking it from two; the aligner-only task has no plain AC
     assert ("| `countries` | qwen-0.5b → qwen-0.5b | 22 → 22 | 100 | em | 1.0 [0.2, 5.4] | 40.0 [31.0, 50.0] | "
-            "28.0 [20.0, 38.0] `ac_sum` (p 3e-08) | — | — | 28.0 [20.0, 38.0] | 40 / 5 | paper, LLaMA-3.2-3B") in answer
+            "28.0 [20.0, 38.0] `ac_sum` (p 3e-08) | — | — | — | 28.0 [20.0, 38.0] | 40 / 5 | paper, LLaMA-3.2-3B") in answer
     assert "`countries`, qwen-0.5b → qwen-0.5b: Plain AC carries information here: `ac_sum` is +27.0 points" in answer
     assert "100% of the way from B alone to the skyline" in answer and "cannot use the information" not in answer
     # the squad run has AC only through an aligner: its p (0.25) is no evidence
@@ -292,7 +292,7 @@ def test_answer_of_a_records_folder(capsys):
     code, out, err = run_cli(capsys, "report", "--answer", str(ROOT / "results" / "same05"))
     assert code == 0, err
     assert "| 0.0 [0.0, 3.7] | 44.0 [34.7, 53.8] | 9.0 [4.8, 16.2] `ac_replace` (p 0.0039) | — | " \
-           "77.0 [67.8, 84.2] `kv_all` (p 1.3e-23) | 79.0 [70.0, 85.8] | 87 / 22 |" in out
+           "77.0 [67.8, 84.2] `kv_all` (p 1.3e-23) | — | 79.0 [70.0, 85.8] | 87 / 22 |" in out
     assert out.count("\n| `") == 3  # squad, countries, tipsheets
 
 
@@ -375,3 +375,26 @@ def test_report_says_which_items_a_number_comes_from(outputs, capsys):
     assert run_cli(capsys, "--params", str(outputs / "params.yaml"), "report", "--quiet")[0] == 0
     md = (outputs / "data" / "report" / "report.md").read_text()
     assert "Items: `/x/dev.jsonl` (40 rows, layout `squad`)." in md
+
+
+def test_a_gain_its_mismatched_control_matches_is_a_nudge_not_information():
+    """Above B alone, but another item's message does as well: not counted as carrying information."""
+    from pipeline.report import answer_rows
+
+    def entry(mean, family, **vs):
+        return {"em": {"mean": mean, "lo": 0.0, "hi": 1.0}, "family": family,
+                **{f"vs_{k}": {"em": {"paired_bootstrap": {"diff": d, "p_value": p}, "mcnemar": {"p_value": p}}}
+                   for k, (d, p) in vs.items()}}
+
+    m = {"task": "countries", "primary": "em", "n_items": 100, "methods": {
+        "b_alone": entry(0.0, "reference"),
+        "mkv_kvmaps": entry(0.2, "mapped_kv", b_alone=(0.2, 1e-5), mismatched=(0.01, 0.9)),
+        "mkv_kvmaps~mismatched": entry(0.19, "control", b_alone=(0.19, 1e-5)),
+        "fuser_task": entry(0.3, "fuser", b_alone=(0.3, 1e-8), mismatched=(0.25, 1e-6))}}
+    row, sentence = answer_rows("s → q", m)
+    assert "`fuser_task`" in " ".join(row)  # the best latent method; a control is never picked
+    assert "The best cross-model latent method carries information here: `fuser_task`" in sentence
+    m["methods"].pop("fuser_task")
+    row, sentence = answer_rows("s → q", m)
+    assert "moves B but carries no information detectably: `mkv_kvmaps`" in sentence
+    assert "from its mismatched control (p 0.9)" in sentence

@@ -259,11 +259,27 @@ def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
 @click.option("--answer", "answer_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of the report: print the 'Does AC carry the information here?' table of these data dirs "
                    "(one row per evaluated task of each; repeatable).")
+@click.option("--methods", "method_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Instead of the report: one row per method of every evaluated task of these data dirs (score, "
+                   "paired tests against B alone, NL and the mismatched control, gold log-likelihood, bytes sent).")
+@click.option("--bandwidth", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --methods: also draw score against bytes sent per item into this PNG.")
 @click.pass_context
-def report(ctx: click.Context, quiet: bool, answer_dirs: tuple[Path, ...]) -> None:
+def report(ctx: click.Context, quiet: bool, answer_dirs: tuple[Path, ...], method_dirs: tuple[Path, ...],
+           bandwidth: Path | None) -> None:
     """One Markdown report (data/report/report.md, and .html) from the metrics and plots the stages wrote."""
     from stages import report as stage
 
+    if method_dirs:
+        from pipeline.report import method_table, plot_bandwidth, task_details
+
+        runs = [(f"{label} [{d.name}]", m) for d in method_dirs for label, m in task_details(d)]
+        if not runs:
+            raise UserError(f"no evaluated task in {', '.join(map(str, method_dirs))}: run `xmodel evaluate TASK` first")
+        click.echo(method_table(runs))
+        if bandwidth:
+            click.echo(f"wrote {plot_bandwidth(runs, bandwidth)}")
+        return
     if answer_dirs:
         from pipeline.report import answer_table, task_details
 

@@ -604,3 +604,79 @@ def _html(markdown_text: str) -> str | None:
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>xmodel report</title>"
             f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method of a run, one row each (the cross-model table), and the bandwidth curve
+
+METHOD_HEAD = ["task", "A → B", "method", "family", "n", "score [95% CI]", "Δ vs B alone (p)", "Δ vs NL (p)",
+               "Δ vs mismatched (p)", "gold log-lik [95% CI]", "bytes sent / item", "GFLOP / item − NL's"]
+
+
+def _delta(e: dict[str, Any], ref: str, primary: str) -> str:
+    cmp = (e.get(f"vs_{ref}") or {}).get(primary)
+    if not cmp:
+        return "—"
+    test = cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})
+    return f"{_num(_scaled(cmp.get('paired_bootstrap', {}).get('diff')), '+.1f')} (p {_num(test.get('p_value'), '.2g')})"
+
+
+def method_rows(label: str, m: dict[str, Any]) -> list[list[str]]:
+    """One row per method of a task's details: its score, paired tests against B alone, NL and its
+    mismatched control, B's gold log-likelihood, what it sent and what it cost beyond NL."""
+    methods, primary, n = m.get("methods", {}), m.get("primary"), m.get("n_items") or 1
+    nl_flops = ((methods.get("nl") or {}).get("compute") or {}).get("flops")
+    side = (m.get("items") or {}).get("places")
+    task = f"`{m.get('task')}`" + (f" ({side} places)" if side in ("train", "eval") else "")
+    rows = []
+    for name, e in methods.items():
+        gold = (e.get("diagnostics") or {}).get("gold_logprob") or {}
+        gold_cell = (f"{gold['mean']:.2f} [{gold['lo']:.2f}, {gold['hi']:.2f}]" if "mean" in gold else "—")
+        flops = (e.get("compute") or {}).get("flops")
+        extra = (_num((flops - nl_flops) / n / 1e9, "+.2f") if isinstance(flops, (int, float))
+                 and isinstance(nl_flops, (int, float)) else "—")
+        rows.append([task, label, f"`{name}`", str(e.get("family", "—")), _num(e.get("n"), "d"),
+                     _pct_ci(e.get(primary)), _delta(e, "b_alone", primary), _delta(e, "nl", primary),
+                     _delta(e, "mismatched", primary), gold_cell, _num(e.get("bytes_sent"), ".0f"), extra])
+    return rows
+
+
+def method_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    return _table(METHOD_HEAD, [row for label, m in runs for row in method_rows(label, m)])
+
+
+def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Score against bytes sent per item (log scale), one panel per run and task: every method that
+    sent something (controls left out), text beside the latent ones, B alone and the skyline as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.artifacts import save_figure
+    from pipeline.evaluation.results import fill
+
+    panels = [(label, m) for label, m in runs if m.get("methods")]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (label, m) in zip(axes[0], panels):
+        methods, primary = m["methods"], m.get("primary")
+        for name, e in methods.items():
+            s, b = e.get(primary) or {}, e.get("bytes_sent")
+            if e.get("family") in ("control", "reference") or not b or "mean" not in s:
+                continue
+            ax.errorbar([b], [100 * s["mean"]], yerr=[[100 * (s["mean"] - s["lo"])], [100 * (s["hi"] - s["mean"])]],
+                        fmt="s" if e.get("family") == "text" else "o", capsize=3)
+            ax.annotate(name, (b, 100 * s["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for ref, style in (("b_alone", ":"), ("skyline", "--")):
+            if "mean" in (methods.get(ref) or {}).get(primary, {}):
+                ax.axhline(100 * methods[ref][primary]["mean"], linestyle=style, color="grey", label=ref)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per item (log)")
+        ax.set_ylabel(f"{primary} (%) with 95% CI")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(fill(f"{m.get('task')}: {label}", fig), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path

@@ -398,3 +398,12 @@ def test_a_gain_its_mismatched_control_matches_is_a_nudge_not_information():
     row, sentence = answer_rows("s → q", m)
     assert "moves B but carries no information detectably: `mkv_kvmaps`" in sentence
     assert "from its mismatched control (p 0.9)" in sentence
+
+
+def test_methods_table_and_bandwidth_curve_of_a_records_folder(tmp_path, capsys):
+    """`xmodel report --methods DIR`: one row per method with its paired tests, and the bandwidth plot."""
+    code, out, err = run_cli(capsys, "report", "--methods", str(ROOT / "results" / "same05"),
+                             "--bandwidth", str(tmp_path / "bw.png"))
+    assert code == 0, err
+    assert "| `kv_all` | — | 100 | 77.0 [67.8, 84.2] | +77.0 (p 1.3e-23) |" in out  # an older record: no family
+    assert "Δ vs mismatched (p)" in out and (tmp_path / "bw.png").stat().st_size > 0

@@ -248,6 +248,9 @@ def evaluate(ctx: click.Context, task: str, quiet: bool) -> None:
         _silence_libraries()
     params = _params(ctx)
     out = stage.run(params, task, log=None if quiet else (lambda line: click.echo(line, err=True)))
+    from pipeline.distributed import is_main
+
+    quiet = quiet or not is_main()  # under torchrun rank 0 wrote the files and reports them
     if not quiet and "table" in out:
         click.echo(out["table"].read_text())
     if not quiet:

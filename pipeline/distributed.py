@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import UserError
 
@@ -68,6 +70,25 @@ class Dist:
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_comm_device())
         dist.all_reduce(flag)
         return int(flag.item()) == 0
+
+
+_GENERATION: ContextVar["Dist | None"] = ContextVar("xmodel_generation_ranks", default=None)
+
+
+@contextmanager
+def generation_across(d: Dist) -> Iterator[None]:
+    """Within the block, pipeline.generation.generate shares its length batches among d's ranks and
+    gives every rank all items' results (every rank must make the same calls, on the same items)."""
+    token = _GENERATION.set(d if d.world > 1 else None)
+    try:
+        yield
+    finally:
+        _GENERATION.reset(token)
+
+
+def generation_ranks() -> Dist | None:
+    """The group generate shares its batches with (generation_across), or None: one process."""
+    return _GENERATION.get()
 
 
 def _comm_device():

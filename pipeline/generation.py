@@ -23,6 +23,10 @@ flags, all updated in place):
   communication) gives the blocks that read it extra cache columns after B's own, and the others
   none: a one-token query's attention costs each block only the columns it holds.
 
+Within pipeline.distributed.generation_across (evaluation under torchrun) the length batches are
+dealt out among the ranks (batch b to rank b mod world) and every rank gets every item's result:
+each batch is the one a single process runs, so the tokens are too.
+
 Heavy imports stay inside functions.
 """
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 from pipeline.config_tasks import SAMPLING  # the params' vocabulary (a leaf)
+from pipeline.distributed import generation_ranks
 from pipeline.errors import UserError
 
 CACHES = ("auto", "dynamic", "static")
@@ -202,7 +207,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     first_logits: list[Any] = [None] * n
     timing = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "steps": 0}  # steps: decoding forwards, all batches
     start = time.perf_counter()
-    for rows in length_batches([len(p) for p in prompts], batch_size):
+    batches = length_batches([len(p) for p in prompts], batch_size)
+    ranks = generation_ranks()
+    for rows in batches if ranks is None else batches[ranks.rank::ranks.world]:
         if static:
             if len(rows) not in runners:
                 runners[len(rows)] = _static_runner(model, len(rows), length, decoding, stops, device, layer_prefix)
@@ -227,8 +234,16 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
                 first_logits[i] = logits0[r]
         if progress:
             progress(len(rows))
-    texts = [_cut(tokenizer.decode(t, skip_special_tokens=True), decoding.stop_strings) for t in tokens]
     graphed = any(r.graph is not None for r in runners.values())
+    if ranks is not None:  # every rank's batches, on every rank (each batch as one process would have run it)
+        done = [i for rows in batches[ranks.rank::ranks.world] for i in rows]
+        gathered = ranks.gather_all(({i: (tokens[i], first_logits[i], gold_logprob[i]) for i in done}, timing, graphed))
+        timing = {key: sum(t[key] for _, t, _ in gathered) for key in timing}  # work done, all ranks together
+        graphed = any(g for _, _, g in gathered)
+        for theirs, _, _ in gathered:
+            for i, (tok, logits, logprob) in theirs.items():
+                tokens[i], first_logits[i], gold_logprob[i] = tok, logits, logprob
+    texts = [_cut(tokenizer.decode(t, skip_special_tokens=True), decoding.stop_strings) for t in tokens]
     return Generation(tokens=tokens, texts=texts, prompt_tokens=[len(p) for p in prompts],
                       seconds=time.perf_counter() - start,
                       first_logits=torch.stack(first_logits) if keep_first_logits and n else None,

@@ -62,14 +62,38 @@ def _write_folder(out: dict[str, Path], files: dict[str, str]) -> None:
 
 def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable[[str], None] | None = None
         ) -> dict[str, Path]:
-    """Run one evaluation task end to end; returns the paths written."""
+    """Run one evaluation task end to end; returns the paths written. Under torchrun (a task, not
+    the probe or the sweep) every rank loads A and B, the ranks share B's and A's generation batches
+    (pipeline.distributed.generation_across), and rank 0 writes what one process would have written."""
+    from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.errors import UserError
-    from pipeline.evaluation.pair import fingerprints, load_aligners, load_pair, resolve_ks
+    from pipeline.evaluation.pair import load_pair
 
     tasks = evaluations()
     if task not in tasks:
         raise UserError(f"unknown evaluation {task!r}: use one of {', '.join(tasks)}")
     cfg = cfg or evaluate_config(params)
+    dist = init_dist(cfg.device)
+    try:
+        if dist.world > 1 and task in ("similarity", "sweep"):
+            raise UserError(f"evaluate {task} runs in one process: run it without torchrun "
+                            "(tasks are shared among ranks)")
+        if pair is None and dist.world > 1:  # rank 0 fetches/converts first, so ranks never race on the model cache
+            if not is_main():
+                dist.barrier()
+            pair = load_pair(params, cfg)
+            if is_main():
+                dist.barrier()
+        return _run(params, task, cfg, pair, log if is_main() else None, dist)
+    finally:
+        close_dist(dist)
+
+
+def _run(params: Any, task: str, cfg: Any, pair: Any, log: Callable[[str], None] | None, dist: Any
+         ) -> dict[str, Path]:
+    from pipeline.distributed import generation_across, is_main
+    from pipeline.evaluation.pair import fingerprints, load_aligners, load_pair, resolve_ks
+
     log = log or (lambda s: None)
     pair = pair or load_pair(params, cfg)
     out = outputs(params, task)
@@ -93,7 +117,10 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     prompts, decoding = task_prompts(task, cfg)
     a_prefix = any("cache" in get_method(name).needs for name in cfg.methods)  # B reads A's cache, then its prompt
     check_context(pair, prompts, decoding, cfg.chat, cfg.methods, a_prefix)  # every prompt fits both models, before any method runs
-    result = evaluate_task(task, pair, cfg, aligners, log, layers=(k, j))  # resolved once, above
+    with generation_across(dist):
+        result = evaluate_task(task, pair, cfg, aligners, log, layers=(k, j))  # resolved once, above
+    if not is_main():
+        return out
     predictions = result.predictions()
 
     def lines(rows):
@@ -106,7 +133,8 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         # the record names where the items came from (file and layout, or generator and split) and
         # each aligner it used by fingerprint (the report flags one that has changed since)
         write_record(layout(params), f"evaluate-{task}",
-                     {**result.metrics(), "items": result.prompts.source, "aligners_used": fingerprints(aligners)},
+                     {**result.metrics(), "items": result.prompts.source, "aligners_used": fingerprints(aligners),
+                      "ranks": dist.world},
                      evaluation)
         plot_scores(result.summary, result.prompts.primary, out["plot"],
                     f"{task} ({result.setting}), {pair.name_a} → {pair.name_b}, k={k} j={j}, n={len(result.prompts.ids)}")

@@ -38,8 +38,11 @@ def skyline_closeness(first_logits: Any, skyline_logits: Any) -> dict[str, list[
 
 
 def graft_geometry(vectors: Any, records: Sequence[Any]) -> dict[str, list[float]]:
-    """Per item: ‖v‖/‖b‖ and cos(v, b), from the vectors sent and the hook's records of B's states."""
+    """Per item: ‖v‖/‖b‖ and cos(v, b), from the vectors sent and the hook's records of B's states
+    (under generation_across, every rank's records)."""
     import torch
+
+    from pipeline.distributed import generation_ranks
 
     n = len(vectors)
     ratio, cos = [float("nan")] * n, [float("nan")] * n
@@ -54,6 +57,13 @@ def graft_geometry(vectors: Any, records: Sequence[Any]) -> dict[str, list[float
         c = torch.nn.functional.cosine_similarity(v, b, dim=-1)
         for k, i in enumerate(rec.rows):
             ratio[i], cos[i] = float(r[k]), float(c[k])
+    ranks = generation_ranks()
+    if ranks is not None:  # each rank recorded the grafts of the batches it ran (pipeline.generation)
+        mine = {i: (ratio[i], cos[i]) for rec in records if rec.rows is not None and rec.before is not None
+                for i in rec.rows}
+        for theirs in ranks.gather_all(mine):
+            for i, (r_i, c_i) in theirs.items():
+                ratio[i], cos[i] = r_i, c_i
     return {"norm_ratio": ratio, "cosine": cos}
 
 

@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
     ap.add_argument("--hf-log", default="", help="file for the traceback of an HF baseline that fails")
+    ap.add_argument("--hf-forward", action="store_true", help="the compiled-forward HF baseline on the CPU too")
     ap.add_argument("--profile", action="store_true", help="torch.profiler summary of one AC batched run")
     args = ap.parse_args()
 
@@ -197,6 +198,22 @@ def main() -> None:
         return gen
 
     longest = max(len(p) for p in items)
+    caches: dict[int, object] = {}
+
+    def forward_cache(rows: int):
+        """One StaticCache per batch size, allocated eagerly and reset for each call: with the prefill
+        under torch.compile too, a cache HF allocates lazily inside the compiled graph becomes one of
+        its CUDA-graph outputs, overwritten by the next call (RuntimeError in generate)."""
+        from transformers import StaticCache
+
+        if rows not in caches:
+            cfg = model_b.config
+            caches[rows] = StaticCache(config=cfg, max_cache_len=longest + args.new_tokens)
+            caches[rows].early_initialization(batch_size=rows, num_heads=cfg.num_key_value_heads,
+                                              head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                                              dtype=dtype, device=device)
+        caches[rows].reset()
+        return caches[rows]
 
     def hf(batch: int, cache: str | None, new: int, how: str = "auto", sized: bool = True):
         """HF generate on B alone: the same length batches, left-padded the same way. how: "auto"
@@ -214,8 +231,11 @@ def main() -> None:
         try:
             for rows in length_batches([len(p) for p in items], batch):
                 ids, mask, _ = left_pad([items[i] for i in rows], pad_id, device)
+                if how == "forward":  # the cache made before the compiled prefill (HF's own would be made inside it)
+                    kwargs = {"cache": forward_cache(len(rows))}
                 out = model_b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                       do_sample=False, pad_token_id=pad_id, cache_implementation=cache,
+                                       do_sample=False, pad_token_id=pad_id,
+                                       cache_implementation=None if how == "forward" else cache,
                                        disable_compile=how != "auto", **kwargs)
                 for r, i in enumerate(rows):
                     tokens[i] = out[r, ids.shape[1]:].tolist()
@@ -235,7 +255,7 @@ def main() -> None:
         runs[2:2] = [(f"AC, batched x{b}, graphs, not compiled", lambda: ac(b, compiled=False)),
                      (f"AC, batched x{b}, static, no graphs", lambda: ac(b, graphs=False))]
     hf_runs = [(HF_DYNAMIC, None, "auto"), (HF_STATIC, "static", "auto")]
-    if cuda:  # HF compiles only on accelerators; on the CPU its static-cache run above is already uncompiled
+    if cuda or args.hf_forward:  # HF compiles only on accelerators; on the CPU its static-cache run is uncompiled
         hf_runs += [(HF_FORWARD, "static", "forward"), (HF_EAGER, "static", "off")]
     if not args.no_hf:
         for label, cache, how in hf_runs:

@@ -45,3 +45,12 @@ def test_two_ranks_write_the_one_process_result(tmp_path, tiny_models):
     assert {"ac_replace~mismatched", "kv_all~noise"} <= set(one["details"]["methods"])
     assert two["predictions"] == one["predictions"]
     assert untimed(two["details"]) == {**untimed(one["details"]), "ranks": 2}
+
+
+def test_the_probe_and_the_sweep_refuse_torchrun_in_one_line(tmp_path, tiny_models):
+    params = write_params(tmp_path, {"a": tiny_models["qwen"], "b": tiny_models["qwen"]},
+                          evaluate={"aligners": [], "device": "cpu", "dtype": "float32"})
+    done = xmodel_process(params, "evaluate", "sweep", "--quiet", nproc=2)
+    assert done.returncode != 0
+    assert "error: evaluate sweep runs in one process: run it without torchrun" in done.stderr
+    assert not (tmp_path / "data" / "details").exists()

@@ -10,7 +10,8 @@ Methods, all on the same prompts (prose, varied lengths) and random-weight model
 - HF `generate` on B alone, batched the same way: its dynamic cache; its static cache as users get
   it (auto-compile on: the decoding step under torch.compile, mode "reduce-overhead"); the static
   cache with `model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`
-  (HF's documented recipe; its own auto-compile then off); and the static cache uncompiled. Each
+  (HF's documented recipe; its own auto-compile then off; the cache allocated before the compiled
+  prefill, see forward_cache); and the static cache uncompiled. Each
   is run with one new token too, so its per-step time is (t(new) - t(1)) / (batches x (new - 1)).
   The static runs pass `max_cache_len` (longest prompt + new tokens, HF's own way to size one cache
   for calls of different lengths): without it every length batch gets its own cache length, and

@@ -37,15 +37,13 @@ def test_two_ranks_write_the_one_process_result(tmp_path, tiny_models):
         assert done.returncode == 0, done.stderr[-3000:]
         data = folder / "data"
         runs[nproc] = {"predictions": (data / "evaluate" / "squad" / "predictions.jsonl").read_text(),
-                       "table": (data / "evaluate" / "squad" / "table.md").read_text(),
                        "samples": (data / "evaluate" / "squad" / "samples.jsonl").read_text(),
                        "details": json.loads((data / "details" / "evaluate-squad.json").read_text())}
     one, two = runs[1], runs[2]
     assert one["details"]["ranks"] == 1 and two["details"]["ranks"] == 2
     assert len(one["predictions"].splitlines()) == 7
     assert {"ac_replace~mismatched", "kv_all~noise"} <= set(one["details"]["methods"])
-    assert two["predictions"] == one["predictions"] and two["samples"] == one["samples"]
-    assert two["table"] == one["table"]
+    assert two["predictions"] == one["predictions"] and two["samples"] == one["samples"]  # the table has timings
     assert untimed(two["details"]) == {**untimed(one["details"]), "ranks": 2}
 
 

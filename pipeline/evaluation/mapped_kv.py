@@ -3,7 +3,7 @@ layer, become a key/value prefix through B's own norm and projections (statekv.p
 
     maps = fit_layer_maps(store_a, store_b)        # pipeline/kvmaps.py: from the stores alone (xmodel kvmaps)
     cache = mapped_cache(B, maps, A_token_states)  # B-shaped KvCache of each item's prompt_a
-    gen = kv_generate(B, tok_B, prompts_B, cache, maps.kv_layers, decoding)
+    gen = kv_generate(B, tok_B, prompts_B, cache, maps.b_layers, decoding)
 
 Layer pairs by relative depth: B's KV layer l (1..L_B) reads the residual stream entering block l,
 B's layer l - 1; it is mapped from A's stored layer nearest to the same relative depth,
@@ -41,7 +41,7 @@ class LayerMaps:
     meta: dict[str, Any] = field(default_factory=dict)  # widths, depths, held-out R² per layer, stores
 
     @property
-    def kv_layers(self) -> list[int]:
+    def b_layers(self) -> list[int]:
         return sorted(self.sources)
 
     @property

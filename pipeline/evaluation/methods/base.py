@@ -63,6 +63,7 @@ class Context:
     sky_logits: Any = None  # the skyline's first-token logits, once it ran
     sky_gen: Generation | None = None
     sky_ids: list[list[int]] | None = None
+    tokens_cache: Any = field(default=None, repr=False)  # A's per-token states so far (a_tokens)
 
     @property
     def n(self) -> int:
@@ -147,13 +148,12 @@ class Context:
         computed once for the union of every layer asked for so far."""
         from pipeline.injection import token_states
 
-        want = sorted(set(layers))
-        have = getattr(self, "_a_tokens", None)
-        if have is None or not set(want) <= set(have.layers):
-            union = sorted(set(want) | set(have.layers if have is not None else ()))
-            self._a_tokens = token_states(self.pair.model_a, self.pair.tok_a, self.enc_a, union,
-                                          batch_size=self.batch_size)
-        return self._a_tokens
+        have = self.tokens_cache
+        if have is None or not set(layers) <= set(have.layers):
+            union = sorted(set(layers) | set(have.layers if have is not None else ()))
+            self.tokens_cache = token_states(self.pair.model_a, self.pair.tok_a, self.enc_a, union,
+                                             batch_size=self.batch_size)
+        return self.tokens_cache
 
 
 class Method:

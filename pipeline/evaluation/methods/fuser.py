@@ -4,39 +4,26 @@ evaluate.aligners (a folder such as data/fusers/task)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.evaluation.methods.base import Context
-from pipeline.evaluation.methods.latent import LatentMethod, Variant
-from pipeline.evaluation.methods.mapped_kv import prefix_sender
+from pipeline.evaluation.methods.mapped_kv import PrefixMethod
 
 
-class LearnedFuser(LatentMethod):
-    name, family, needs = "fuser", "fuser", ("tokens",)
+class LearnedFuser(PrefixMethod):
+    name, family, needs, prefix = "fuser", "fuser", ("tokens",), "fuser"
     requires = "a fuser trained on these models (`xmodel fuse task|prose`, listed in evaluate.aligners)"
     summary = "A's per-token states through a trained, gated per-layer map into B's key/value prefix (B frozen)"
+    missing = "a trained fuser: run `xmodel fuse task` (or prose) and list its folder (data/fusers/task) in evaluate.aligners"
 
-    def check(self, ctx: Context) -> None:
-        from pipeline.errors import UserError
+    def kinds(self) -> type:
+        from pipeline.fuser import Fuser
 
-        if not _fusers(ctx):
-            raise UserError("method fuser needs a trained fuser: run `xmodel fuse task` (or prose) and list its "
-                            "folder (data/fusers/task) in evaluate.aligners")
+        return Fuser
 
-    def variants(self, ctx: Context) -> Iterator[Variant]:
-        for name, fuser in _fusers(ctx).items():
-            sent = ctx.a_tokens(fuser.a_layers)
-            states = {la: sent.states[la] for la in fuser.a_layers}
-            cache = fuser.cache(ctx.pair.model_b, states)
-            sizes = [sum(states[la][i].numel() * states[la][i].element_size() for la in fuser.a_layers)
-                     for i in range(ctx.n)]
-            rank = int(fuser.net["u"].shape[-1])
-            map_flops = 2.0 * sent.tokens * rank * (ctx.pair.width_a + ctx.pair.width_b) * len(fuser.b_layers)
-            yield Variant(f"fuser_{name}", list(cache.entries),
-                          prefix_sender(ctx, cache, fuser.b_layers, fuser.a_layers, sent, map_flops), sizes, "fuser")
+    def build(self, ctx: Context, artifact: Any, states: dict[int, list[Any]], sent: Any) -> Any:
+        return artifact.cache(ctx.pair.model_b, states)
 
-
-def _fusers(ctx: Context) -> dict[str, Any]:
-    from pipeline.fuser import Fuser
-
-    return {name: a for name, a in ctx.aligners.items() if isinstance(a, Fuser)}
+    def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
+        rank = int(artifact.net["u"].shape[-1])  # each layer: d_A x r, then r x d_B
+        return 2.0 * tokens * rank * (ctx.pair.width_a + ctx.pair.width_b) * len(artifact.b_layers)

@@ -1,6 +1,7 @@
-"""Mapped KV (pipeline/evaluation/mapped_kv.py): A's per-token states, mapped layer by layer into B's
-residual stream, become a key/value prefix through B's own weights; one variant per set of layer
-maps listed in evaluate.aligners (`xmodel kvmaps` fits them from the store)."""
+"""Key/value prefixes built from A's per-token states (PrefixMethod), and mapped KV
+(pipeline/evaluation/mapped_kv.py): A's states, mapped layer by layer into B's residual stream,
+become a key/value prefix through B's own weights; one variant per set of layer maps listed in
+evaluate.aligners (`xmodel kvmaps` fits them from the store)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from pipeline.evaluation.methods.base import Context
 from pipeline.evaluation.methods.latent import LatentMethod, Sent, Variant
 
 
-class MappedKV(LatentMethod):
-    name, family, needs = "mapped_kv", "mapped_kv", ("tokens",)
-    requires = "layer maps fitted on these models (`xmodel kvmaps`, listed in evaluate.aligners); B with rotary attention"
-    summary = "A's per-token states mapped into B's residual stream at every mapped layer, read by B as a KV prefix"
+class PrefixMethod(LatentMethod):
+    """A method whose message is a B-shaped key/value prefix made from A's per-token states by a
+    fitted artifact of evaluate.aligners (layer maps, a fuser): one variant per artifact."""
+
+    prefix: str = ""  # the runs' name prefix
+    missing: str = ""  # the fix when none is listed
+
+    def kinds(self) -> type:
+        """The class of artifact it takes from evaluate.aligners."""
+        raise NotImplementedError
 
     def check(self, ctx: Context) -> None:
         from pipeline.errors import UserError
@@ -22,29 +29,51 @@ class MappedKV(LatentMethod):
 
         check_attention(ctx.pair.model_b)
         cache_shape(ctx.pair.model_b, "B")
-        if not _maps(ctx):
-            raise UserError("method mapped_kv needs layer maps: run `xmodel kvmaps` and list its folder (kvmaps) in "
-                            "evaluate.aligners")
+        if not self.artifacts(ctx):
+            raise UserError(f"method {self.name} needs {self.missing}")
+
+    def artifacts(self, ctx: Context) -> dict[str, Any]:
+        kind = self.kinds()
+        return {name: a for name, a in ctx.aligners.items() if isinstance(a, kind)}
+
+    def build(self, ctx: Context, artifact: Any, states: dict[int, list[Any]], sent: Any) -> Any:
+        """B's KvCache from A's states at artifact.a_layers."""
+        raise NotImplementedError
+
+    def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
+        raise NotImplementedError
 
     def variants(self, ctx: Context) -> Iterator[Variant]:
+        for name, artifact in self.artifacts(ctx).items():
+            a_layers, kv_layers = artifact.a_layers, artifact.b_layers  # A's layers read, B's KV layers built
+            sent = ctx.a_tokens(a_layers)
+            states = {la: sent.states[la] for la in a_layers}
+            cache = self.build(ctx, artifact, states, sent)
+            # what A sends: its states at the layers the artifact reads, every token of prompt_a
+            sizes = [sum(states[la][i].numel() * states[la][i].element_size() for la in a_layers)
+                     for i in range(ctx.n)]
+            send = prefix_sender(ctx, cache, kv_layers, a_layers, sent, self.map_flops(ctx, artifact, sent.tokens))
+            yield Variant(f"{self.prefix}_{name}", list(cache.entries), send, sizes, self.family)
+
+
+class MappedKV(PrefixMethod):
+    name, family, needs, prefix = "mapped_kv", "mapped_kv", ("tokens",), "mkv"
+    requires = "layer maps fitted on these models (`xmodel kvmaps`, listed in evaluate.aligners); B with rotary attention"
+    summary = "A's per-token states mapped into B's residual stream at every mapped layer, read by B as a KV prefix"
+    missing = "layer maps: run `xmodel kvmaps` and list its folder (kvmaps) in evaluate.aligners"
+
+    def kinds(self) -> type:
+        from pipeline.evaluation.mapped_kv import LayerMaps
+
+        return LayerMaps
+
+    def build(self, ctx: Context, artifact: Any, states: dict[int, list[Any]], sent: Any) -> Any:
         from pipeline.evaluation.mapped_kv import mapped_cache
 
-        for name, maps in _maps(ctx).items():
-            sent = ctx.a_tokens(maps.a_layers)
-            states = {la: sent.states[la] for la in maps.a_layers}
-            cache = mapped_cache(ctx.pair.model_b, maps, states, sent.tokens, sent.seconds)
-            # what A sends: its states at the layers the maps read, every token of prompt_a
-            sizes = [sum(states[la][i].numel() * states[la][i].element_size() for la in maps.a_layers)
-                     for i in range(ctx.n)]
-            map_flops = 2.0 * sent.tokens * ctx.pair.width_a * ctx.pair.width_b * len(maps.kv_layers)
-            yield Variant(f"mkv_{name}", list(cache.entries),
-                          prefix_sender(ctx, cache, maps.kv_layers, maps.a_layers, sent, map_flops), sizes, "mapped_kv")
+        return mapped_cache(ctx.pair.model_b, artifact, states, sent.tokens, sent.seconds)
 
-
-def _maps(ctx: Context) -> dict[str, Any]:
-    from pipeline.evaluation.mapped_kv import LayerMaps
-
-    return {name: a for name, a in ctx.aligners.items() if isinstance(a, LayerMaps)}
+    def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
+        return 2.0 * tokens * ctx.pair.width_a * ctx.pair.width_b * len(artifact.b_layers)
 
 
 def prefix_sender(ctx: Context, cache: Any, kv_layers: list[int], a_layers: list[int], sent: Any, map_flops: float):

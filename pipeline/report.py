@@ -654,7 +654,6 @@ def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from pipeline.artifacts import save_figure
-    from pipeline.evaluation.results import fill
 
     panels = [(label, m) for label, m in runs if m.get("methods")]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
@@ -675,7 +674,7 @@ def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
         ax.set_ylabel(f"{primary} (%) with 95% CI")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, loc="upper left")
-        ax.set_title(fill(f"{m.get('task')}: {label}", fig), fontsize=9)
+        ax.set_title(f"{m.get('task')}: {label}", fontsize=8, wrap=True)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -171,9 +171,9 @@ class Method:
     def runs(self, ctx: Context) -> Iterator[MethodRun]:
         raise NotImplementedError
 
-    def run(self, ctx: Context, name: str, gen: Generation, compute: Compute, *,
-            diagnostics: dict[str, list[float]] | None = None, bytes_sent: Sequence[int] | None = None,
-            details: dict[str, Any] | None = None, family: str | None = None, closeness: bool = True) -> MethodRun:
+    def record(self, ctx: Context, name: str, gen: Generation, compute: Compute, *,
+               diagnostics: dict[str, list[float]] | None = None, bytes_sent: Sequence[int] | None = None,
+               details: dict[str, Any] | None = None, family: str | None = None, closeness: bool = True) -> MethodRun:
         """The MethodRun of one generation of B: scored, with the skyline closeness added."""
         diags = {**(diagnostics or {}), **(ctx.closeness(gen) if closeness else {})}
         if "gold_logprob" in gen.extra:  # B's log-likelihood of the gold answer: finer than EM

@@ -88,11 +88,11 @@ class LatentMethod(Method):
     def runs(self, ctx: Context) -> Iterator[MethodRun]:
         for v in self.variants(ctx):
             sent = v.send(v.message)
-            yield self.run(ctx, v.name, sent.gen, sent.compute, diagnostics=sent.diagnostics,
+            yield self.record(ctx, v.name, sent.gen, sent.compute, diagnostics=sent.diagnostics,
                            bytes_sent=v.bytes_sent, details=sent.details, family=v.family)
             for control in ctx.cfg.controls:
                 sent = v.send(controlled(v.message, control))
-                run = self.run(ctx, f"{v.name}~{control}", sent.gen, sent.compute, diagnostics=sent.diagnostics,
+                run = self.record(ctx, f"{v.name}~{control}", sent.gen, sent.compute, diagnostics=sent.diagnostics,
                                bytes_sent=v.bytes_sent, details=sent.details, family="control")
                 run.control_of, run.control = v.name, control
                 yield run

@@ -21,7 +21,7 @@ class Skyline(Method):
         gen = ctx.gen_b(ctx.sky_ids, keep_first_logits=True)
         c = Compute()
         c.add_run(ctx.pair.model_b, "b", gen)
-        run = self.run(ctx, "skyline", gen, c, closeness=False)
+        run = self.record(ctx, "skyline", gen, c, closeness=False)
         ctx.sky_gen, ctx.sky_logits = gen, gen.first_logits  # every later B run is compared with it
         yield run
 
@@ -34,7 +34,7 @@ class BAlone(Method):
         gen = ctx.gen_b(ctx.enc_b)
         c = Compute()
         c.add_run(ctx.pair.model_b, "b", gen)
-        yield self.run(ctx, "b_alone", gen, c)
+        yield self.record(ctx, "b_alone", gen, c)
 
 
 class AAlone(Method):
@@ -45,7 +45,7 @@ class AAlone(Method):
         gen = ctx.a_answer
         c = Compute()
         c.add_run(ctx.pair.model_a, "a", gen)
-        yield self.run(ctx, "a_alone", gen, c, closeness=False)
+        yield self.record(ctx, "a_alone", gen, c, closeness=False)
 
 
 class NaturalLanguage(Method):
@@ -59,4 +59,4 @@ class NaturalLanguage(Method):
         c = Compute()
         c.add_run(ctx.pair.model_a, "a", a_gen)
         c.add_run(ctx.pair.model_b, "b", gen)
-        yield self.run(ctx, "nl", gen, c, bytes_sent=[len(t.encode("utf-8")) for t in a_gen.texts])
+        yield self.record(ctx, "nl", gen, c, bytes_sent=[len(t.encode("utf-8")) for t in a_gen.texts])

@@ -1,0 +1,32 @@
+#!/bin/bash
+# The cross-model runs of results/cross-model/ (README, "Between different models"), from the repo root,
+# on this project's 2-core CPU machine (fp32, real offline weights). What was fixed before any score:
+# results/cross-model/PLAN.md. Stores, maps and aligners go under $OUT (default data/cross-model).
+set -e
+OUT=${OUT:-data/cross-model}
+export XMODEL_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
+PAIR="-S models.a=smollm2-135m-instruct -S models.b=qwen2.5-coder-0.5b-instruct"
+LAYERS="-S extract.layers=[0.0,0.041667,0.083333,0.125,0.166667,0.208333,0.25,0.291667,0.333333,0.375,0.416667,0.458333,0.5,0.541667,0.583333,0.625,0.666667,0.708333,0.75,0.791667,0.833333,0.875,0.916667,0.958333,1.0]"
+# 1. prose stores with every layer of B (depths i/24) and A's nearest, per-token rows kept; mapped KV's maps
+xmodel $PAIR $LAYERS -S paths.data=$OUT/prose extract --model a --quiet
+xmodel $PAIR $LAYERS -S paths.data=$OUT/prose extract --model b --quiet
+xmodel $PAIR $LAYERS -S paths.data=$OUT/prose kvmaps
+# 2. the per-token prose LoRA at k -> j = 0.93 (multi-vector AC's aligner), on the same stores
+mkdir -p $OUT/tok && ln -sfn ../prose/stores $OUT/tok/stores
+xmodel $PAIR $LAYERS -S paths.data=$OUT/tok -S fit.kind=tokens -S fit.layers=[0.93,0.93] fit lora --quiet
+# 3. the in-task LoRA: A's state on prompt_a -> B's on the skyline prompt, Countries train places
+T="--params profiles/in-task.yaml $PAIR -S paths.data=$OUT/in-task -S extract.layers=[0.93] -S fit.layers=[0.93,0.93] -S evaluate.countries.places=train"
+xmodel $T extract --model a --quiet && xmodel $T extract --model b --quiet && xmodel $T fit lora --quiet
+# 4. the task fuser (train places; 128 items, 32 held out, 3 epochs, CPU)
+xmodel $PAIR -S paths.data=$OUT/fuse -S 'fuse.variants=[task]' -S fuse.n_train=128 -S fuse.n_heldout=32 \
+  -S fuse.epochs=3 -S fuse.patience=0 -S fuse.device=cpu fuse task
+# 5. Countries on the evaluation places, n = 100, every method beside its mismatched control (two runs)
+E="$PAIR -S evaluate.layer_a=0.93 -S evaluate.layer_b=0.93 -S evaluate.tasks=[countries] -S evaluate.countries.places=eval -S evaluate.countries.n=100 -S evaluate.controls=[mismatched]"
+xmodel $E -S paths.data=$OUT/countries -S 'evaluate.methods=[b_alone, nl, ac, mv_ac, mapped_kv, skyline]' \
+  -S 'evaluate.modes=[replace, gated]' -S 'evaluate.aligner_modes=[replace, gated]' \
+  -S "evaluate.aligners=[$OUT/tok/aligners/lora, $OUT/prose/aligners/kvmaps]" \
+  -S 'evaluate.mv.m=[1, 4, 16, all]' -S 'evaluate.mv.aligners=[lora]' evaluate countries
+xmodel $E -S paths.data=$OUT/countries-2 -S 'evaluate.methods=[b_alone, nl, ac, fuser]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/in-task/aligners/lora, $OUT/fuse/fusers/task]" \
+  evaluate countries
+xmodel report --methods $OUT/countries --methods $OUT/countries-2 --bandwidth $OUT/bandwidth.png

@@ -663,7 +663,9 @@ def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
             s, b = e.get(primary) or {}, e.get("bytes_sent")
             if e.get("family") in ("control", "reference") or not b or "mean" not in s:
                 continue
-            ax.errorbar([b], [100 * s["mean"]], yerr=[[100 * (s["mean"] - s["lo"])], [100 * (s["hi"] - s["mean"])]],
+            # max(): a Wilson bound at the mean differs from it by rounding only (matplotlib refuses -1e-17)
+            err = [[max(0.0, 100 * (s["mean"] - s["lo"]))], [max(0.0, 100 * (s["hi"] - s["mean"]))]]
+            ax.errorbar([b], [100 * s["mean"]], yerr=err,
                         fmt="s" if e.get("family") == "text" else "o", capsize=3)
             ax.annotate(name, (b, 100 * s["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for ref, style in (("b_alone", ":"), ("skyline", "--")):

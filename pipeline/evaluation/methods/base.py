@@ -7,10 +7,10 @@ both models and what A computed for them: A's answer, A's layer-k last-token sta
 key/value cache, A's per-token states. Each is computed on first use and then shared by every
 method that needs it (each method is still charged for it in its Compute).
 
-A latent method (one that sends B something other than text) also names its message: per item,
-the tensor(s) it sends (`Message`). Its controls (pipeline/evaluation/methods/controls.py) run the
-same method on transformed messages: another item's (mismatched), norm-matched Gaussian noise, or
-zeros, so that a gain can be told from a nudge.
+A latent method (one that sends B something other than text, pipeline/evaluation/methods/latent.py)
+also names its message: per item, the tensor(s) that reach B (`Variant.message`). Its controls run
+the same method on transformed messages: another item's (mismatched), norm-matched Gaussian noise,
+or zeros, so that a gain can be told from a nudge.
 """
 
 from __future__ import annotations

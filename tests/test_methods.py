@@ -183,3 +183,10 @@ def test_xmodel_methods_lists_every_method_and_its_needs(capsys):
     for name, method in METHODS.items():
         assert f"{name} " in out and method.summary in out
     assert "one architecture" in out and "A's per-token states" in out
+
+
+def test_a_mismatched_control_of_one_item_is_refused():
+    from pipeline.evaluation.methods.latent import controlled
+
+    with pytest.raises(UserError, match="at least 2 items"):
+        controlled([torch.ones(3)], "mismatched")

@@ -65,6 +65,11 @@ def controlled(message: Sequence[Any], control: str, seed: int = CONTROL_SEED) -
     import torch
 
     if control == "mismatched":
+        if len(message) < 2:  # one item has no other item's message: the "control" would be the method itself
+            from pipeline.errors import UserError
+
+            raise UserError("evaluate.controls: mismatched needs at least 2 items (another item's message); "
+                            "evaluate more items or drop it")
         return [message[s] for s in derangement(len(message), seed)]
     if control == "zero":
         return [torch.zeros_like(t) for t in message]
@@ -89,10 +94,10 @@ class LatentMethod(Method):
         for v in self.variants(ctx):
             sent = v.send(v.message)
             yield self.record(ctx, v.name, sent.gen, sent.compute, diagnostics=sent.diagnostics,
-                           bytes_sent=v.bytes_sent, details=sent.details, family=v.family)
+                              bytes_sent=v.bytes_sent, details=sent.details, family=v.family)
             for control in ctx.cfg.controls:
                 sent = v.send(controlled(v.message, control))
                 run = self.record(ctx, f"{v.name}~{control}", sent.gen, sent.compute, diagnostics=sent.diagnostics,
-                               bytes_sent=v.bytes_sent, details=sent.details, family="control")
+                                  bytes_sent=v.bytes_sent, details=sent.details, family="control")
                 run.control_of, run.control = v.name, control
                 yield run

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from pipeline.config_evaluate import EvaluateConfig
 from pipeline.evaluation.methods.base import Context, MethodRun
+from pipeline.evaluation.methods.latent import LatentMethod, controlled
 from pipeline.evaluation.pair import Pair, resolve_ks
 from pipeline.evaluation.prompts import task_prompts
 from pipeline.evaluation.results import format_table, summarize
@@ -28,6 +29,8 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
     ctx = Context(pair, prompts, decoding, cfg, k, j, aligners or {}, log or (lambda s: None))
     for method in chosen:
         method.check(ctx)
+    if "mismatched" in cfg.controls and ctx.n < 2 and any(isinstance(m, LatentMethod) for m in chosen):
+        controlled([None], "mismatched")  # its one line, before any method runs
     runs: dict[str, MethodRun] = {}
     for method in (m for name, m in METHODS.items() if name in cfg.methods):
         for run in method.runs(ctx):

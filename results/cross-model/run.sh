@@ -29,4 +29,12 @@ xmodel $E -S paths.data=$OUT/countries -S 'evaluate.methods=[b_alone, nl, ac, mv
 xmodel $E -S paths.data=$OUT/countries-2 -S 'evaluate.methods=[b_alone, nl, ac, fuser]' -S 'evaluate.modes=[]' \
   -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/in-task/aligners/lora, $OUT/fuse/fusers/task]" \
   evaluate countries
-xmodel report --methods $OUT/countries --methods $OUT/countries-2 --bandwidth $OUT/bandwidth.png
+# 6. the in-task LoRA AC beside all three controls (mismatched, noise, zero)
+xmodel $E -S paths.data=$OUT/countries-controls -S 'evaluate.methods=[b_alone, ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace]' -S "evaluate.aligners=[$OUT/in-task/aligners/lora]" \
+  -S 'evaluate.controls=[mismatched, noise, zero]' evaluate countries
+# 7. seen places: the same trained methods on the training places (new statements about them)
+xmodel $E -S paths.data=$OUT/countries-seen -S evaluate.countries.places=train \
+  -S 'evaluate.methods=[b_alone, ac, fuser, skyline]' -S 'evaluate.modes=[]' -S 'evaluate.aligner_modes=[replace, gated]' \
+  -S "evaluate.aligners=[$OUT/in-task/aligners/lora, $OUT/fuse/fusers/task]" evaluate countries
+xmodel report --methods $OUT/countries --methods $OUT/countries-2 --methods $OUT/countries-seen --methods $OUT/countries-controls --bandwidth $OUT/bandwidth.png

@@ -37,7 +37,7 @@ class Compute:
             prompt, new = sum(gen_or_states.prompt_tokens), sum(gen_or_states.new_tokens)
             heads = len(gen_or_states.prompt_tokens) + new  # one row per prefill + one per decoding step
             seconds = gen_or_states.seconds
-        else:  # SenderStates: a partial pass, no LM head
+        else:  # SenderStates or TokenStates: a partial pass of A, no LM head
             prompt, new, heads, seconds = gen_or_states.tokens, 0, 0, gen_or_states.seconds
         self.flops += per_block * n_blocks * (prompt + new) + head * heads
         self.seconds += seconds

@@ -85,12 +85,11 @@ class LayerMaps:
         return cls(sources, {l: tensors[f"W{l}"] for l in sources}, {l: tensors[f"b{l}"] for l in sources}, meta)
 
 
-def mapped_cache(model_b: Any, maps: LayerMaps, states: dict[int, list[Any]], a_tokens: int, seconds: float) -> Any:
+def mapped_cache(model_b: Any, maps: LayerMaps, states: dict[int, list[Any]]) -> Any:
     """B's KvCache from A's per-token states (states[A layer][item] (P_i, d_A)) through the maps."""
     import torch
 
     from pipeline.evaluation.statekv import states_cache
 
     with torch.no_grad():
-        mapped = {l: [maps.apply(l, s) for s in states[la]] for l, la in maps.sources.items()}
-        return states_cache(model_b, mapped, a_tokens=a_tokens, seconds=seconds)
+        return states_cache(model_b, {l: [maps.apply(l, s) for s in states[la]] for l, la in maps.sources.items()})

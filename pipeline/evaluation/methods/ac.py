@@ -105,7 +105,7 @@ class MultiVectorAC(LatentMethod):
                                    records=records, **ctx.b_options())
             sent = ctx.a_tokens([ctx.k])
             c = Compute()
-            c.add_run(pair.model_a, "a", sent_as_states(sent), blocks=ctx.k)
+            c.add_run(pair.model_a, "a", sent, blocks=ctx.k)
             c.add_run(pair.model_b, "b", gen)
             c.seconds += map_s
             rows = sum(t.shape[0] for t in message)
@@ -115,9 +115,3 @@ class MultiVectorAC(LatentMethod):
             return Sent(gen, c, graft_geometry(last, records), {"m": m, "vectors": rows})
         return send
 
-
-def sent_as_states(sent: Any) -> Any:
-    """A's per-token pass as Compute.add_run reads a partial pass (tokens, seconds, no LM head)."""
-    from pipeline.injection import SenderStates
-
-    return SenderStates(None, sent.blocks, sent.tokens, sent.seconds)

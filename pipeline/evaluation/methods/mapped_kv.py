@@ -70,7 +70,7 @@ class MappedKV(PrefixMethod):
     def build(self, ctx: Context, artifact: Any, states: dict[int, list[Any]], sent: Any) -> Any:
         from pipeline.evaluation.mapped_kv import mapped_cache
 
-        return mapped_cache(ctx.pair.model_b, artifact, states, sent.tokens, sent.seconds)
+        return mapped_cache(ctx.pair.model_b, artifact, states)
 
     def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
         return 2.0 * tokens * ctx.pair.width_a * ctx.pair.width_b * len(artifact.b_layers)
@@ -82,7 +82,6 @@ def prefix_sender(ctx: Context, cache: Any, kv_layers: list[int], a_layers: list
     def send(message: list[Any]) -> Sent:
         from dataclasses import replace
 
-        from pipeline.evaluation.compute import block_flops
         from pipeline.evaluation.kv import kv_compute, kv_generate
 
         pair = ctx.pair
@@ -90,11 +89,10 @@ def prefix_sender(ctx: Context, cache: Any, kv_layers: list[int], a_layers: list
                           ctx.decoding, **ctx.b_options())
         work = kv_compute(cache, gen, kv_layers, pair.model_b, pair.model_b)
         c = Compute()
+        c.add_run(pair.model_a, "a", sent, blocks=max(a_layers))  # A's pass up to the deepest layer read
         c.add_run(pair.model_b, "b", gen)
-        per_block, _ = block_flops(pair.model_a)
-        c.a_tokens, c.a_blocks = sent.tokens, max(a_layers)
-        c.flops += per_block * max(a_layers) * sent.tokens + map_flops + work.b_extra_attention_flops
-        c.seconds += cache.seconds
+        c.flops += map_flops + work.b_extra_attention_flops
+        c.seconds += cache.seconds  # building the prefix from the states
         return Sent(gen, c, {}, {"layers": list(kv_layers), "a_layers": list(a_layers),
                                  "b_extra_attention_flops": work.b_extra_attention_flops})
     return send

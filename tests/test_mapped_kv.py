@@ -82,3 +82,21 @@ def test_the_fuser_method_through_an_identity_fuser_is_kv_all(tiny_pair):
     runs = {r.name: r for r in evaluate_task("countries", same, cfg, {"ident": identity_fuser(model)}).runs}
     assert runs["fuser_ident"].texts == runs["kv_all"].texts and runs["fuser_ident"].family == "fuser"
     assert runs["fuser_ident~mismatched"].control_of == "fuser_ident"
+
+
+def test_a_runs_once_for_every_method_reading_its_token_states(tiny_pair, monkeypatch):
+    """Multi-vector AC reads A's layer k, mapped KV every layer: one pass of A serves both."""
+    import pipeline.injection as injection
+
+    model, tok = tiny_pair.model_b, tiny_pair.tok_b
+    same = Pair(model, tok, model, tok, "tiny-qwen", "tiny-qwen")
+    from pipeline.architecture import architecture
+
+    arch = architecture(model)
+    calls = []
+    real = injection.token_states
+    monkeypatch.setattr(injection, "token_states", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    cfg = EvaluateConfig(layer_a=2, layer_b=2, batch_size=3, n_boot=100, controls=[], methods=["mv_ac", "mapped_kv"],
+                         countries=GameConfig(n=3, max_new_tokens=2))
+    evaluate_task("countries", same, cfg, {"ident": LayerMaps.identity(arch.n_layers, arch.width)})
+    assert calls == [[0, 1, 2, 3]]  # layer k = 2 and the maps' A layers 0..3, in one pass

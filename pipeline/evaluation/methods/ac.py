@@ -73,6 +73,9 @@ class MultiVectorAC(LatentMethod):
     requires = "any pair; across widths an aligner fitted on per-token states (fit.kind: tokens)"
     summary = "the states of A's last m tokens (evaluate.mv.m) placed on B's last m positions at layer j"
 
+    def reads_tokens(self, ctx: Context) -> list[int]:
+        return [ctx.k]
+
     def variants(self, ctx: Context) -> Iterator[Variant]:
         from pipeline.injection import map_vectors
 

@@ -64,6 +64,7 @@ class Context:
     sky_gen: Generation | None = None
     sky_ids: list[list[int]] | None = None
     tokens_cache: Any = field(default=None, repr=False)  # A's per-token states so far (a_tokens)
+    token_layers: set[int] = field(default_factory=set)  # every layer the chosen methods read (run_methods)
 
     @property
     def n(self) -> int:
@@ -144,13 +145,14 @@ class Context:
         return a_cache(self.pair.model_a, self.pair.tok_a, self.enc_a, batch_size=self.batch_size)
 
     def a_tokens(self, layers: Sequence[int]) -> Any:
-        """A's per-token states of prompt_a after each of `layers` (pipeline.injection.TokenStates),
-        computed once for the union of every layer asked for so far."""
+        """A's per-token states of prompt_a after each of `layers` (pipeline.injection.TokenStates):
+        one pass for every layer the chosen methods read (`token_layers`), so a method asking for
+        other layers after another one's does not make A run again."""
         from pipeline.injection import token_states
 
         have = self.tokens_cache
         if have is None or not set(layers) <= set(have.layers):
-            union = sorted(set(layers) | set(have.layers if have is not None else ()))
+            union = sorted(set(layers) | self.token_layers | set(have.layers if have is not None else ()))
             self.tokens_cache = token_states(self.pair.model_a, self.pair.tok_a, self.enc_a, union,
                                              batch_size=self.batch_size)
         return self.tokens_cache
@@ -167,6 +169,10 @@ class Method:
 
     def check(self, ctx: Context) -> None:
         """Refuse, before any method runs, a pair or config this method cannot serve (one UserError line)."""
+
+    def reads_tokens(self, ctx: Context) -> Sequence[int]:
+        """The layers of A's per-token states this method reads (none unless it `needs` "tokens")."""
+        return ()
 
     def runs(self, ctx: Context) -> Iterator[MethodRun]:
         raise NotImplementedError

@@ -32,6 +32,9 @@ class PrefixMethod(LatentMethod):
         if not self.artifacts(ctx):
             raise UserError(f"method {self.name} needs {self.missing}")
 
+    def reads_tokens(self, ctx: Context) -> list[int]:
+        return sorted({la for artifact in self.artifacts(ctx).values() for la in artifact.a_layers})
+
     def artifacts(self, ctx: Context) -> dict[str, Any]:
         kind = self.kinds()
         return {name: a for name, a in ctx.aligners.items() if isinstance(a, kind)}

@@ -29,6 +29,7 @@ def run_methods(pair: Pair, prompts: TaskPrompts, decoding: Decoding, cfg: Evalu
     ctx = Context(pair, prompts, decoding, cfg, k, j, aligners or {}, log or (lambda s: None))
     for method in chosen:
         method.check(ctx)
+        ctx.token_layers.update(method.reads_tokens(ctx))
     if "mismatched" in cfg.controls and ctx.n < 2 and any(isinstance(m, LatentMethod) for m in chosen):
         controlled([None], "mismatched")  # its one line, before any method runs
     runs: dict[str, MethodRun] = {}

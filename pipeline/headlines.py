@@ -60,6 +60,16 @@ def primary_mean(details: dict[str, Any], method: str) -> Any:
     return ((details.get("methods", {}).get(method) or {}).get(details.get("primary")) or {}).get("mean")
 
 
+def comparison(entry: dict[str, Any], ref: str, score: str) -> tuple[Any, Any] | None:
+    """(difference, p) of a method's entry against `ref` (b_alone, nl, or one of its controls) on
+    `score`, as the record holds it: exact McNemar's p where recorded (binary scores), else the paired
+    bootstrap's; None when that comparison was not made."""
+    cmp = ((entry or {}).get(f"vs_{ref}") or {}).get(score)
+    if not cmp:
+        return None
+    return cmp.get("paired_bootstrap", {}).get("diff"), (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
+
+
 def best(details: dict[str, Any], names: Iterable[str]) -> tuple[str | None, float | None, float | None]:
     """The best of `names` with a finite primary score, its difference from B alone and its p against
     B alone multiplied by how many it was picked from (Bonferroni): picking the best is no evidence."""
@@ -68,22 +78,18 @@ def best(details: dict[str, Any], names: Iterable[str]) -> tuple[str | None, flo
     if not names:
         return None, None, None
     name = max(names, key=lambda n: primary_mean(details, n))
-    cmp = (methods.get(name) or {}).get("vs_b_alone", {}).get(primary)
-    if not cmp:
+    against = comparison(methods.get(name), "b_alone", primary)
+    if against is None:
         return name, None, None
-    p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
-    return name, cmp.get("paired_bootstrap", {}).get("diff"), None if p is None else min(1.0, p * len(names))
+    diff, p = against
+    return name, diff, None if p is None else min(1.0, p * len(names))
 
 
 def control_test(details: dict[str, Any], method: str, control: str = "mismatched") -> tuple[float, float] | None:
     """(difference, p) of `method` against its `control` run on the primary score, or None when that
     control did not run: a method carries information only where it beats its mismatched control."""
-    cmp = ((details.get("methods", {}).get(method) or {}).get(f"vs_{control}") or {}).get(details.get("primary"))
-    if not cmp:
-        return None
-    p = (cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})).get("p_value")
-    diff = cmp.get("paired_bootstrap", {}).get("diff")
-    return None if p is None or diff is None else (diff, p)
+    against = comparison(details.get("methods", {}).get(method), control, details.get("primary"))
+    return None if against is None or None in against else against
 
 
 def best_of_family(details: dict[str, Any], fam: str) -> tuple[str | None, float | None, float | None]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config_tasks import TASK_SECTIONS as TASKS  # the task names, from params' types (no task code)
 from pipeline.errors import UserError
-from pipeline.headlines import best, best_of_family, control_test  # the family rule (plain AC, AC (W), KV), one owner
+from pipeline.headlines import best, best_of_family, comparison, control_test  # the family rule (plain AC, AC (W), KV), one owner
 
 ROLES = ("a", "b")
 NOT_RUN = "_not run_"
@@ -516,13 +516,7 @@ def _task_section(cfg: ReportConfig, task: str) -> str:
     rows = []
     for name, e in methods.items():
         row = [f"`{name}`", _num(e.get("n"), "d")] + [_pct_ci(e.get(k)) for k in keys]
-        cmp = e.get("vs_b_alone", {}).get(primary)
-        if cmp:
-            test = cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})
-            row.append(f"{_num(_scaled(cmp.get('paired_bootstrap', {}).get('diff')), '+.1f')} "
-                       f"(p {_num(test.get('p_value'), '.3g')})")
-        else:
-            row.append("—")
+        row.append(_delta(e, "b_alone", primary, ".3g"))
         row.append(_pct_ci(e.get("diagnostics", {}).get("agree_skyline")))
         c = e.get("compute", {})
         row += [_num(c.get("a_tokens"), "d"), _num(c.get("b_tokens"), "d"),
@@ -613,12 +607,12 @@ METHOD_HEAD = ["task", "A → B", "method", "family", "n", "score [95% CI]", "Δ
                "Δ vs mismatched (p)", "gold log-lik [95% CI]", "bytes sent / item", "GFLOP / item − NL's"]
 
 
-def _delta(e: dict[str, Any], ref: str, primary: str) -> str:
-    cmp = (e.get(f"vs_{ref}") or {}).get(primary)
-    if not cmp:
+def _delta(e: dict[str, Any], ref: str, primary: str, p_format: str = ".2g") -> str:
+    """"+d (p P)": the entry's paired comparison with `ref` on the primary score, or — where none."""
+    against = comparison(e, ref, primary)
+    if against is None:
         return "—"
-    test = cmp.get("mcnemar") or cmp.get("paired_bootstrap", {})
-    return f"{_num(_scaled(cmp.get('paired_bootstrap', {}).get('diff')), '+.1f')} (p {_num(test.get('p_value'), '.2g')})"
+    return f"{_num(_scaled(against[0]), '+.1f')} (p {_num(against[1], p_format)})"
 
 
 def method_rows(label: str, m: dict[str, Any]) -> list[list[str]]:

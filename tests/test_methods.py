@@ -26,9 +26,13 @@ def test_registry_names_are_the_config_vocabulary():
     from pipeline.config_evaluate import METHODS as VOCABULARY
     from pipeline.evaluation.methods.registry import METHODS
 
+    from pipeline.evaluation.methods.base import FAMILIES
+    from pipeline.headlines import GROUPS
+
     assert set(METHODS) == set(VOCABULARY)
     for name, method in METHODS.items():
-        assert method.name == name and method.summary and method.family
+        assert method.name == name and method.summary and method.family in FAMILIES
+    assert set(GROUPS) <= set(FAMILIES)  # the headline groups name families a record can hold
 
 
 def test_unknown_method_is_one_line_before_any_work(same, monkeypatch):

@@ -110,12 +110,10 @@ class Fuser:
     def flops_per_a_token(self, model_b: Any) -> float:
         """Matmul FLOPs the fuser adds per token of A's prompt: each B layer's rank-r map and B's own
         key/value projections of the mapped state (B's attention to the prefix is kv_compute's)."""
-        from pipeline.architecture import architecture
+        from pipeline.evaluation.statekv import kv_flops_per_token
 
-        arch = architecture(model_b)
         rank, d_a, d_b = self.net["u"].shape[2], int(self.meta["d_a"]), int(self.meta["d_b"])
-        per_layer = 2.0 * (d_a * rank + rank * d_b) + 2.0 * d_b * 2 * arch.n_kv_heads * arch.head_dim
-        return per_layer * len(self.sources)
+        return (2.0 * (d_a * rank + rank * d_b) + kv_flops_per_token(model_b)) * len(self.sources)
 
     @property
     def gates(self) -> list[float]:

@@ -68,6 +68,12 @@ def test_cross_tokenizer_mapped_kv_end_to_end(tiny_models, tmp_path, capsys):
                                    "methods": ["mapped_kv"], "countries": {"n": 2}})
     code, out, err = run_cli(capsys, "--params", str(other), "evaluate", "countries")
     assert code == 2 and "refit" in err
+    # a listed maps folder that does not exist: one line naming it
+    gone = write_params(tmp_path / "other", {"a": tiny_models["llama"], "b": tiny_models["qwen"]},
+                        evaluate={"aligners": [str(tmp_path / "nowhere" / "kvmaps")], "methods": ["mapped_kv"],
+                                  "countries": {"n": 2}})
+    code, out, err = run_cli(capsys, "--params", str(gone), "evaluate", "countries")
+    assert code == 2 and "nowhere/kvmaps" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_fuser_method_through_an_identity_fuser_is_kv_all(tiny_pair):

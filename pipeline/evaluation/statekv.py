@@ -43,6 +43,14 @@ def block_kv(model: Any, layer: int, h: Any) -> tuple[Any, Any]:
     return arch.keys_values(layer, h, torch.arange(p, device=h.device)[None].expand(n, p))
 
 
+def kv_flops_per_token(model: Any) -> float:
+    """Matmul FLOPs block_kv spends per token and layer: B's key and value projections of one state."""
+    from pipeline.architecture import architecture
+
+    arch = architecture(model)
+    return 2.0 * arch.width * 2 * arch.n_kv_heads * arch.head_dim
+
+
 def states_cache(model: Any, states: Mapping[int, Sequence[Any]], *, a_tokens: int | None = None,
                  seconds: float = 0.0) -> Any:
     """A KvCache for `model` (B) from per-item states: states[l][i] is (P_i, d_B), B's residual stream

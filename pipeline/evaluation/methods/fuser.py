@@ -25,5 +25,4 @@ class LearnedFuser(PrefixMethod):
         return artifact.cache(ctx.pair.model_b, states)
 
     def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
-        rank = int(artifact.net["u"].shape[-1])  # each layer: d_A x r, then r x d_B
-        return 2.0 * tokens * rank * (ctx.pair.width_a + ctx.pair.width_b) * len(artifact.b_layers)
+        return tokens * artifact.flops_per_a_token(ctx.pair.model_b)

@@ -76,7 +76,11 @@ class MappedKV(PrefixMethod):
         return mapped_cache(ctx.pair.model_b, artifact, states)
 
     def map_flops(self, ctx: Context, artifact: Any, tokens: int) -> float:
-        return 2.0 * tokens * ctx.pair.width_a * ctx.pair.width_b * len(artifact.b_layers)
+        """Each mapped layer: A's state through its d_A x d_B map, then B's key/value projections."""
+        from pipeline.evaluation.statekv import kv_flops_per_token
+
+        per_layer = 2.0 * ctx.pair.width_a * ctx.pair.width_b + kv_flops_per_token(ctx.pair.model_b)
+        return tokens * per_layer * len(artifact.b_layers)
 
 
 def prefix_sender(ctx: Context, cache: Any, kv_layers: list[int], a_layers: list[int], sent: Any, map_flops: float):

@@ -22,7 +22,8 @@ def force_option(what: str):
     return click.option("--force", is_flag=True, help=f"Replace {what}.")
 
 
-def _parse_sets(sets: tuple[str, ...]) -> dict:
+def parse_sets(sets: tuple[str, ...]) -> dict:
+    """-S KEY=VALUE overrides as {dotted key: YAML value} (also for scripts that take xmodel's -S)."""
     import yaml
 
     out = {}
@@ -57,7 +58,7 @@ def _params(ctx: click.Context):
         # a data/ here without saying which params it ran
         raise UserError(f"no {DEFAULT_PARAMS} in {Path.cwd()}: run xmodel in the project folder (the one with "
                         "params.yaml and dvc.yaml), or name the params with --params FILE")
-    return load_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=ctx.obj["overlays"])
+    return load_params(overrides=parse_sets(ctx.obj["sets"]), overlays=ctx.obj["overlays"])
 
 
 @cli.command()
@@ -97,7 +98,7 @@ def profile(ctx: click.Context, profiles: tuple[str, ...], out: Path | None, for
     from pipeline.fitting import check_aligners
 
     files = [*ctx.obj["overlays"], *(p if p.endswith((".yaml", ".yml")) else f"profiles/{p}.yaml" for p in profiles)]
-    raw = merged_params(overrides=_parse_sets(ctx.obj["sets"]), overlays=files)
+    raw = merged_params(overrides=parse_sets(ctx.obj["sets"]), overlays=files)
     check_aligners(params_from_dict(raw).fit)  # refuse what a stage would refuse, before anything is written
     if out is not None and out.exists() and not force and not is_params_file(out):
         raise UserError(f"--out {out} exists and is not a params file (a YAML mapping of params sections): "

@@ -243,7 +243,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
         for theirs, _, _ in gathered:
             for i, (tok, logits, logprob) in theirs.items():
                 tokens[i], first_logits[i], gold_logprob[i] = tok, logits, logprob
-    texts = [_cut(tokenizer.decode(t, skip_special_tokens=True), decoding.stop_strings) for t in tokens]
+    texts = [cut_at_stops(tokenizer.decode(t, skip_special_tokens=True), decoding.stop_strings) for t in tokens]
     return Generation(tokens=tokens, texts=texts, prompt_tokens=[len(p) for p in prompts],
                       seconds=time.perf_counter() - start,
                       first_logits=torch.stack(first_logits) if keep_first_logits and n else None,
@@ -268,9 +268,11 @@ def _use_static(model: Any, device: Any, cache: str, eager_only: bool) -> bool:
     return cache == "auto" and device.type == "cuda" and full and not eager_only
 
 
-def _cut(text: str, stop_strings: Sequence[str]) -> str:
+def cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
     """The text up to the first stop string that follows some content (leading whitespace, a
-    newline included, is not a stop: models often open an answer with one)."""
+    newline included, is not a stop: models often open an answer with one). Where a reply ends,
+    for B's generations and for replies of an outside method scored on the same items
+    (pipeline/evaluation/external.py)."""
     lead = len(text) - len(text.lstrip())
     for s in stop_strings:
         if s and s in text[lead:]:

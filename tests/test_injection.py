@@ -309,8 +309,8 @@ def test_graft_from_the_skyline_prompt_gives_the_skyline_answer(models):
 
 
 def test_stop_strings_cut_after_content_only():
-    from pipeline.generation import _cut
+    from pipeline.generation import cut_at_stops as cut
 
-    assert _cut("Paris\nmore", ("\n",)) == "Paris"
-    assert _cut("\n\n Paris\nmore", ("\n",)) == "\n\n Paris"
-    assert _cut("\n", ("\n",)) == "\n" and _cut("abc", ()) == "abc"
+    assert cut("Paris\nmore", ("\n",)) == "Paris"
+    assert cut("\n\n Paris\nmore", ("\n",)) == "\n\n Paris"
+    assert cut("\n", ("\n",)) == "\n" and cut("abc", ()) == "abc"

@@ -117,7 +117,9 @@ def test_an_outside_row_is_cut_scored_and_tested_against_the_recorded_runs(recor
     run = external_run(prompts, decoding, "outside", replies, [3584] * len(replies), Compute(), "avp")
     assert run.texts[:4] == [f" {prompts.golds[i][0]}" for i in range(4)]  # cut where B's generation stops
     assert run.scores["em"] == [1.0] * 4 + [0.0] * (len(replies) - 4)
-    result = external_result("countries", prompts, decoding, rec, [run], {"outside": {"steps": 20}}, n_boot=cfg.n_boot)
+    names = (tiny_pair.name_a, tiny_pair.name_b)
+    result = external_result("countries", prompts, decoding, rec, [run], {"outside": {"steps": 20}}, names,
+                             n_boot=cfg.n_boot)
     assert [r.name for r in result.runs] == ["b_alone", "nl", "outside", "skyline"]
     row = result.summary["outside"]
     lo, hi = wilson_interval(4, len(replies))
@@ -126,7 +128,7 @@ def test_an_outside_row_is_cut_scored_and_tested_against_the_recorded_runs(recor
         assert row[f"vs_{ref}"]["em"]["mcnemar"] == mcnemar_exact(run.scores["em"], rec.runs[ref].scores["em"]).to_json()
     assert row["bytes_sent"] == 3584 and row["family"] == "avp"
     with pytest.raises(ValueError, match="named like recorded"):
-        external_result("countries", prompts, decoding, rec, [rec.runs["nl"]], {})
+        external_result("countries", prompts, decoding, rec, [rec.runs["nl"]], {}, names)
     with pytest.raises(ValueError, match="3 replies"):
         external_run(prompts, decoding, "short", replies[:3], [0] * 3, Compute(), "avp")
 
@@ -141,3 +143,33 @@ def test_an_outside_row_is_cut_scored_and_tested_against_the_recorded_runs(recor
     (label, details), = task_details(tmp_path / "out")
     table = method_table([(label, details)])
     assert "`outside`" in table and f"{tiny_pair.name_a} → {tiny_pair.name_b}" == label
+
+
+def test_outside_rows_written_before_the_record_are_paired_once_it_is_there(recorded, tiny_pair, tmp_path):
+    """The record of the items may come after the outside run: its rows alone are written (each
+    against its control), and read back later they pair exactly as if paired at once."""
+    from pipeline.evaluation.compute import Compute
+    from pipeline.evaluation.external import external_result, external_run, recorded_runs, write_result
+
+    data, cfg = recorded
+    prompts, decoding = _items(cfg)
+    names = (tiny_pair.name_a, tiny_pair.name_b)
+    n = len(prompts.ids)
+    replies = [prompts.golds[i][0] if i % 2 else "Atlantis" for i in range(n)]
+    own = external_run(prompts, decoding, "outside", replies, [10] * n, Compute(), "avp", {"transfer": "rosetta"})
+    control = external_run(prompts, decoding, "outside~mismatched", replies[::-1], [10] * n, Compute(), "control",
+                           control_of="outside", control="mismatched")
+    alone = external_result("countries", prompts, decoding, None, [own, control], {"outside": {"steps": 20}}, names,
+                            n_boot=cfg.n_boot)
+    assert alone.info["recorded"] is None and [r.name for r in alone.runs] == ["outside", "outside~mismatched"]
+    assert "vs_b_alone" not in alone.summary["outside"] and "vs_mismatched" in alone.summary["outside"]
+    write_result(tmp_path / "alone", alone)
+
+    mine = recorded_runs(tmp_path / "alone", "countries", prompts, decoding, names, methods=None, required=())
+    rec = recorded_runs(data, "countries", prompts, decoding, names)
+    later = external_result("countries", prompts, decoding, rec, list(mine.runs.values()), {}, names, n_boot=cfg.n_boot)
+    at_once = external_result("countries", prompts, decoding, rec, [own, control], {}, names, n_boot=cfg.n_boot)
+    assert _rounded(json.loads(json.dumps(later.summary))) == _rounded(json.loads(json.dumps(at_once.summary)))
+    assert later.runs[2].details == {"transfer": "rosetta"} and later.runs[3].control_of == "outside"
+    with pytest.raises(UserError, match="has no b_alone, nl run"):  # the outside result is no record to pair with
+        recorded_runs(tmp_path / "alone", "countries", prompts, decoding, names)

@@ -8,7 +8,9 @@ the skyline), so that an outside row is read exactly like one of xmodel's.
                   scored anew giving its scores (a record of other items, or scored otherwise, is refused)
   external_run    a MethodRun of an outside method's replies (cut at the task's stop strings, scored)
   external_result the TaskResult of the recorded and the outside runs: summary with Wilson intervals and
-                  exact McNemar tests against b_alone and nl (pipeline/evaluation/results.summarize)
+                  exact McNemar tests against b_alone and nl (pipeline/evaluation/results.summarize);
+                  without a record yet, the outside rows alone (paired later: their own result reads
+                  back through recorded_runs)
   write_result    its record, predictions and table in the flat layout of results/ (RESULT_FILES), which
                   `xmodel report --methods DIR` reads like any evaluation record
 
@@ -72,9 +74,11 @@ def _same(x: Any, y: Any) -> bool:
 
 
 def recorded_runs(folder: Path | str, task: str, prompts: TaskPrompts, decoding: Decoding,
-                  models: tuple[str, str], methods: Sequence[str] = ("b_alone", "nl", "skyline")) -> Recorded:
-    """The runs of `methods` the record in `folder` holds (those of REQUIRED must be there; the others
-    where recorded), refused in one line unless the record is of these items, models and decoding."""
+                  models: tuple[str, str], methods: Sequence[str] | None = ("b_alone", "nl", "skyline"),
+                  required: Sequence[str] = REQUIRED) -> Recorded:
+    """The runs of `methods` (None: every one) the record in `folder` holds (those of `required` must be
+    there; the others where recorded), refused in one line unless the record is of these items, models
+    and decoding. An outside method's own result (write_result) reads back the same way."""
     import json
     from dataclasses import asdict
 
@@ -94,13 +98,13 @@ def recorded_runs(folder: Path | str, task: str, prompts: TaskPrompts, decoding:
                                  ("golds", [r.get("gold") for r in rows], prompts.golds)):
         if not _same(recorded, ours):
             raise refuse(what, recorded, ours)
-    missing = [m for m in REQUIRED if m not in details.get("methods", {}) or any(m not in r for r in rows)]
+    missing = [m for m in required if m not in details.get("methods", {}) or any(m not in r for r in rows)]
     if missing:
         raise UserError(f"record {details_path} has no {', '.join(missing)} run: an outside row is tested against "
-                        f"{' and '.join(REQUIRED)} of the same items; evaluate them there (evaluate.methods)")
+                        f"{' and '.join(required)} of the same items; evaluate them there (evaluate.methods)")
     compute_fields = {f.name for f in fields(Compute)}
     runs = {}
-    for name in methods:
+    for name in details.get("methods", {}) if methods is None else methods:
         entry = details.get("methods", {}).get(name)
         if entry is None or any(name not in r for r in rows):
             continue
@@ -136,28 +140,32 @@ def external_run(prompts: TaskPrompts, decoding: Decoding, name: str, replies: S
                      [int(b) for b in bytes_sent], control_of, control)
 
 
-def external_result(task: str, prompts: TaskPrompts, decoding: Decoding, recorded: Recorded, runs: Sequence[MethodRun],
-                    info: dict[str, Any], n_boot: int = 10_000) -> Any:
+def external_result(task: str, prompts: TaskPrompts, decoding: Decoding, recorded: Recorded | None,
+                    runs: Sequence[MethodRun], info: dict[str, Any], models: tuple[str, str],
+                    n_boot: int = 10_000) -> Any:
     """The TaskResult (pipeline/evaluation/methods/run.py) of the recorded runs (the references first,
     the skyline last, as in xmodel's tables) and the outside ones, summarized together: every outside
-    row gets its Wilson interval and exact McNemar tests against the recorded b_alone and nl."""
+    row gets its Wilson interval and exact McNemar tests against the recorded b_alone and nl. Without a
+    record (not evaluated yet) the outside rows alone, each against its controls; `recorded` says so."""
     from dataclasses import asdict
 
     from pipeline.evaluation.methods.run import REFERENCE_FIRST, TaskResult
     from pipeline.evaluation.results import summarize
 
-    clash = [r.name for r in runs if r.name in recorded.runs]
+    have = recorded.runs if recorded is not None else {}
+    clash = [r.name for r in runs if r.name in have]
     if clash:
         raise ValueError(f"outside runs named like recorded ones: {clash}")
-    ref = [recorded.runs[n] for n in REFERENCE_FIRST if n in recorded.runs]
-    rest = [r for n, r in recorded.runs.items() if n not in (*REFERENCE_FIRST, "skyline")]
-    sky = [recorded.runs["skyline"]] if "skyline" in recorded.runs else []
+    ref = [have[n] for n in REFERENCE_FIRST if n in have]
+    rest = [r for n, r in have.items() if n not in (*REFERENCE_FIRST, "skyline")]
+    sky = [have["skyline"]] if "skyline" in have else []
     all_runs = [*ref, *rest, *runs, *sky]
     summary = summarize(prompts, all_runs, n_boot=n_boot)
-    layers = recorded.details.get("layers") or {}
-    base = {"n_items": len(prompts.ids), "models": recorded.details["models"], "decoding": asdict(decoding),
+    layers = (recorded.details.get("layers") if recorded is not None else None) or {}
+    base = {"n_items": len(prompts.ids), "models": {"a": models[0], "b": models[1]}, "decoding": asdict(decoding),
             "items": prompts.source,
-            "recorded": {"record": str(recorded.details_path), "methods": list(recorded.runs)}}
+            "recorded": ({"record": str(recorded.details_path), "methods": list(have)} if recorded is not None
+                         else None)}
     return TaskResult(task, layers.get("k"), layers.get("j"), summary, all_runs, prompts, {**base, **info})
 
 

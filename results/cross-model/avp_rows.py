@@ -66,29 +66,76 @@ def _stub(prompt_tokens: int, new: int, seconds: float):
     return Generation(tokens=[[0] * new], texts=[""], prompt_tokens=[prompt_tokens], seconds=seconds)
 
 
+def _record(args: argparse.Namespace, prompts, decoding, names: tuple[str, str]):
+    """The xmodel record of these items (recorded_runs), or None while it is not written yet."""
+    from pipeline.evaluation.external import record_paths, recorded_runs
+    from pipeline.errors import UserError
+
+    if args.record is None:
+        return None
+    try:
+        record_paths(args.record, args.task)
+    except UserError:
+        return None  # not evaluated yet: the rows alone now, paired later (--pair)
+    return recorded_runs(args.record, args.task, prompts, decoding, names)
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     from pipeline.cli import parse_sets
     from pipeline.config import load_params
-    from pipeline.encoding import encode
     from pipeline.errors import UserError
-    from pipeline.evaluation.compute import Compute
-    from pipeline.evaluation.external import external_result, external_run, recorded_runs, write_result
-    from pipeline.evaluation.methods.latent import derangement
-    from pipeline.evaluation.pair import load_pair
+    from pipeline.evaluation.external import external_result, recorded_runs, write_result
     from pipeline.evaluation.prompts import task_prompts
+    from pipeline.generation import cut_at_stops
     from stages.evaluate import evaluate_config
 
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: avp thinks at least one latent step; its default is {DEFAULT_STEPS}")
     params = load_params(overrides=parse_sets(tuple(args.sets)))
     cfg = evaluate_config(params)
     prompts, decoding = task_prompts(args.task, cfg)
+    names = (params.model_spec("a"), params.model_spec("b"))
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    recorded = _record(args, prompts, decoding, names)  # checked before avp runs, when it is there
+    if recorded is None and not args.pair:
+        log(f"no evaluation of {args.task} at --record {args.record} (yet): avp's rows alone, to pair later")
+    if args.pair:  # avp's rows as an earlier run wrote them, paired with the record now there
+        if recorded is None:
+            raise UserError(f"--pair: no evaluation of {args.task} at --record {args.record}: evaluate it first")
+        mine = recorded_runs(args.out, args.task, prompts, decoding, names, methods=None, required=())
+        runs = [r for name, r in mine.runs.items() if name.startswith("avp_")]
+        info = {key: mine.details[key] for key in ("avp", "run") if key in mine.details}
+    else:
+        runs, info = avp_runs(args, params, cfg, prompts, decoding, log)
+    alone = info["avp"]["b_alone_replies"]
+    if recorded is not None:  # B alone through avp's generate against the record's: same prompts, same decoding
+        same = sum(cut_at_stops(a, decoding.stop_strings).strip() == b.strip()
+                   for a, b in zip(alone, recorded.runs["b_alone"].texts))
+        info["avp"]["b_alone_reproduced"] = {"same_replies": same, "n": len(alone)}
+        log(f"B alone through avp = the record's b_alone on {same}/{len(alone)} items")
+    else:
+        log("avp's rows alone: pair them with the record once it is written (--pair, the same -S and --out)")
+    result = external_result(args.task, prompts, decoding, recorded, runs, info, names, n_boot=cfg.n_boot)
+    out = write_result(args.out, result)
+    if not args.quiet:
+        print(result.table())
+    return out
+
+
+def avp_runs(args: argparse.Namespace, params, cfg, prompts, decoding, log) -> tuple[list, dict]:
+    """avp's row and its mismatched control on these items, and the run's facts (avp's version and
+    steps, B alone's replies through avp's generate, command, machine, date)."""
+    from pipeline.encoding import encode
+    from pipeline.errors import UserError
+    from pipeline.evaluation.compute import Compute
+    from pipeline.evaluation.external import external_run
+    from pipeline.evaluation.methods.latent import derangement
+    from pipeline.evaluation.pair import load_pair
+
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: avp thinks at least one latent step; its default is {DEFAULT_STEPS}")
     if decoding.sampling != "greedy" or not cfg.chat:
         raise UserError(f"evaluate.{args.task}: avp rows need greedy decoding with chat templates (sampling "
                         f"{decoding.sampling!r}, chat {cfg.chat}): avp's generate samples with its own draws")
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     pair = load_pair(params, cfg)
-    recorded = recorded_runs(args.record, args.task, prompts, decoding, (pair.name_a, pair.name_b))
     avp = _avp()
     import torch
     from avp.connectors.base import _render_prompt, _tokenize_prompt  # how avp turns a prompt into ids
@@ -164,12 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             sizes[row].append(size)
             if (i + 1) % 10 == 0:
                 log(f"{name} ({row}): {i + 1}/{n} items, {time.perf_counter() - start:.0f}s")
-    # B alone through avp's generate: that the two harnesses read the same prompts and decode alike
-    from pipeline.generation import cut_at_stops
-
-    alone = [cut_at_stops(gen_b(i, None)[0], decoding.stop_strings) for i in range(n)]
-    same_alone = sum(a.strip() == b.strip() for a, b in zip(alone, recorded.runs["b_alone"].texts))
-    log(f"B alone through avp = the record's b_alone on {same_alone}/{n} items")
+    # B alone through avp's generate (no context): compared with the record's b_alone (run())
+    alone = [gen_b(i, None)[0] for i in range(n)]
 
     avp_map = None if latent else conn_b._avp_map_cache.get(conn_a._model_hash)
     details = {"transfer": "kv_cache" if latent else "rosetta", "handshake": path, "steps": args.steps,
@@ -185,18 +228,13 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     info = {"avp": {"version": avp.__version__, "steps": args.steps,
                     "steps_from": "avp's default (HuggingFaceConnector.think steps=20; its README: every benchmark "
                                   "used steps=20), fixed before any score",
-                    "b_alone_reproduced": {"same_replies": same_alone, "n": n,
-                                           "replies": alone}},
+                    "b_alone_replies": alone},
             "run": {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                                f"({'cuda' if torch.cuda.is_available() else 'cpu'}), {pair.model_b.dtype}",
                     "wall_seconds": round(time.perf_counter() - start, 1)}}
-    result = external_result(args.task, prompts, decoding, recorded, [own, control], info, n_boot=cfg.n_boot)
-    out = write_result(args.out, result)
-    if not args.quiet:
-        print(result.table())
-    return out
+    return [own, control], info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", help="a registered task (pipeline/tasks/registry.py), as the record evaluated it")
-    parser.add_argument("--record", required=True, type=Path,
-                        help="the data dir or results folder of the xmodel evaluation of these items")
+    parser.add_argument("--record", type=Path,
+                        help="the data dir or results folder of the xmodel evaluation of these items (where it is "
+                             "not written yet, avp's rows alone: pair them later with --pair)")
+    parser.add_argument("--pair", action="store_true",
+                        help="run nothing: pair the avp rows already in --out with --record")
     parser.add_argument("--out", required=True, type=Path, help="folder for evaluate-TASK.json, TASK.predictions.jsonl, "
                                                                 "TASK.table.md")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"avp's latent steps (default {DEFAULT_STEPS}, avp's)")

@@ -4,8 +4,10 @@ Methods, all on the same prompts (prose, varied lengths) and random-weight model
 (speed does not depend on weight values), greedy, exactly --new-tokens new tokens per item (no EOS):
 - AC batched: A's partial pass to k, B's prefill with the graft at j, then B's decoding on the
   default path (static cache; CUDA-graph steps on CUDA);
-- AC batched on the eager dynamic cache (the previous path), and with the static cache but
-  without graphs (on CUDA), to show where the speed comes from;
+- AC batched on the eager dynamic cache, with the static cache but without graphs, without
+  compiling the captured step, and (pipeline/fastpath.py) without fused q/k/v and gate/up products
+  and packed passes (the path before them) or without packed passes only (on CUDA), to show where
+  the speed comes from;
 - AC one at a time (the reference for agreement), B alone batched (the graft's own cost);
 - HF `generate` on B alone, batched the same way: its dynamic cache; its static cache as users get
   it (auto-compile on: the decoding step under torch.compile, mode "reduce-overhead"); the static
@@ -17,9 +19,11 @@ Methods, all on the same prompts (prose, varied lengths) and random-weight model
   for calls of different lengths): without it every length batch gets its own cache length, and
   the compiled step recompiled and then crashed in SDPA on the second batch (issue 21). The call
   exactly as a user writes it (no max_cache_len) is run too, its failure reported, not fatal.
-Prints the memory-bandwidth floor of one decoding step (B's weights read once per step), our
-ratio to every baseline and to the strongest HF baseline that ran (per step and end to end),
-per-step times, and how often batched tokens equal one-at-a-time tokens.
+Prints the memory-bandwidth floor of one decoding step (B's weights read once per step), the limit
+of the whole AC run (A's and B's prefill at the bf16 matmul rate measured in the run, plus every
+decoding step at the bandwidth floor) and the fraction of it each run reaches, our ratio to every
+baseline and to the strongest HF baseline that ran (per step and end to end), per-step times, and
+how often batched tokens equal one-at-a-time tokens.
   python bench/evaluate.py                                            # CPU: SmolLM2-135M shapes
   python bench/evaluate.py --shape-a llama-3.2-3b --shape-b llama-3.1-8b --n 64 --batch 32 \\
       --prompt-tokens 256 --new-tokens 64 --repeat 2 --profile --hf-log hf.log  # GPU: the paper's pair
@@ -93,6 +97,21 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - t0)
 
 
+def matmul_rate(device) -> float:
+    """FLOP/s of a bf16 8192^3 matrix product (random operands), the prefill's ceiling."""
+    import torch
+
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
+
+
 def consistency(model, items, tokens, device, count: int = 8) -> tuple[int, int, float]:
     """Greedy tokens checked against a cache-free forward over prompt + the tokens before them
     (teacher-forced, so each step is judged alone): (steps whose token is that forward's argmax,
@@ -122,25 +141,34 @@ def agreement(x: list[list[int]], y: list[list[int]]) -> tuple[int, float]:
     return same, equal / max(1, total)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape-a", default="smollm2-135m")
-    ap.add_argument("--shape-b", default="smollm2-135m")
+def common_options(ap, prompt_tokens: int = 96) -> None:
+    """The options every generation bench takes (items, batch, lengths, layers, device, repeats)."""
     ap.add_argument("--n", type=int, default=16, help="items")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-tokens", type=int, default=96, help="longest prompt (shortest is half)")
+    ap.add_argument("--prompt-tokens", type=int, default=prompt_tokens, help="(B's) longest prompt (shortest is half)")
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--k", type=float, default=0.75, help="A's layer (relative depth)")
-    ap.add_argument("--j", type=float, default=0.75, help="B's layer (relative depth)")
-    ap.add_argument("--mode", default="replace")
+    ap.add_argument("--k", type=float, default=0.75, help="A's layer for AC (relative depth)")
+    ap.add_argument("--j", type=float, default=0.75, help="B's layer for AC (relative depth)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method; the fastest is kept")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape-a", default="smollm2-135m")
+    ap.add_argument("--shape-b", default="smollm2-135m")
+    common_options(ap)
+    ap.add_argument("--mode", default="replace")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    ap.add_argument("--hf", default="dynamic,static,forward,eager",
+                    help="which HF baselines (dynamic, static = auto-compile, forward = compiled forward, eager)")
     ap.add_argument("--hf-log", default="", help="file for the traceback of an HF baseline that fails")
     ap.add_argument("--hf-forward", action="store_true", help="the compiled-forward HF baseline on the CPU too")
     ap.add_argument("--profile", action="store_true", help="torch.profiler summary of one AC batched run")
+    ap.add_argument("--quick", action="store_true",
+                    help="only AC batched (with and without the fast blocks), B alone and the HF baselines")
     args = ap.parse_args()
 
     import torch
@@ -148,6 +176,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import pipeline.fastpath as fastpath
     import pipeline.generation as generation
     from pipeline.evaluation.compute import Compute
     from pipeline.generation import Decoding, generate, left_pad, length_batches
@@ -173,8 +202,10 @@ def main() -> None:
     w = torch.randn(d_b, d_a, device=device, dtype=torch.float32) / d_a ** 0.5
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def ac(batch: int, cache: str = "auto", graphs: bool = True, compiled: bool = True):
+    def ac(batch: int, cache: str = "auto", graphs: bool = True, compiled: bool = True, fused: bool = True,
+           packed: bool = True):
         generation.CUDA_GRAPHS, generation.COMPILE = graphs, compiled
+        fastpath.FUSED, fastpath.PACKED = fused, packed
         try:
             sent = sender_states(model_a, tokenizer, items, k, batch_size=batch)
             vectors = (sent.vectors.to(device) @ w.T).to(dtype) if d_a != d_b else sent.vectors
@@ -183,6 +214,7 @@ def main() -> None:
                            prefill_hook=lambda rows: inject(model_b, j, vectors[rows], args.mode))
         finally:
             generation.CUDA_GRAPHS, generation.COMPILE = True, compile_default
+            fastpath.FUSED, fastpath.PACKED = fast_default
         gen.extra["a_seconds"] = sent.seconds
         work = Compute()  # the same FLOP estimate the evaluation reports (matmuls: 2 x parameters)
         work.add_run(model_a, "a", sent, blocks=k)
@@ -246,6 +278,7 @@ def main() -> None:
                                      seconds=time.perf_counter() - start, extra={"a_seconds": 0.0, "flops": 0.0})
 
     compile_default = generation.COMPILE
+    fast_default = fastpath.FUSED, fastpath.PACKED
     b = args.batch
     cuda = device.type == "cuda"
     runs = [("AC, one at a time", lambda: ac(1)),
@@ -253,11 +286,18 @@ def main() -> None:
             (f"AC, batched x{b}, dynamic cache (old)", lambda: ac(b, cache="dynamic")),
             (f"B alone (no graft), batched x{b}", lambda: plain(b))]
     if cuda:
-        runs[2:2] = [(f"AC, batched x{b}, graphs, not compiled", lambda: ac(b, compiled=False)),
+        runs[2:2] = [(f"AC, batched x{b}, fused, not packed", lambda: ac(b, packed=False)),
+                     (f"AC, batched x{b}, not fused, not packed (before)", lambda: ac(b, fused=False, packed=False)),
+                     (f"AC, batched x{b}, graphs, not compiled", lambda: ac(b, compiled=False)),
                      (f"AC, batched x{b}, static, no graphs", lambda: ac(b, graphs=False))]
+    if args.quick:
+        runs = [r for r in runs if "one at a time" not in r[0] and "graphs" not in r[0] and "dynamic" not in r[0]]
     hf_runs = [(HF_DYNAMIC, None, "auto"), (HF_STATIC, "static", "auto")]
     if cuda or args.hf_forward:  # HF compiles only on accelerators; on the CPU its static-cache run is uncompiled
         hf_runs += [(HF_FORWARD, "static", "forward"), (HF_EAGER, "static", "off")]
+    kinds = {"dynamic": HF_DYNAMIC, "static": HF_STATIC, "forward": HF_FORWARD, "eager": HF_EAGER}
+    wanted = {kinds[k.strip()] for k in args.hf.split(",") if k.strip()}
+    hf_runs = [r for r in hf_runs if r[0] in wanted]
     if not args.no_hf:
         for label, cache, how in hf_runs:
             runs += [(f"{label}, x{b}", lambda c=cache, h=how: hf(b, c, args.new_tokens, h)),
@@ -266,8 +306,9 @@ def main() -> None:
     with torch.no_grad():
         ac(b)  # warm-up (allocator, kernels)
         if not args.no_hf:
-            for label, cache, how in hf_runs[1:3]:  # compiled and captured outside the timed runs
-                failed.update(attempt(label, lambda: hf(b, cache, 2, how), args.hf_log))
+            for label, cache, how in hf_runs:  # compiled and captured outside the timed runs
+                if how != "off" and cache == "static":
+                    failed.update(attempt(label, lambda: hf(b, cache, 2, how), args.hf_log))
         results = {}
         for name, fn in runs:
             best, gen = float("inf"), None
@@ -288,7 +329,7 @@ def main() -> None:
                     best, gen = time.perf_counter() - t0, out
             if gen is not None:
                 results[name] = (best, gen)
-        if not args.no_hf:  # HF's call exactly as users write it, after the timed runs: its failure is reported
+        if not args.no_hf and HF_STATIC in wanted:  # HF's call as users write it, after the timed runs: reported
             failed.update(attempt(HF_AS_CALLED, lambda: hf(b, "static", args.new_tokens, sized=False), args.hf_log))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -313,6 +354,18 @@ def main() -> None:
               f"floor of one decoding step {floor_ms:.2f} ms at the datasheet's {spec / 1e12:.1f} TB/s "
               f"({weight_bytes / bandwidth * 1e3:.2f} ms at the measured copy rate) = "
               f"{rows / floor_ms * 1e3:,.0f} new tok/s at batch {rows}")
+        # the limit of the AC run: both prefills' matrix products at the measured bf16 rate, every
+        # decoding step at the bandwidth floor (the issue's definition)
+        peak = matmul_rate(device)
+        blocks = lambda m, n: sum(p.numel() for blk in architecture(m).layers[:n] for p in blk.parameters())  # noqa: E731
+        head = sum(p.numel() for p in model_b.get_output_embeddings().parameters())
+        prefill_flops = 2.0 * prompt_tokens * (blocks(model_a, k) + blocks(model_b, architecture(model_b).n_layers))
+        prefill_flops += 2.0 * args.n * head  # one token's logits per item
+        n_steps = len(length_batches([len(p) for p in items], b)) * (args.new_tokens - 1)
+        limit = prefill_flops / peak + n_steps * floor_ms / 1e3
+        print(f"bf16 matmul measured {peak / 1e12:.0f} TFLOP/s; limit of the AC run: prefills {prefill_flops / 1e12:.1f} "
+              f"TFLOP = {prefill_flops / peak:.3f} s + {n_steps} steps x {floor_ms:.2f} ms = {limit:.3f} s = "
+              f"{args.n * args.new_tokens / limit:,.0f} new tok/s (0.75 of it: {0.75 * args.n * args.new_tokens / limit:,.0f})")
     ours = results[f"AC, batched x{b}"][0]
     base = results[runs[0][0]][0]
     print(f"{'method':<62} {'A s':>6} {'prefill s':>9} {'decode s':>9} {'total s':>8} {'ms/step':>8} "
@@ -334,13 +387,16 @@ def main() -> None:
             phases = f"{'':>9} {'':>9}"
         steps[name] = step_ms
         print(f"{name:<62} {x['a_seconds']:>6.2f} {phases} {sec:>8.2f} {step_ms:>8.2f} {new / sec:>10.1f} "
-              f"{decode_rate:>12.1f} {sec / ours:>7.2f}x {x['flops'] / sec / 1e12:>8.2f} {x.get('decoder', 'hf')}")
-    single, batched = results[runs[0][0]][1].tokens, results[f"AC, batched x{b}"][1].tokens
-    same, rate = agreement(single, batched)
-    print(f"AC batched vs one at a time: {same}/{args.n} items identical, {rate:.3f} of token positions equal; "
-          f"one at a time took {base / ours:.1f}x as long")
+              f"{decode_rate:>12.1f} {sec / ours:>7.2f}x {x['flops'] / sec / 1e12:>8.2f} {x.get('decoder', 'hf')}"
+              + (f"  {limit / sec:.2f} of the limit" if cuda and name.startswith("AC, batched") else ""))
+    batched = results[f"AC, batched x{b}"][1].tokens
+    if "one at a time" in runs[0][0]:
+        same, rate = agreement(results[runs[0][0]][1].tokens, batched)
+        print(f"AC batched vs one at a time: {same}/{args.n} items identical, {rate:.3f} of token positions equal; "
+              f"one at a time took {base / ours:.1f}x as long")
     for other in (f"AC, batched x{b}, graphs, not compiled", f"AC, batched x{b}, static, no graphs",
-                  f"AC, batched x{b}, dynamic cache (old)"):
+                  f"AC, batched x{b}, dynamic cache (old)", f"AC, batched x{b}, fused, not packed",
+                  f"AC, batched x{b}, not fused, not packed (before)"):
         if other in results:
             same, rate = agreement(results[other][1].tokens, batched)
             print(f"AC batched vs {other[len(f'AC, batched x{b}, '):]}: {same}/{args.n} items identical, "

@@ -38,18 +38,10 @@ def _evaluate_bench():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m", help="a pipeline.synthetic.SHAPES name (tiny-llama for a quick check)")
-    ap.add_argument("--n", type=int, default=16, help="items")
-    ap.add_argument("--batch", type=int, default=8)
+    bench = _evaluate_bench()
+    bench.common_options(ap, prompt_tokens=48)
     ap.add_argument("--prompt-a-tokens", type=int, default=128, help="A's longest prompt (shortest is half)")
-    ap.add_argument("--prompt-tokens", type=int, default=48, help="B's longest prompt (shortest is half)")
-    ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--k", type=float, default=0.75, help="AC: A's layer (relative depth)")
-    ap.add_argument("--j", type=float, default=0.75, help="AC: B's layer (relative depth)")
     ap.add_argument("--top", type=float, default=0.3, help="fraction of layers in the partial-sharing run")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per method; the fastest is kept")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
 
     import torch
@@ -65,7 +57,6 @@ def main() -> None:
     from pipeline.models import pick_device, pick_dtype
     from pipeline.synthetic import random_model, train_tokenizer
 
-    bench = _evaluate_bench()
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     cuda = device.type == "cuda"

@@ -46,14 +46,18 @@ class Family:
     q_norm: str | None = None  # per-head RMSNorm of queries/keys before rotary (Qwen-3, Gemma-3)
     k_norm: str | None = None
     window_everywhere: bool = False  # config.sliding_window, when set, applies to every layer (Mistral)
+    # each block is x + o(attn(rope(q, k), v)) of input_norm(x), then + down(act(gate) * up) of
+    # post_attention_layernorm(x), with mlp.gate_proj/up_proj/down_proj/act_fn: pipeline/fastpath.py
+    # may run it with fused q/k/v and gate/up weights
+    plain_blocks: bool = False
 
 
 _QK = dict(q_norm="q_norm", k_norm="k_norm")
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaConfig"),
-    Family("mistral", "MistralConfig", window_everywhere=True),
-    Family("qwen2", "Qwen2Config"),
-    Family("qwen3", "Qwen3Config", **_QK),
+    Family("llama", "LlamaConfig", plain_blocks=True),
+    Family("mistral", "MistralConfig", window_everywhere=True, plain_blocks=True),
+    Family("qwen2", "Qwen2Config", plain_blocks=True),
+    Family("qwen3", "Qwen3Config", plain_blocks=True, **_QK),
     Family("gemma", "GemmaConfig"),
     Family("gemma2", "Gemma2Config"),
     Family("gemma3_text", "Gemma3TextConfig", rotary_by_layer_type=True, **_QK),

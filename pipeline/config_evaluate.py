@@ -126,7 +126,7 @@ class _Shared:
     methods: list[str] = field(default_factory=lambda: ["b_alone", "nl", "ac", "kv", "skyline"])  # of METHODS
     controls: list[str] = field(default_factory=lambda: ["mismatched"])  # of CONTROLS, for every latent method
     gate: float = 0.5  # g of f = gated (b + g·v), fixed before any run
-    gold_logprob: bool = True  # B's log-likelihood of the gold answer under every method (eager decoding)
+    gold_logprob: bool = True  # B's log-likelihood of the gold answer under every method (either decoder)
     chat: bool = True  # wrap prompts in the model's chat template when it has one
     batch_size: int = 16
     device: str = "auto"

@@ -48,6 +48,7 @@ CACHES = ("auto", "dynamic", "static")
 CUDA_GRAPHS = True  # the static decoder replays a captured step on CUDA; bench/evaluate.py turns it off to compare
 # the captured step is first compiled (kernel fusion: norms, rotary, activations); XMODEL_COMPILE=0 turns it off
 COMPILE = os.environ.get("XMODEL_COMPILE", "1") != "0"
+RECOMPILE_LIMIT = 256  # compiled decoders a process may make (dynamo's default is 8)
 KEEP_RUNNERS = 2  # per model: graphed decoders kept across calls (each holds a KV cache), least recent dropped
 _RUNNERS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 PACKED_ATTENTION = "xmodel_packed_sdpa"
@@ -182,7 +183,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     gold: per item, token ids of a reference answer: B's log-likelihood of it under the same
     conditioning (the prefill's hook, prefix and session) is returned in extra["gold_logprob"]
     (nats, summed over its tokens), scored teacher-forced on a branch of the prefill's cache that
-    is cut off again before decoding (the eager decoder only).
+    is cut off again before decoding (either decoder).
     """
     import torch
 
@@ -191,7 +192,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = next(model.parameters()).device
-    static = _use_static(model, device, cache, prefix is not None or session_hook is not None or gold is not None)
+    static = _use_static(model, device, cache, prefix is not None or session_hook is not None)
     if layer_prefix is not None and not static:
         raise ValueError("layer_prefix needs the static decoder (cache='static', or 'auto' on CUDA)")
     if gold is not None and len(gold) != n:
@@ -200,8 +201,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], decod
     every = check_every or (16 if device.type == "cuda" else 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = eos_ids(model, tokenizer)
-    # rounded up so that calls with similar prompts reuse one graphed decoder
-    length = -(-(max((len(p) for p in prompts), default=0) + decoding.max_new_tokens) // 64) * 64
+    # rounded up so that calls with similar prompts reuse one graphed decoder; the columns after the
+    # prompt hold the new tokens, and before decoding a gold answer's teacher-forced pass
+    after = max([decoding.max_new_tokens] + [len(g) for g in gold or ()])
+    length = -(-(max((len(p) for p in prompts), default=0) + after) // 64) * 64
     runners: dict[int, _StaticRunner] = {}  # one cache, state and graph per batch size, reused by its batches
     tokens: list[list[int]] = [[] for _ in range(n)]
     first_logits: list[Any] = [None] * n
@@ -328,7 +331,7 @@ class _DynamicRunner:
         self.model, self.state, self.prefix = model, state, prefix
         self.cache = self.mask = None
 
-    def start(self, ids, mask, positions, hook_ctx, uniforms):
+    def start(self, prompts, ids, mask, positions, hook_ctx, uniforms):
         import torch
         from transformers import DynamicCache
 
@@ -346,30 +349,18 @@ class _DynamicRunner:
         return out.logits[:, -1].float()
 
     def score(self, first_logits: Any, gold: Sequence[Sequence[int]]) -> list[float]:
-        """Per row, the log-likelihood of its gold tokens after the prefill: the first from the
-        prefill's logits, the rest from one teacher-forced pass on the cache, which is then cut back
-        to the prefill (so decoding continues as if it never ran). An empty gold scores 0."""
+        return _gold_logprob(first_logits, gold, self._teacher_forced)
+
+    def _teacher_forced(self, ids: Any, real: Any) -> Any:
+        """Logits of a pass over ids (rows, w) after the prefill, the cache cut back to the prefill after it."""
         import torch
 
-        logp = torch.log_softmax(first_logits.float(), dim=-1)
-        out = [float(logp[r, g[0]]) if len(g) else 0.0 for r, g in enumerate(gold)]
-        width = max((len(g) for g in gold), default=0) - 1
-        if width < 1:
-            return out
-        ids = torch.zeros(len(gold), width, dtype=torch.long, device=self.mask.device)
-        real = torch.zeros(len(gold), width, dtype=self.mask.dtype, device=self.mask.device)
-        for r, g in enumerate(gold):  # right-padded: a row's padding follows its tokens, so they never see it
-            ids[r, :len(g) - 1] = torch.as_tensor(list(g[:-1]), dtype=torch.long)
-            real[r, :len(g) - 1] = 1
-        positions = self.state.pos + 1 + torch.arange(width, device=ids.device)[None]
+        positions = self.state.pos + 1 + torch.arange(ids.shape[1], device=ids.device)[None]
         self.cache.activate_past_recording()  # sliding-window layers keep what the crop below rolls back
-        logits = self.model(input_ids=ids, attention_mask=torch.cat([self.mask, real], dim=1), position_ids=positions,
-                            cache=self.cache, use_cache=True).logits.float()
-        self.cache.crop(-width)  # back to the prefill: decoding continues as if this pass never ran
-        logp = torch.log_softmax(logits, dim=-1)
-        for r, g in enumerate(gold):
-            out[r] += float(sum(logp[r, t, g[t + 1]] for t in range(len(g) - 1)))
-        return out
+        logits = self.model(input_ids=ids, attention_mask=torch.cat([self.mask, real.to(self.mask.dtype)], dim=1),
+                            position_ids=positions, cache=self.cache, use_cache=True).logits.float()
+        self.cache.crop(-ids.shape[1])  # back to the prefill: decoding continues as if this pass never ran
+        return logits
 
     def step(self) -> None:
         import torch
@@ -386,12 +377,16 @@ def _static_runner(model: Any, rows: int, length: int, decoding: Decoding, stops
                    layer_prefix: LayerPrefix | None = None):
     """A static decoder for this shape; on CUDA one kept from an earlier call when the shape, the
     decoding rule, the prefix's layout and the weights' addresses (which a graph has baked in) are the same."""
+    from pipeline import fastpath
+
     layout = (tuple(layer_prefix.layers), layer_prefix.width) if layer_prefix else ((), 0)
+    fused = fastpath.fuse(model)  # before any capture: it moves the q/k/v and gate/up weights
     if device.type != "cuda" or not CUDA_GRAPHS:
         return _StaticRunner(model, rows, length, decoding, stops, device, *layout)
     params = list(model.parameters())
     key = (rows, length, decoding.max_new_tokens, decoding.sampling, decoding.top_p, decoding.temperature,
-           tuple(sorted(stops)), COMPILE, params[0].data_ptr(), params[-1].data_ptr(), len(params), layout)
+           tuple(sorted(stops)), COMPILE, fused, fastpath.PACKED, len(params), layout,
+           *(p.data_ptr() for p in (params[0], params[1], params[-1])))
     kept = _RUNNERS.setdefault(model, OrderedDict())
     if key not in kept:
         kept[key] = _StaticRunner(model, rows, length, decoding, stops, device, *layout)
@@ -404,7 +399,10 @@ def _static_runner(model: Any, rows: int, length: int, decoding: Decoding, stops
 class _StaticRunner:
     """Decoding on a pre-allocated StaticCache with a 4-D boolean mask over its whole length: every
     step has the same shapes and tensor addresses, so on CUDA it is captured once as a graph (after
-    WARM eager steps) and replayed; batches of the same size reuse the cache, state and graph."""
+    WARM eager steps) and replayed; batches of the same size reuse the cache, state and graph.
+    Plain blocks (pipeline/fastpath.py) decode with fused q/k/v and gate/up products, and without a
+    LayerPrefix their prefill runs packed: the prompts end to end, no padding, each one's keys and
+    values written into its row of the cache where left padding puts them."""
 
     WARM = 2  # eager steps before capture: cuBLAS handles and the allocator settle first
 
@@ -421,6 +419,10 @@ class _StaticRunner:
         for l in prefix_layers:
             self.cache.layers[l] = StaticLayer(max_cache_len=length + prefix_width)
         self.prefix_layers, self.batch_prefix = tuple(prefix_layers), None
+        from pipeline import fastpath
+
+        self.packs = not self.prefix_layers and fastpath.packs(model, device)
+        self.width = 0  # the batch's prompt columns (its longest prompt)
         width = length + (prefix_width if prefix_layers else 0)
         self.kv = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)  # key columns a query may see
         self.cur = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token goes to
@@ -429,29 +431,82 @@ class _StaticRunner:
         self.graph: Any = None
         self.eager_steps = 0
         self.step_fn = torch.compile(self._step, dynamic=False) if self.use_graph and COMPILE else self._step
+        if self.step_fn is not self._step:
+            # every decoder is its own compiled variant of _step (its cache tensors are static
+            # addresses, guarded by identity); an evaluation makes one per batch size, length and
+            # prefix layout, and past dynamo's default of 8 the step would silently run uncompiled
+            # (seen: 8.5 ms/step against 5.7)
+            import torch._dynamo
 
-    def start(self, ids, mask, positions, hook_ctx, uniforms):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+    def start(self, prompts, ids, mask, positions, hook_ctx, uniforms):
         import torch
 
         self.cache.reset()  # also rewinds its write position to column 0
         rows, width = ids.shape
+        self.width = width
         real = mask.bool()
-        q = torch.arange(width, device=ids.device)
-        causal = q[None, :] <= q[:, None]
-        # a padding query sees itself, so no row of the mask is empty (an empty row gives NaN)
-        allowed = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=ids.device)[None])
         self.kv.zero_()
         self.kv[:, 0, 0, :width] = real
         if self.batch_prefix is not None:
             positions = positions + self._place_prefix(*self.batch_prefix).to(positions.device).view(-1, 1)
-        full = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
-        full[:, 0, :, :width] = allowed
-        with hook_ctx, _packed_attention(self.model):
-            out = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
-                             use_cache=True, logits_to_keep=1)
+        if self.packs:
+            logits = self._packed_prefill(prompts, hook_ctx)
+        else:
+            q = torch.arange(width, device=ids.device)
+            causal = q[None, :] <= q[:, None]
+            # a padding query sees itself, so no row of the mask is empty (an empty row gives NaN)
+            allowed = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=ids.device)[None])
+            full = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
+            full[:, 0, :, :width] = allowed
+            with hook_ctx, _packed_attention(self.model):
+                logits = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
         self.cur.fill_(width)
         self.state.reset(positions[:, -1:], uniforms)
-        return out.logits[:, -1].float()
+        return logits.float()
+
+    def _packed_prefill(self, prompts, hook_ctx):
+        """The prefill with the prompts packed (fastpath): each block's keys/values go into the
+        cache rows at their left-padded columns; the last prompt token's logits, (rows, vocab)."""
+        from pipeline import fastpath
+
+        layers = self.cache.layers
+
+        def sink(l, keys, values):
+            layer = layers[l]
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys.new_empty((len(prompts), keys.shape[1], 1, keys.shape[2])),
+                                          values.new_empty((len(prompts), values.shape[1], 1, values.shape[2])))
+            layer.keys[packing.row, :, packing.col] = keys
+            layer.values[packing.row, :, packing.col] = values
+
+        packing = fastpath.Packing([len(p) for p in prompts], self.device, sink)
+        with hook_ctx, fastpath.packed(self.model, packing):
+            logits = self.model(**packing.inputs(prompts), use_cache=False, logits_to_keep=packing.last).logits[0]
+        for layer in layers:
+            layer.cumulative_length.fill_(packing.width)  # where decoding writes next
+        return logits
+
+    def score(self, first_logits, gold):
+        return _gold_logprob(first_logits, gold, self._teacher_forced)
+
+    def _teacher_forced(self, ids, real):
+        """Logits of a pass over ids (rows, w) after the prefill. It writes the cache columns after
+        the prompt, which decoding overwrites before its mask opens them; the write position is
+        rewound after it."""
+        import torch
+
+        rows, width = ids.shape
+        steps = torch.arange(width, device=ids.device)
+        mask = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
+        mask[:, 0, :, self.width:self.width + width] = steps[None, :] <= steps[:, None]
+        with _packed_attention(self.model):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=self.state.pos + 1 + steps[None],
+                                cache=self.cache, use_cache=True).logits.float()
+        self.cache.crop(-width)
+        return logits
 
     def _place_prefix(self, kv: Any, mask: Any, offsets: Any) -> Any:
         """Writes a batch's prefix into the last columns of its blocks' caches (and the mask); returns the offsets."""
@@ -493,14 +548,16 @@ class _StaticRunner:
     def step(self) -> None:
         import torch
 
+        from pipeline.fastpath import fast_blocks
+
         if self.graph is not None:
             self.graph.replay()
             return
         if not self.use_graph:
-            with _packed_attention(self.model):
+            with _packed_attention(self.model), fast_blocks(self.model):
                 self._step()
             return
-        with torch.cuda.device(self.device), _packed_attention(self.model):
+        with torch.cuda.device(self.device), _packed_attention(self.model), fast_blocks(self.model):
             if self.eager_steps < self.WARM:  # on a side stream, as graph capture wants its warm-up
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -522,6 +579,29 @@ class _StaticRunner:
                 return
             self.graph = graph
             graph.replay()
+
+
+def _gold_logprob(first_logits: Any, gold: Sequence[Sequence[int]], forward: Callable[[Any, Any], Any]) -> list[float]:
+    """Per row, the log-likelihood of its gold tokens after the prefill: the first from the
+    prefill's logits, the rest from forward(ids, real), one teacher-forced pass of the runner on a
+    branch of its cache (ids right-padded: a row's padding follows its tokens, so they never see
+    it; real 1 where a token is). An empty gold scores 0."""
+    import torch
+
+    logp = torch.log_softmax(first_logits.float(), dim=-1)
+    out = [float(logp[r, g[0]]) if len(g) else 0.0 for r, g in enumerate(gold)]
+    width = max((len(g) for g in gold), default=0) - 1
+    if width < 1:
+        return out
+    ids = torch.zeros(len(gold), width, dtype=torch.long, device=first_logits.device)
+    real = torch.zeros(len(gold), width, dtype=torch.long, device=first_logits.device)
+    for r, g in enumerate(gold):
+        ids[r, :len(g) - 1] = torch.as_tensor(list(g[:-1]), dtype=torch.long)
+        real[r, :len(g) - 1] = 1
+    logp = torch.log_softmax(forward(ids, real), dim=-1)
+    for r, g in enumerate(gold):
+        out[r] += float(sum(logp[r, t, g[t + 1]] for t in range(len(g) - 1)))
+    return out
 
 
 def packed_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -569,16 +649,23 @@ def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, 
     ids, mask, positions = left_pad(rows, pad_id, device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = runner.start(ids, mask, positions, hook_ctx, _uniforms(decoding, seeds, device))
+        logits = runner.start(rows, ids, mask, positions, hook_ctx, _uniforms(decoding, seeds, device))
         first = logits.cpu() if keep_first else None
         scored = runner.score(logits, gold) if gold is not None else None
         runner.state.advance(logits)
         _sync(device)  # one sync a batch, so the phases can be timed apart
         t1 = time.perf_counter()
         chosen, stopped = 1, set()
+        can_stop = bool(stops or decoding.stop_strings)  # else every row decodes max_new_tokens: no check
+        lagged = device.type == "cuda"
+        pending = None
         while chosen < decoding.max_new_tokens:
-            if chosen % every == 0 and _finished(runner.state, chosen, tokenizer, decoding, stops, stopped):
-                break
+            if can_stop and chosen % every == 0:
+                snap = _Snapshot(runner.state, chosen, bool(decoding.stop_strings), lagged)
+                if lagged:  # read the one taken a period ago: the GPU keeps a period of steps queued
+                    snap, pending = pending, snap
+                if snap is not None and _finished(snap, tokenizer, decoding, stops, stopped):
+                    break
             runner.step()
             chosen += 1
         out = runner.state.out[:, :chosen].cpu().tolist()
@@ -594,14 +681,39 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finished(state: _State, chosen: int, tokenizer, decoding: Decoding, stops: set[int], stopped: set[int]) -> bool:
-    """Whether every row has chosen EOS or (host side) hit a stop string; the one host sync of decoding."""
-    done = state.done.cpu().tolist()
+class _Snapshot:
+    """What the stop conditions read (done flags; the tokens so far where stop strings are checked),
+    copied to the host. lagged (CUDA): copied without waiting, into pinned memory behind an event,
+    and read a check period later, so the host never waits for the step it just queued: the one
+    wait of decoding is on steps a period old."""
+
+    def __init__(self, state: _State, chosen: int, tokens: bool, lagged: bool):
+        import torch
+
+        self.event = None
+        parts = [state.done] + ([state.out[:, :chosen]] if tokens else [])
+        if lagged:
+            self.parts = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
+                          for p in parts]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.parts = [p.cpu() for p in parts]
+
+    def read(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [p.tolist() for p in self.parts]
+
+
+def _finished(snap: _Snapshot, tokenizer, decoding: Decoding, stops: set[int], stopped: set[int]) -> bool:
+    """Whether every row had chosen EOS or (host side) hit a stop string when `snap` was taken."""
+    done, *out = snap.read()
     if all(done):
         return True
     if not decoding.stop_strings:
         return False
-    out = state.out[:, :chosen].cpu().tolist()
+    out = out[0]
     for r, row in enumerate(out):
         if not done[r] and r not in stopped and _hits_stop(tokenizer, _until_eos(row, stops), decoding.stop_strings):
             stopped.add(r)

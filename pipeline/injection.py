@@ -59,6 +59,22 @@ def check_layer(model: Any, layer: int, what: str, role: str) -> None:
         raise UserError(f"{what} {layer} is out of range: model {role} has layers 0..{n_layers}")
 
 
+def layer_states(model: Any, layers: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int, device: Any
+                 ) -> dict[int, Any]:
+    """The hidden states after `layers` of a batch of prompts, (rows, width, d) left-padded (pad
+    slots hold no state anyone reads), from one forward pass stopped after the deepest: packed
+    where pipeline.fastpath.packs says, else on the padded batch."""
+    from pipeline.fastpath import Packing, packed, packs
+    from pipeline.layers import run_captured
+
+    if packs(model, device):
+        packing = Packing([len(p) for p in prompts], device)
+        with packed(model, packing):
+            return run_captured(model, list(layers), **packing.inputs(prompts))
+    ids, mask, pos = left_pad(prompts, pad_id, device)
+    return run_captured(model, list(layers), input_ids=ids, attention_mask=mask, position_ids=pos)
+
+
 @dataclass
 class SenderStates:
     vectors: Any  # (n, d_A) float32 on CPU: A's last-token state after layer k
@@ -70,11 +86,11 @@ class SenderStates:
 def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layer: int, *,
                   batch_size: int = 8) -> SenderStates:
     """A's last-token states after `layer`, from a forward pass stopped there (no later block, no
-    final norm, no LM head). Left padding puts every prompt's last token at position -1."""
+    final norm, no LM head; packed where pipeline.fastpath.packs says). In the left-padded layout
+    every prompt's last token is at position -1."""
     import torch
 
     from pipeline.architecture import architecture
-    from pipeline.layers import run_captured
 
     check_layer(model, layer, "sender layer k =", "A")
     device = next(model.parameters()).device
@@ -83,8 +99,7 @@ def sender_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
     start = time.perf_counter()
     with torch.no_grad():
         for rows in length_batches([len(p) for p in prompts], batch_size):
-            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
-            states = run_captured(model, [layer], input_ids=ids, attention_mask=mask, position_ids=pos)[layer]
+            states = layer_states(model, [layer], [prompts[i] for i in rows], pad_id, device)[layer]
             last = states[:, -1].float().cpu()
             for r, i in enumerate(rows):
                 out[i] = last[r]
@@ -221,10 +236,9 @@ class TokenStates:
 def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
                  batch_size: int = 8) -> TokenStates:
     """A's states of every real token of each prompt after each of `layers`, from one forward pass
-    stopped after the deepest (left padding removed)."""
+    stopped after the deepest (left padding removed; packed where pipeline.fastpath.packs says)."""
     import torch
 
-    from pipeline.layers import run_captured
 
     layers = sorted(set(int(l) for l in layers))
     for layer in layers:
@@ -235,12 +249,11 @@ def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], l
     start = time.perf_counter()
     with torch.no_grad():
         for rows in length_batches([len(p) for p in prompts], batch_size):
-            ids, mask, pos = left_pad([prompts[i] for i in rows], pad_id, device)
-            got = run_captured(model, layers, input_ids=ids, attention_mask=mask, position_ids=pos)
+            got = layer_states(model, layers, [prompts[i] for i in rows], pad_id, device)
             for l in layers:
                 h = got[l].float().cpu()
                 for r, i in enumerate(rows):
-                    out[l][i] = h[r, ids.shape[1] - len(prompts[i]):].clone()
+                    out[l][i] = h[r, h.shape[1] - len(prompts[i]):].clone()
     return TokenStates(out, sum(len(p) for p in prompts), max(layers, default=0), time.perf_counter() - start)
 
 

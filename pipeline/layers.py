@@ -10,10 +10,13 @@ convention: "after layer j" is the output of block j.
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import UserError
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> its packed pass's layout
 
 
 def resolve_layers(requested: list[int | float], n_layers: int) -> list[int]:
@@ -48,23 +51,34 @@ def at_layer(model, layer: int, fn: Callable[[Any], Any]) -> Iterator[None]:
     sees (and may replace) its hidden-states argument. Layer l >= 1 is the output of block l: a
     forward hook on it. Hooks on the same layer run in the order their blocks were entered, each
     seeing the previous one's edit.
+
+    In a packed pass (pipeline/fastpath.py, `packed_layout`) fn still sees (rows, width, d), the
+    batch left-padded, and what it returns is packed back: a graft or a capture is the same code.
     """
     from pipeline.architecture import architecture
 
     blocks = architecture(model).layers
     if not 0 <= layer <= len(blocks):
         raise ValueError(f"layer {layer} is out of range 0..{len(blocks)}")
+
+    def call(hidden):
+        layout = _LAYOUTS.get(model)
+        if layout is None:
+            return fn(hidden)
+        new = fn(layout.padded(hidden))
+        return None if new is None else layout.packed(new)
+
     if layer == 0:
         def pre_hook(module, args, kwargs):
             if args:
-                new = fn(args[0])
+                new = call(args[0])
                 return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])
+            new = call(kwargs["hidden_states"])
             return None if new is None else (args, {**kwargs, "hidden_states": new})
         handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
         def hook(module, args, output):
-            new = fn(output[0] if isinstance(output, tuple) else output)
+            new = call(output[0] if isinstance(output, tuple) else output)
             if new is None:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -73,6 +87,17 @@ def at_layer(model, layer: int, fn: Callable[[Any], Any]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def packed_layout(model, layout: Any) -> Iterator[None]:
+    """Within the block, at_layer's functions on `model` see its states through `layout`
+    (padded(hidden) -> (rows, width, d), packed(padded) -> hidden)."""
+    _LAYOUTS[model] = layout
+    try:
+        yield
+    finally:
+        del _LAYOUTS[model]
 
 
 @contextmanager

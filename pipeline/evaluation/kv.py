@@ -357,8 +357,7 @@ def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], ca
     placed before its prompt (positions 0..P_i-1, B's tokens from P_i); other layers see only B's
     prompt. Batched with left padding through pipeline.generation.generate. cache_kind: "static"
     (unshared layers hold no prefix; compiled and graphed on CUDA; needs sdpa attention), "dynamic"
-    (eager), or "auto" (static on CUDA with sdpa, dynamic otherwise); with gold answers to score,
-    the eager decoder (generate scores them there only)."""
+    (eager), or "auto" (static on CUDA with sdpa, dynamic otherwise)."""
     check_attention(model_b)
     check_pair(cache.shape, cache_shape(model_b, "B"))
     if len(cache.entries) != len(prompts_b):
@@ -377,13 +376,13 @@ def kv_generate(model_b: Any, tok_b: Any, prompts_b: Sequence[Sequence[int]], ca
     if cache_kind == "static" and not sdpa:
         raise UserError(f"kv communication on the static cache needs sdpa attention, not {impl!r}: load B with "
                         "sdpa or use cache 'dynamic'")
-    if gold is None and (cache_kind == "static" or (cache_kind == "auto" and device.type == "cuda" and sdpa)):
+    if cache_kind == "static" or (cache_kind == "auto" and device.type == "cuda" and sdpa):
         held = [l - 1 for l in sorted(shared)]
         # rounded up, so that calls with similar prompts reuse one graphed decoder
         width = -(-max(lengths, default=0) // 64) * 64 if held else 0
         prefix = LayerPrefix(tuple(held), width, lambda rows: _padded_prefix(cache, rows, device, held))
         gen = generate(model_b, tok_b, prompts_b, decoding, batch_size=batch_size, seeds=seeds,
-                       keep_first_logits=keep_first_logits, cache="static", layer_prefix=prefix)
+                       keep_first_logits=keep_first_logits, cache="static", layer_prefix=prefix, gold=gold)
         gen.extra["kv_layers"] = sorted(shared)
         return gen
 

@@ -58,7 +58,12 @@ class LayerMaps:
 
     def apply(self, layer: int, x: Any) -> Any:
         w = self.weight[layer]
-        return x.to(w.dtype) @ w + self.bias[layer]
+        return x.to(device=w.device, dtype=w.dtype) @ w + self.bias[layer]
+
+    def to(self, device: Any) -> LayerMaps:
+        """The same maps on `device` (B's: the maps then run where B does, not on the host)."""
+        return LayerMaps(self.sources, {l: w.to(device) for l, w in self.weight.items()},
+                         {l: b.to(device) for l, b in self.bias.items()}, self.meta)
 
     def save(self, directory: Path) -> Path:
         from safetensors.torch import save

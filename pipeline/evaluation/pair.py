@@ -149,6 +149,7 @@ def _load_fuser(path: Path, pair: Pair) -> Any:
 
     fuser = load_fuser(path)
     fuser.check(pair)
+    fuser.net.to(next(pair.model_b.parameters()).device)  # its maps run where B does
     return fuser
 
 
@@ -160,7 +161,7 @@ def _load_layer_maps(name: str, path: Path, pair: Pair) -> Any:
     if (maps.meta.get("d_a"), maps.meta.get("d_b")) != (pair.width_a, pair.width_b):
         raise UserError(f"layer maps {name} map {maps.meta.get('d_a')}→{maps.meta.get('d_b')}, but the models are "
                         f"{pair.width_a}→{pair.width_b} wide: refit them on these models (`xmodel kvmaps`)")
-    return maps
+    return maps.to(next(pair.model_b.parameters()).device)  # the maps run where B does
 
 
 def _check_models(name: str, path: Path, meta: dict[str, Any], pair: Pair) -> None:

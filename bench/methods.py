@@ -36,6 +36,8 @@ def main() -> None:
     bench.common_options(ap, prompt_tokens=48)
     ap.add_argument("--prompt-a-tokens", type=int, default=128, help="A's longest prompt (shortest is half)")
     ap.add_argument("--rank", type=int, default=64, help="the fuser's rank")
+    ap.add_argument("--only", default="", help="comma list of rows to run besides B alone and AC: mv4, mv16, "
+                    "mapped, fuser, dynamic (default all)")
     args = ap.parse_args()
 
     import torch
@@ -100,7 +102,7 @@ def main() -> None:
                            sent.seconds, built)
 
     def mv(m: int):
-        sent = token_states(model_a, tokenizer, items_a, [k], batch_size=b)
+        sent = token_states(model_a, tokenizer, items_a, [k], batch_size=b, keep=device)
         t0 = time.perf_counter()
         messages = [(s[-m:].to(device) @ w).to(dtype) for s in sent.states[k]]
         prompts = [with_placeholders(p, msg.shape[0], hole) for p, msg in zip(items_b, messages)]
@@ -110,7 +112,7 @@ def main() -> None:
 
     def prefix(build, cache_kind: str = "auto"):
         def run():
-            sent = token_states(model_a, tokenizer, items_a, sorted(set(sources)), batch_size=b)
+            sent = token_states(model_a, tokenizer, items_a, sorted(set(sources)), batch_size=b, keep=device)
             t0 = time.perf_counter()
             cache, layers = build(sent.states)
             built = time.perf_counter() - t0
@@ -124,12 +126,14 @@ def main() -> None:
     def fused(states):
         return fuser.cache(model_b, states), fuser.b_layers
 
-    runs = [(f"B alone x{b}", b_alone), (f"AC x{b} (k={k}, j={j}, replace)", ac),
-            (f"mv_ac m=4 x{b}", lambda: mv(4)), (f"mv_ac m=16 x{b}", lambda: mv(16)),
-            (f"mapped_kv, all {arch_b.n_layers} layers x{b}", prefix(mapped)),
-            (f"fuser rank {args.rank}, all {arch_b.n_layers} layers x{b}", prefix(fused))]
+    runs = [("alone", f"B alone x{b}", b_alone), ("ac", f"AC x{b} (k={k}, j={j}, replace)", ac),
+            ("mv4", f"mv_ac m=4 x{b}", lambda: mv(4)), ("mv16", f"mv_ac m=16 x{b}", lambda: mv(16)),
+            ("mapped", f"mapped_kv, all {arch_b.n_layers} layers x{b}", prefix(mapped)),
+            ("fuser", f"fuser rank {args.rank}, all {arch_b.n_layers} layers x{b}", prefix(fused))]
     if cuda:
-        runs.append((f"mapped_kv x{b}, dynamic decoder (before)", prefix(mapped, "dynamic")))
+        runs.append(("dynamic", f"mapped_kv x{b}, dynamic decoder (before)", prefix(mapped, "dynamic")))
+    only = {key for key in args.only.split(",") if key} | {"alone", "ac"}
+    runs = [(name, fn) for key, name, fn in runs if not args.only or key in only]
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), {dtype}, torch {torch.__version__}; A {args.shape_a} ({arch_a.n_layers} layers) "
           f"-> B {args.shape_b} ({arch_b.n_layers}); {args.n} items, A's prompts {args.prompt_a_tokens // 2}-"

@@ -223,7 +223,7 @@ def _null():
 
 @dataclass
 class TokenStates:
-    states: dict[int, list[Any]]  # layer -> per item (P_i, d_A) float32 on CPU: prompt_a's tokens after the layer
+    states: dict[int, list[Any]]  # layer -> per item (P_i, d_A) float32 (on `keep`'s device): prompt_a's tokens after the layer
     tokens: int  # prompt tokens A processed
     blocks: int  # blocks A ran per token (the deepest layer)
     seconds: float
@@ -234,11 +234,12 @@ class TokenStates:
 
 
 def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int], *,
-                 batch_size: int = 8) -> TokenStates:
+                 batch_size: int = 8, keep: Any = "cpu") -> TokenStates:
     """A's states of every real token of each prompt after each of `layers`, from one forward pass
-    stopped after the deepest (left padding removed; packed where pipeline.fastpath.packs says)."""
+    stopped after the deepest (left padding removed; packed where pipeline.fastpath.packs says),
+    kept on device `keep` (evaluation keeps them on the GPU: mapped KV and the fuser read every
+    layer, and copying those to the host and back cost them 25x the decoding on an H200)."""
     import torch
-
 
     layers = sorted(set(int(l) for l in layers))
     for layer in layers:
@@ -251,7 +252,7 @@ def token_states(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], l
         for rows in length_batches([len(p) for p in prompts], batch_size):
             got = layer_states(model, layers, [prompts[i] for i in rows], pad_id, device)
             for l in layers:
-                h = got[l].float().cpu()
+                h = got[l].float().to(keep)
                 for r, i in enumerate(rows):
                     out[l][i] = h[r, h.shape[1] - len(prompts[i]):].clone()
     return TokenStates(out, sum(len(p) for p in prompts), max(layers, default=0), time.perf_counter() - start)

@@ -153,8 +153,9 @@ class Context:
         have = self.tokens_cache
         if have is None or not set(layers) <= set(have.layers):
             union = sorted(set(layers) | self.token_layers | set(have.layers if have is not None else ()))
+            device = next(self.pair.model_a.parameters()).device  # kept where A ran: every reader is on a device
             self.tokens_cache = token_states(self.pair.model_a, self.pair.tok_a, self.enc_a, union,
-                                             batch_size=self.batch_size)
+                                             batch_size=self.batch_size, keep=device)
         return self.tokens_cache
 
 

@@ -36,10 +36,11 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
+from pipeline.attention import packed_attention
 from pipeline.config_tasks import SAMPLING  # the params' vocabulary (a leaf)
 from pipeline.distributed import generation_ranks
 from pipeline.errors import UserError
@@ -51,7 +52,6 @@ COMPILE = os.environ.get("XMODEL_COMPILE", "1") != "0"
 RECOMPILE_LIMIT = 256  # compiled decoders a process may make (dynamo's default is 8)
 KEEP_RUNNERS = 2  # per model: graphed decoders kept across calls (each holds a KV cache), least recent dropped
 _RUNNERS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
-PACKED_ATTENTION = "xmodel_packed_sdpa"
 
 
 @dataclass(frozen=True)
@@ -460,7 +460,7 @@ class _StaticRunner:
             allowed = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=ids.device)[None])
             full = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
             full[:, 0, :, :width] = allowed
-            with hook_ctx, _packed_attention(self.model):
+            with hook_ctx, packed_attention(self.model):
                 logits = self.model(input_ids=ids, attention_mask=full, position_ids=positions, cache=self.cache,
                                     use_cache=True, logits_to_keep=1).logits[:, -1]
         self.cur.fill_(width)
@@ -502,7 +502,7 @@ class _StaticRunner:
         steps = torch.arange(width, device=ids.device)
         mask = self.kv.expand(rows, 1, width, self.kv.shape[-1]).clone()
         mask[:, 0, :, self.width:self.width + width] = steps[None, :] <= steps[:, None]
-        with _packed_attention(self.model):
+        with packed_attention(self.model):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=self.state.pos + 1 + steps[None],
                                 cache=self.cache, use_cache=True).logits.float()
         self.cache.crop(-width)
@@ -554,10 +554,10 @@ class _StaticRunner:
             self.graph.replay()
             return
         if not self.use_graph:
-            with _packed_attention(self.model), fast_blocks(self.model):
+            with packed_attention(self.model), fast_blocks(self.model):
                 self._step()
             return
-        with torch.cuda.device(self.device), _packed_attention(self.model), fast_blocks(self.model):
+        with torch.cuda.device(self.device), packed_attention(self.model), fast_blocks(self.model):
             if self.eager_steps < self.WARM:  # on a side stream, as graph capture wants its warm-up
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -602,44 +602,6 @@ def _gold_logprob(first_logits: Any, gold: Sequence[Sequence[int]], forward: Cal
     for r, g in enumerate(gold):
         out[r] += float(sum(logp[r, t, g[t + 1]] for t in range(len(g) - 1)))
     return out
-
-
-def packed_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """HF's sdpa attention, except that a one-token query of grouped KV heads always runs packed
-    (each KV head's query heads as its query rows). HF does that eagerly but not under torch.compile,
-    where it copies K and V out to every query head instead (repeat_kv): twice the attention time."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-        attention_mask = attention_mask[..., :key.shape[-2]]  # a block without the prefix's columns (LayerPrefix)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    rows, heads, _, dim = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(rows, heads // groups, groups, dim), key,
-                                                           value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, 1, heads, value.shape[-1]), None
-
-
-@contextmanager
-def _packed_attention(model: Any):
-    """Within the block, a model on HF's sdpa attention uses packed_gqa_attention (the same math)."""
-    from pipeline.architecture import architecture
-
-    arch = architecture(model)
-    if arch.attn_implementation != "sdpa":
-        yield
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_gqa_attention)
-    arch.config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        arch.config._attn_implementation = "sdpa"
 
 
 def _generate_batch(runner, tokenizer, rows, decoding: Decoding, pad_id, stops, seeds, device, hook_ctx, keep_first,

@@ -138,7 +138,7 @@ def test_packed_gqa_attention_equals_hf_sdpa(models):
     """The one-token attention the CUDA graph captures: the same as HF's sdpa (4 query heads on 2 KV heads)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from pipeline.generation import packed_gqa_attention
+    from pipeline.attention import packed_gqa_attention
 
     model, _ = models["qwen"]
     module = model.model.layers[0].self_attn

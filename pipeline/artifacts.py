@@ -61,6 +61,10 @@ class Layout:
     def store(self, role: str) -> Path:
         return self.data / "stores" / f"{role}.zarr"
 
+    @property
+    def stores(self) -> tuple[Path, Path]:
+        return self.store("a"), self.store("b")  # A's and B's, what fit, grid and kvmaps read
+
     def manifest(self, role: str) -> Path:
         return self.data / "models" / f"{role}.json"
 

@@ -180,6 +180,9 @@ class Params:
             raise UserError(f"unknown model role {role!r}: params.yaml 'models' defines {sorted(self.models)}")
         return self.models[role]
 
+    def model_specs(self) -> tuple[str, str]:
+        return self.model_spec("a"), self.model_spec("b")  # A's and B's, the pair evaluate and fuse load
+
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
     import dacite

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import Params, fingerprint
+from pipeline.config import ExtractConfig, fingerprint
 from pipeline.errors import UserError
 
 LAYER_CONVENTION = "0 = embedding output; l = output of decoder block l (pre final norm)"
@@ -85,33 +85,25 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-def store_path(params: Params, role: str, out: Path | None) -> Path:
-    return Path(out) if out else params.paths.store(role)
-
-
-def run_extract(params: Params, role: str, out: Path | None = None, force: bool = False,
+def run_extract(spec: str, role: str, corpus, cfg: ExtractConfig, cache_dir: Path, path: Path, force: bool = False,
                 quiet: bool = False) -> ExtractResult:
-    """The extract stage: resolve and load the model of `role`, then `extract_model`."""
-    from pipeline.task_corpus import corpus_for
+    """The extract stage's work: resolve model `spec` (fetched and converted into `cache_dir`), load it
+    on cfg.device, then `extract_model` over `corpus` into the store at `path`, recording `role`."""
     from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.models import load_model, resolve_model
 
-    spec = params.model_spec(role)
-    dist = init_dist(params.extract.device)
+    dist = init_dist(cfg.device)
     try:
-        corpus = corpus_for(params, role)  # a task corpus gives each role its own view
         # Rank 0 fetches/converts first so ranks never race on the model cache.
         if is_main():
-            resolved = resolve_model(spec, params.paths.cache_dir())
+            resolved = resolve_model(spec, cache_dir)
         dist.barrier()
         if not is_main():
-            resolved = resolve_model(spec, params.paths.cache_dir())
-        model, tokenizer = load_model(resolved, device=_rank_device(params.extract.device, dist),
-                                      dtype=params.extract.dtype)
+            resolved = resolve_model(spec, cache_dir)
+        model, tokenizer = load_model(resolved, device=_rank_device(cfg.device, dist), dtype=cfg.dtype)
         source = {"model_id": resolved.model_id, "revision": resolved.revision, "model_sha": resolved.sha}
-        return extract_model(model, tokenizer, source, corpus, params.extract, store_path(params, role, out),
-                             dist, force=force, quiet=quiet,
-                             attrs={"model_spec": spec, "role": role, "requested_layers": list(params.extract.layers)})
+        return extract_model(model, tokenizer, source, corpus, cfg, path, dist, force=force, quiet=quiet,
+                             attrs={"model_spec": spec, "role": role, "requested_layers": list(cfg.layers)})
     finally:
         close_dist(dist)
 

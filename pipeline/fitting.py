@@ -23,16 +23,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import FitConfig, Params
+from pipeline.config import FitConfig
 from pipeline.errors import UserError
 from pipeline.pairing import Pairs, pair_rows
 
 INPUTS = "inputs.json"  # in the checkpoint directory: what the checkpoint was made from
-
-
-def open_stores(params: Params, held: ExitStack | None = None):
-    """Stores a and b of params' data dir (see read_stores)."""
-    return read_stores((params.paths.store("a"), params.paths.store("b")), held)
 
 
 def read_stores(paths: tuple[Path, Path], held: ExitStack | None = None):

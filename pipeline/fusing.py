@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import FUSE_VARIANTS, Params
+from pipeline.config import FUSE_VARIANTS, CorpusConfig, FuseConfig
 from pipeline.errors import UserError
 
 INIT = "init.json"  # in the checkpoint folder: the least-squares fit's facts and the reference losses
@@ -39,14 +39,19 @@ def examples_fingerprint(examples) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str], None] | None = None) -> FuseResult:
+def fuse(variant: str, cfg: FuseConfig, specs: tuple[str, str], cache_dir: Path, evaluate: Any, corpus: CorpusConfig,
+         paths: Any, force: bool = False, log: Callable[[str], None] | None = None) -> FuseResult:
+    """Train fuser `variant` (cfg: the fuse section) between models `specs` (A's, B's, resolved through
+    the converted-model cache `cache_dir`) on the items of `evaluate` (an EvaluateConfig: its
+    <cfg.task> section, in its chat format) or on the prose of `corpus`; `paths` (a
+    pipeline.artifacts.Layout) places the fuser folder, its lock and its record."""
     import numpy as np
     import torch
 
     from pipeline import headlines
     from pipeline.aligners.training import Checkpoint, Diverged, TrainState
     from pipeline.architecture import architecture
-    from pipeline.artifacts import Outputs, exclusive, layout, write_record
+    from pipeline.artifacts import Outputs, exclusive, write_record
     from pipeline.config import fingerprint
     from pipeline.evaluation.kv import cache_shape, check_attention
     from pipeline.evaluation.pair import load_pair
@@ -54,12 +59,10 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
     from pipeline.fuser import Fuser, batch_loss, layer_sources, mean_loss, prose_examples, task_examples
 
     log = log or (lambda line: None)
-    cfg = params.fuse
     if variant not in FUSE_VARIANTS:
         raise UserError(f"fuse variant {variant!r} is not one of {', '.join(FUSE_VARIANTS)}")
-    paths = layout(params)
     directory = paths.fuser(variant)
-    pair = load_pair(params, cfg)
+    pair = load_pair(specs, cache_dir, cfg.device, cfg.dtype)
     for model in (pair.model_a, pair.model_b):
         model.requires_grad_(False)
         model.eval()
@@ -67,9 +70,9 @@ def fuse(params: Params, variant: str, force: bool = False, log: Callable[[str],
     cache_shape(pair.model_b, "B")  # B must be a model whose KV prefix kv_generate can place
     t0 = time.perf_counter()
     if variant == "task":
-        examples = task_examples(cfg, params.evaluate, pair.model_b, pair.tok_a, pair.tok_b, log)
+        examples = task_examples(cfg, evaluate, pair.model_b, pair.tok_a, pair.tok_b, log)
     else:
-        examples = prose_examples(cfg, params.corpus, pair.tok_a, pair.tok_b)
+        examples = prose_examples(cfg, corpus, pair.tok_a, pair.tok_b)
     examples = [e for e in examples if e.target]  # an empty teacher answer trains nothing
     train, held = examples[:-cfg.n_heldout], examples[-cfg.n_heldout:]
     if len(train) < 1:

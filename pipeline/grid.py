@@ -13,29 +13,33 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import Params
+from pipeline.config import FitConfig, GridConfig
 from pipeline.errors import UserError
 
 
-def layer_grid(params: Params, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+def layer_grid(cfg: GridConfig, fit: FitConfig, stores: tuple[Path, Path], paths: Any,
+               warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The grid of the stores `stores` (A's, B's) on fit's held-out split (fit.seed, fit.heldout_frac,
+    its first fit.pairwise_rows rows), with the held-out scores of the aligners fit.aligners names,
+    read from where `paths` (a pipeline.artifacts.Layout) places them."""
     from contextlib import ExitStack
 
-    from pipeline.fitting import open_stores
+    from pipeline.fitting import read_stores
 
     with ExitStack() as held:  # the readers' side of both stores' locks, for the whole grid
-        return _grid(params, *open_stores(params, held), warn)
+        return _grid(cfg, fit, paths, *read_stores(stores, held), warn)
 
 
-def _grid(params: Params, a, b, warn: Callable[[str], None] | None) -> dict[str, Any]:
+def _grid(cfg: GridConfig, fit: FitConfig, paths: Any, a, b, warn: Callable[[str], None] | None) -> dict[str, Any]:
     from pipeline import metrics as M
     from pipeline.fitting import split_pairs
 
-    kind, fit = params.grid.kind, params.fit
+    kind = cfg.kind
     _, held = split_pairs(a, b, kind, fit.seed, fit.heldout_frac)
     rows = held.subset(slice(0, fit.pairwise_rows))
     xa = {la: a.numpy(kind, la, rows.rows_a) for la in a.layers}
     xb = {lb: b.numpy(kind, lb, rows.rows_b) for lb in b.layers}
-    k = min(params.grid.knn_k, len(rows) - 1)  # a tiny held-out set cannot have k neighbours
+    k = min(cfg.knn_k, len(rows) - 1)  # a tiny held-out set cannot have k neighbours
     if k < 1 or len(rows) < 4:
         raise UserError(f"{len(rows)} held-out texts are too few for the grid (CKA needs 4): raise corpus.n or fit.heldout_frac")
     knn_a = {la: M.knn_indices(x, k) for la, x in xa.items()}
@@ -48,17 +52,17 @@ def _grid(params: Params, a, b, warn: Callable[[str], None] | None) -> dict[str,
         "depth_b": [round(lb / b.attrs["num_layers"], 3) for lb in b.layers],
         "cka": {f"a{la}": {f"b{lb}": M.cka(xa[la], xb[lb]) for lb in b.layers} for la in a.layers},
         "mutual_knn": {f"a{la}": {f"b{lb}": M.knn_overlap(knn_a[la], knn_b[lb]) for lb in b.layers} for la in a.layers},
-        "aligners": fitted_aligner_scores(params, a, b, warn or (lambda message: None)),
+        "aligners": fitted_aligner_scores(fit, paths, a, b, warn or (lambda message: None)),
     }
 
 
-def fitted_aligner_scores(params: Params, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
-    """Held-out scores of the aligners named in params (fit.aligners), fitted on these stores and split."""
+def fitted_aligner_scores(fit: FitConfig, paths: Any, a, b, warn: Callable[[str], None]) -> dict[str, Any]:
+    """Held-out scores of the aligners fit.aligners names (in their folders under `paths`, a
+    pipeline.artifacts.Layout), fitted on these stores and split."""
     from pipeline.artifacts import aligner_lock, recover, shared
     from pipeline.fitting import Paired, heldout_metrics
 
-    paths = params.paths.layout
-    fit, out = params.fit, {}
+    out = {}
     stores = {"a": a.attrs.get("params_hash"), "b": b.attrs.get("params_hash")}
     split = {"seed": fit.seed, "heldout_frac": fit.heldout_frac}
     for name in sorted(fit.aligners):  # the grid stage's declared deps

@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.config import CorpusConfig, Params
+from pipeline.config import CorpusConfig
 from pipeline.data import Corpus, load_corpus
 from pipeline.errors import UserError
 
@@ -73,14 +73,15 @@ class TaskCorpus(Corpus):
         return ids, ends
 
 
-def corpus_for(params: Params, role: str) -> Corpus:
-    """The texts extraction runs model `role` over: the role's view of a task corpus, or the corpus."""
-    if params.corpus.task is None:
-        return load_corpus(params.corpus)
+def corpus_for(cfg: CorpusConfig, evaluate: Any, role: str) -> Corpus:
+    """The texts extraction runs model `role` over: the role's view of a task corpus (whose items
+    `evaluate`, the EvaluateConfig, defines), or the corpus."""
+    if cfg.task is None:
+        return load_corpus(cfg)
     if role not in VIEWS:
-        raise UserError(f"corpus.source = {params.corpus.source!r} has views for the roles a (prompt_a) and b "
+        raise UserError(f"corpus.source = {cfg.source!r} has views for the roles a (prompt_a) and b "
                         f"(skyline) only, not {role!r}: extract --model a or --model b")
-    return task_corpus(params.corpus, params.evaluate, role)
+    return task_corpus(cfg, evaluate, role)
 
 
 def task_corpus(cfg: CorpusConfig, evaluate: Any, role: str) -> TaskCorpus:

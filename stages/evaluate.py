@@ -44,10 +44,8 @@ def evaluations() -> tuple[str, ...]:
 EVALUATE_FILES = ("predictions.jsonl", "samples.jsonl", "table.md")  # all data/evaluate/<task>/ holds: anything else is not ours
 
 
-def outputs(params: Any, task: str) -> dict[str, Path]:
-    from pipeline.artifacts import layout
-
-    paths = layout(params)
+def outputs(paths: Any, task: str) -> dict[str, Path]:
+    """What evaluating `task` writes, placed by `paths` (a pipeline.artifacts.Layout)."""
     folder = paths.evaluate_dir(task)
     return {"predictions": folder / "predictions.jsonl", "samples": folder / "samples.jsonl", "table": folder / "table.md",
             "details": paths.details(f"evaluate-{task}"), "metrics": paths.metrics(f"evaluate-{task}"),
@@ -65,6 +63,7 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
     """Run one evaluation task end to end; returns the paths written. Under torchrun (a task, not
     the probe or the sweep) every rank loads A and B, the ranks share B's and A's generation batches
     (pipeline.distributed.generation_across), and rank 0 writes what one process would have written."""
+    from pipeline.artifacts import layout
     from pipeline.distributed import close_dist, init_dist, is_main
     from pipeline.errors import UserError
     from pipeline.evaluation.pair import load_pair
@@ -78,36 +77,38 @@ def run(params: Any, task: str, cfg: Any = None, pair: Any = None, log: Callable
         if dist.world > 1 and task in ("similarity", "sweep"):
             raise UserError(f"evaluate {task} runs in one process: run it without torchrun "
                             "(tasks are shared among ranks)")
-        if pair is None and dist.world > 1:  # rank 0 fetches/converts first, so ranks never race on the model cache
-            if not is_main():
+        if pair is None:  # under torchrun rank 0 fetches/converts first, so ranks never race on the model cache
+            if dist.world > 1 and not is_main():
                 dist.barrier()
-            pair = load_pair(params, cfg)
-            if is_main():
+            pair = load_pair(params.model_specs(), params.paths.cache_dir(), cfg.device, cfg.dtype)
+            if dist.world > 1 and is_main():
                 dist.barrier()
-        return _run(params, task, cfg, pair, log if is_main() else None, dist)
+        return _run(task, cfg, pair, layout(params), params.corpus, log if is_main() else None, dist)
     finally:
         close_dist(dist)
 
 
-def _run(params: Any, task: str, cfg: Any, pair: Any, log: Callable[[str], None] | None, dist: Any
+def _run(task: str, cfg: Any, pair: Any, paths: Any, corpus: Any, log: Callable[[str], None] | None, dist: Any
          ) -> dict[str, Path]:
+    """Evaluate `task` on the loaded `pair` under `cfg`, with the aligners and outputs where `paths` (a
+    pipeline.artifacts.Layout) places them; `corpus` (the CorpusConfig the aligners were fitted on) is
+    held out of the similarity probe."""
     from pipeline.distributed import generation_across, is_main
-    from pipeline.evaluation.pair import fingerprints, load_aligners, load_pair, resolve_ks
+    from pipeline.evaluation.pair import fingerprints, load_aligners, resolve_ks
 
     log = log or (lambda s: None)
-    pair = pair or load_pair(params, cfg)
-    out = outputs(params, task)
+    out = outputs(paths, task)
     if task == "sweep":
-        return _sweep(params, cfg, pair, out, log)
+        return _sweep(cfg, pair, out, log)
     k, j = resolve_ks(pair, cfg.layer_a, cfg.layer_b)
-    aligners = load_aligners(cfg.aligners, Path(params.paths.data), pair, k, j)
+    aligners = load_aligners(cfg.aligners, paths.data, pair, k, j)
     if task == "similarity":
         from pipeline.evaluation.pair import vector_aligners
 
-        return _similarity(params, cfg, pair, vector_aligners(aligners), k, j, out)
+        return _similarity(cfg, pair, vector_aligners(aligners), k, j, out, paths, corpus)
 
     from pipeline.evaluation.methods.run import evaluate_task
-    from pipeline.artifacts import Outputs, dumps, layout, write_record
+    from pipeline.artifacts import Outputs, dumps, write_record
     from pipeline.evaluation.prompts import check_context, task_prompts
     from pipeline.evaluation.results import harness_samples, plot_scores
     from pipeline.headlines import evaluation
@@ -132,7 +133,7 @@ def _run(params: Any, task: str, cfg: Any, pair: Any, log: Callable[[str], None]
                             "table.md": result.table() + "\n"})
         # the record names where the items came from (file and layout, or generator and split) and
         # each aligner it used by fingerprint (the report flags one that has changed since)
-        write_record(layout(params), f"evaluate-{task}",
+        write_record(paths, f"evaluate-{task}",
                      {**result.metrics(), "items": result.prompts.source, "aligners_used": fingerprints(aligners),
                       "ranks": dist.world},
                      evaluation)
@@ -141,14 +142,14 @@ def _run(params: Any, task: str, cfg: Any, pair: Any, log: Callable[[str], None]
     return out
 
 
-def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
-    from pipeline.artifacts import Outputs, layout, write_record
+def _similarity(cfg, pair, aligners, k, j, out, paths, corpus) -> dict[str, Path]:
+    from pipeline.artifacts import Outputs, write_record
     from pipeline.evaluation.pair import fingerprints
     from pipeline.data import load_corpus
     from pipeline.evaluation.similarity import plot_similarity, similarity_probe, similarity_table, similarity_texts
     from pipeline.headlines import similarity
 
-    training = load_corpus(params.corpus).texts  # the aligners were fitted on these: hold them out
+    training = load_corpus(corpus).texts  # the aligners were fitted on these: hold them out
     texts = similarity_texts(cfg.similarity, exclude=training)
     result = similarity_probe(pair, texts, k, j, cfg.modes, aligners, batch_size=cfg.batch_size, n_boot=cfg.n_boot,
                               aligner_modes=cfg.aligner_modes)
@@ -156,12 +157,12 @@ def _similarity(params, cfg, pair, aligners, k, j, out) -> dict[str, Path]:
     result["aligners_used"] = fingerprints(aligners)
     with Outputs():
         _write_folder(out, {"table.md": similarity_table(result) + "\n"})
-        write_record(layout(params), "evaluate-similarity", result, similarity)
+        write_record(paths, "evaluate-similarity", result, similarity)
         plot_similarity(result, out["plot"])
     return {k_: v for k_, v in out.items() if k_ in ("table", "details", "metrics", "plot")}
 
 
-def _sweep(params, cfg, pair, out, log) -> dict[str, Path]:
+def _sweep(cfg, pair, out, log) -> dict[str, Path]:
     from dataclasses import replace
 
     from pipeline.artifacts import Outputs, write_json  # strict JSON (NaN as null), joins the block's Outputs

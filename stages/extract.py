@@ -17,10 +17,14 @@ def run(params: Params, role: str, out: Path | None = None, force: bool = False,
     from pipeline.artifacts import layout, write_record
     from pipeline.distributed import is_main
     from pipeline.extract import run_extract
+    from pipeline.task_corpus import corpus_for
     from store.verify import store_info
 
-    result = run_extract(params, role, out=out, force=force, quiet=quiet)
     paths, name = layout(params), f"extract-{role}"
+    spec = params.model_spec(role)  # an unknown role is refused before the corpus is read
+    corpus = corpus_for(params.corpus, params.evaluate, role)  # a task corpus gives each role its own view
+    result = run_extract(spec, role, corpus, params.extract, params.paths.cache_dir(),
+                         Path(out) if out else paths.store(role), force=force, quiet=quiet)
     # a store found complete (e.g. built earlier under torchrun) still gets its record, which the DVC
     # stage declares; its speed is known only to the run that wrote it
     missing = not (paths.metrics(name).exists() and paths.details(name).exists())

@@ -18,4 +18,4 @@ def run(params: Params, name: str, force: bool = False, log=None):
     from pipeline.fitting import fit_from_stores
 
     paths = layout(params)
-    return fit_from_stores(name, params.fit, (paths.store("a"), paths.store("b")), paths, force=force, log=log)
+    return fit_from_stores(name, params.fit, paths.stores, paths, force=force, log=log)

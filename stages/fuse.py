@@ -13,6 +13,8 @@ PARAMS = ("models", "corpus", "evaluate.chat", "evaluate.${fuse.task}", "fuse")
 
 
 def run(params: Params, variant: str, force: bool = False, log=None):
+    from pipeline.artifacts import layout
     from pipeline.fusing import fuse
 
-    return fuse(params, variant, force=force, log=log)
+    return fuse(variant, params.fuse, params.model_specs(), params.paths.cache_dir(), params.evaluate, params.corpus,
+                layout(params), force=force, log=log)

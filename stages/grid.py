@@ -29,8 +29,9 @@ def run(params: Params, warn=None) -> dict:
     from pipeline.grid import heatmap, layer_grid
     from pipeline.headlines import grid
 
-    result = layer_grid(params, warn=warn)
+    paths = layout(params)
+    result = layer_grid(params.grid, params.fit, paths.stores, paths, warn=warn)
     with Outputs():
-        write_record(layout(params), "grid", result, grid)  # joins the block's outputs
+        write_record(paths, "grid", result, grid)  # joins the block's outputs
         heatmap(result, plot_path(params))
     return result

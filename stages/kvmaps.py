@@ -19,13 +19,13 @@ def run(params: Any, name: str = NAME, log: Callable[[str], None] | None = None)
     from pipeline.artifacts import Outputs, layout, write_record
     from pipeline.headlines import layer_maps
     from pipeline.kvmaps import fit_layer_maps
-    from pipeline.fitting import open_stores
+    from pipeline.fitting import read_stores
     from pipeline.pairing import check_same_corpus
 
-    a, b = open_stores(params)
+    paths = layout(params)
+    a, b = read_stores(paths.stores)
     check_same_corpus(a, b)
     maps = fit_layer_maps(a, b, params.fit.seed, params.fit.heldout_frac, log or (lambda s: None))
-    paths = layout(params)
     target = paths.aligner(name)
     with Outputs():  # the maps and their record appear together
         maps.save(target)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data import load_corpus
-from pipeline.extract import run_extract
+from stages.extract import run as run_extract
 from pipeline.layers import resolve_layers
 from store.reader import ActivationStore
 from tests.helpers import write_params

@@ -95,9 +95,9 @@ def test_new_aligner_class_fits_from_the_store_without_loading_a_model(capsys, p
     assert saved["kind"] == "tests.test_fit:Ridge" and saved["params"] == {"ridge": 0.5}
     aligner = load_aligner(directory)
     # the saved map is the closed form on exactly the training rows the meta describes
-    from pipeline.fitting import open_stores, paired_for_fit
+    from pipeline.fitting import paired_for_fit, read_stores
 
-    paired = paired_for_fit(*open_stores(params), params.fit)
+    paired = paired_for_fit(*read_stores(params.paths.layout.stores), params.fit)
     x, y = (np.asarray(v, dtype=np.float64) for v in paired.arrays(paired.train))
     xc, yc = x - x.mean(0), y - y.mean(0)
     w = np.linalg.solve(xc.T @ xc + 0.5 * np.eye(x.shape[1]), xc.T @ yc).T
@@ -243,10 +243,10 @@ def _snapshot(directory):
 def _frac_holding_one_text(params) -> float:
     """A fit.heldout_frac that holds out exactly one of the stores' texts."""
     from pipeline.aligners.base import hashed_heldout
-    from pipeline.fitting import open_stores
+    from pipeline.fitting import read_stores
     from pipeline.pairing import pair_rows
 
-    texts = pair_rows(*open_stores(params), "last").text
+    texts = pair_rows(*read_stores(params.paths.layout.stores), "last").text
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2

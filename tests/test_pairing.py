@@ -16,7 +16,7 @@ from tests.helpers import write_params
 def tiny_stores(base: Path, models: dict[str, Path], name: str = "stores", **sections) -> Path:
     """params.yaml of a tiny A/B store pair under base/name, extracting the stores once: a later
     call with the same params finds them complete (only the tiny model is loaded again)."""
-    from pipeline.extract import run_extract
+    from stages.extract import run as run_extract
 
     root = base / name
     root.mkdir(exist_ok=True)
@@ -29,9 +29,9 @@ def tiny_stores(base: Path, models: dict[str, Path], name: str = "stores", **sec
 
 
 def open_pair(params_path: Path):
-    from pipeline.fitting import open_stores
+    from pipeline.fitting import read_stores
 
-    return open_stores(load_params(params_path))
+    return read_stores(load_params(params_path).paths.layout.stores)
 
 
 def test_sequences_pair_by_text_index_whatever_the_order():

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.errors import UserError
-from pipeline.extract import run_extract
+from stages.extract import run as run_extract
 from store.verify import verify_store
 from tests.helpers import assert_same_store, run_cli, write_params, xmodel_process
 

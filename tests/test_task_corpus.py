@@ -49,7 +49,7 @@ def test_views_hold_the_same_items_apart_from_the_evaluation_items(tmp_path):
     # corpus.seed = the evaluation seed: a draw of the generator that starts with the evaluation items
     params = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"source": "task:countries", "n": 24,
                                                                               "seed": 0}))
-    a, b = corpus_for(params, "a"), corpus_for(params, "b")
+    a, b = corpus_for(params.corpus, params.evaluate, "a"), corpus_for(params.corpus, params.evaluate, "b")
     evaluation = get_task("countries").prompts(params.evaluate.countries)
     assert len(a.texts) == len(b.texts) == 24 and a.index == b.index == list(range(24)) and a.ids == b.ids
     assert not set(a.texts) & set(evaluation.a), "a training item is an evaluation item"
@@ -60,7 +60,8 @@ def test_views_hold_the_same_items_apart_from_the_evaluation_items(tmp_path):
     assert (a.view, b.view) == ("prompt_a", "skyline")
     # the items depend on the evaluation section they avoid, and on corpus.seed
     other = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, evaluate={"countries": {"n": 12, "seed": 5}}))
-    assert corpus_for(other, "a").fingerprint != corpus_for(params, "a").fingerprint
+    assert (corpus_for(other.corpus, other.evaluate, "a").fingerprint
+            != corpus_for(params.corpus, params.evaluate, "a").fingerprint)
 
 
 def _place(prompt_a: str) -> str:
@@ -75,7 +76,7 @@ def test_countries_place_split_no_evaluated_place_in_training(tmp_path):
 
     params = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"n": 300},
                                       evaluate={"countries": {"n": 100, "places": "eval"}}))
-    train, evaluation = corpus_for(params, "a"), get_task("countries").prompts(params.evaluate.countries)
+    train, evaluation = corpus_for(params.corpus, params.evaluate, "a"), get_task("countries").prompts(params.evaluate.countries)
     train_places, eval_places = {_place(t) for t in train.texts}, {_place(t) for t in evaluation.a}
     assert len(train.texts) == 300 and len(evaluation.a) == 100
     assert not train_places & eval_places, "an evaluated place was seen in training"
@@ -100,13 +101,13 @@ def test_squad_training_items_never_share_a_passage_with_evaluation(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"source": "task:squad", "n": 40},
                                       evaluate={"squad": {"source": str(path), "n": 6}}))
-    train, evaluation = corpus_for(params, "a"), get_task("squad").prompts(params.evaluate.squad)
+    train, evaluation = corpus_for(params.corpus, params.evaluate, "a"), get_task("squad").prompts(params.evaluate.squad)
     passages = {it.split("Passage: ", 1)[1].split("\n")[0] for it in evaluation.a}
     assert train.texts and not any(p in t for p in passages for t in train.texts)
     assert train.split["shared_with_evaluation"] == 0 and train.split["layout"] == "squad"
     generated = load_params(_task_params(tmp_path, {"a": "x", "b": "y"}, corpus={"source": "task:squad", "n": 40},
                                          evaluate={"squad": {"n": 20}}))
-    split = corpus_for(generated, "a").split
+    split = corpus_for(generated.corpus, generated.evaluate, "a").split
     assert split["passages"] == "generated, seed 1" and split["evaluation"]["passages"] == "generated, seed 0"
     assert split["shared_with_evaluation"] == 0
 
@@ -118,10 +119,11 @@ def test_bad_task_corpora_are_one_line(tmp_path):
     def params(**kw):
         return load_params(_task_params(tmp_path, {"a": "x", "b": "y", "c": "z"}, **kw))
 
+    nope, plain = params(corpus={"source": "task:nope"}), params()
     with pytest.raises(UserError, match=r"task:nope.*task:<name> with one of squad, gsm8k, countries"):
-        corpus_for(params(corpus={"source": "task:nope"}), "a")
+        corpus_for(nope.corpus, nope.evaluate, "a")
     with pytest.raises(UserError, match="roles a .* and b .* only, not 'c'"):
-        corpus_for(params(), "c")
+        corpus_for(plain.corpus, plain.evaluate, "c")
     with pytest.raises(UserError, match="task corpus, read per model role by `xmodel extract` only"):
         load_corpus(params().corpus)
     # a .jsonl whose every item is an evaluation item leaves nothing to train on
@@ -129,7 +131,7 @@ def test_bad_task_corpora_are_one_line(tmp_path):
     items.write_text("".join(json.dumps({"prompt_a": f"P{i} is at Rome.", "prompt_b": "Where?", "answer": "Italy"})
                              + "\n" for i in range(5)))
     with pytest.raises(UserError, match="leaves no item outside the 5 evaluation items"):
-        corpus_for(params(evaluate={"countries": {"source": str(items), "n": 12}}), "a")
+        corpus_for(plain.corpus, params(evaluate={"countries": {"source": str(items), "n": 12}}).evaluate, "a")
 
 
 def test_long_prompts_are_refused_not_cut(tiny_models, tmp_path, capsys):
@@ -164,7 +166,7 @@ def test_stores_hold_the_states_ac_sends_and_b_has_on_the_skyline(tiny_models, c
         assert code == 0, err
     params = load_params(path)
     cfg = params.evaluate
-    pair = load_pair(params, cfg)
+    pair = load_pair(params.model_specs(), params.paths.cache_dir(), cfg.device, cfg.dtype)
     assert pair.tok_b.chat_template and not getattr(pair.tok_a, "chat_template", None)  # both encode() paths
     k, j = resolve_ks(pair, cfg.layer_a, cfg.layer_b)
     train, _ = training_prompts(params.corpus, cfg)

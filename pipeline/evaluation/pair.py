@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.config_evaluate import EvaluateConfig
 
 
 @dataclass
@@ -43,15 +40,16 @@ class Pair:
         return architecture(self.model_b).width
 
 
-def load_pair(params: Any, cfg: EvaluateConfig) -> Pair:
+def load_pair(specs: tuple[str, str], cache_dir: Path, device: str, dtype: str) -> Pair:
+    """Models A and B by their specs (A's, B's), resolved through the converted-model cache
+    `cache_dir` and loaded on `device` in `dtype`."""
     from pipeline.models import load_model, resolve_model
 
-    models = {}
-    for role in ("a", "b"):
-        spec = params.model_spec(role)
-        resolved = resolve_model(spec, params.paths.cache_dir())
-        models[role] = (*load_model(resolved, device=cfg.device, dtype=cfg.dtype), spec, resolved.sha)
-    (ma, ta, sa, ha), (mb, tb, sb, hb) = models["a"], models["b"]
+    models = []
+    for spec in specs:
+        resolved = resolve_model(spec, cache_dir)
+        models.append((*load_model(resolved, device=device, dtype=dtype), spec, resolved.sha))
+    (ma, ta, sa, ha), (mb, tb, sb, hb) = models
     return Pair(ma, ta, mb, tb, sa, sb, ha, hb)
 
 

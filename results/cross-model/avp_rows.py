@@ -135,7 +135,7 @@ def avp_runs(args: argparse.Namespace, params, cfg, prompts, decoding, log) -> t
     if decoding.sampling != "greedy" or not cfg.chat:
         raise UserError(f"evaluate.{args.task}: avp rows need greedy decoding with chat templates (sampling "
                         f"{decoding.sampling!r}, chat {cfg.chat}): avp's generate samples with its own draws")
-    pair = load_pair(params, cfg)
+    pair = load_pair(params.model_specs(), params.paths.cache_dir(), cfg.device, cfg.dtype)
     avp = _avp()
     import torch
     from avp.connectors.base import _render_prompt, _tokenize_prompt  # how avp turns a prompt into ids

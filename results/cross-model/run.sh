@@ -38,3 +38,32 @@ xmodel $E -S paths.data=$OUT/countries-seen -S evaluate.countries.places=train \
   -S 'evaluate.methods=[b_alone, ac, fuser, skyline]' -S 'evaluate.modes=[]' -S 'evaluate.aligner_modes=[replace, gated]' \
   -S "evaluate.aligners=[$OUT/in-task/aligners/lora, $OUT/fuse/fusers/task]" evaluate countries
 xmodel report --methods $OUT/countries --methods $OUT/countries-2 --methods $OUT/countries-seen --methods $OUT/countries-controls --bandwidth $OUT/bandwidth.png
+
+# --- SmolLM2 -> Qwen-0.5B, SQuAD (generated, seed 0, private setting), n = 100 (PLAN.md, stream Y) ---
+S="$PAIR -S evaluate.layer_a=0.93 -S evaluate.layer_b=0.93 -S evaluate.tasks=[squad] -S evaluate.controls=[mismatched]"
+# 8. references and plain AC
+xmodel $S -S paths.data=$OUT/smol-squad -S 'evaluate.methods=[b_alone, nl, ac, skyline]' -S 'evaluate.modes=[replace, gated]' \
+  -S 'evaluate.aligners=[]' evaluate squad
+# 9. the in-task LoRA on 256 SQuAD items of corpus seed 1 (generated passages of another seed: none shared)
+T="--params profiles/in-task.yaml $PAIR -S paths.data=$OUT/in-task-squad -S extract.layers=[0.93] -S fit.layers=[0.93,0.93] -S corpus.source=task:squad -S corpus.n=256"
+xmodel $T extract --model a --quiet && xmodel $T extract --model b --quiet && xmodel $T fit lora --quiet
+xmodel $S -S paths.data=$OUT/smol-squad-2 -S 'evaluate.methods=[b_alone, ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/in-task-squad/aligners/lora]" evaluate squad
+# 10. multi-vector AC through the per-token prose LoRA (step 2) and mapped KV through the ridge maps (step 1)
+xmodel $S -S paths.data=$OUT/smol-squad-3 -S 'evaluate.methods=[b_alone, mv_ac, mapped_kv]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace]' -S "evaluate.aligners=[$OUT/tok/aligners/lora, $OUT/prose/aligners/kvmaps]" \
+  -S 'evaluate.mv.m=[1, 4, 16, all]' -S 'evaluate.mv.aligners=[lora]' evaluate squad
+
+# --- Qwen-0.5B -> 1.5B, Countries evaluation places, n = 100 (PLAN.md, stream X) ---
+Q="-S models.a=qwen2.5-coder-0.5b-instruct -S models.b=qwen2.5-coder-1.5b-instruct"
+C="$Q -S evaluate.layer_a=0.93 -S evaluate.layer_b=0.93 -S evaluate.tasks=[countries] -S evaluate.countries.places=eval -S evaluate.countries.n=100 -S evaluate.controls=[mismatched]"
+# 11. references and plain AC (the last 896 of B's 1536 coordinates)
+xmodel $C -S paths.data=$OUT/q15-countries -S 'evaluate.methods=[b_alone, nl, ac, skyline]' -S 'evaluate.modes=[replace, gated]' \
+  -S 'evaluate.aligners=[]' evaluate countries
+# 12. the in-task LoRA (Countries train places, corpus seed 1, 512 items)
+T="--params profiles/in-task.yaml $Q -S paths.data=$OUT/q15-in-task -S extract.layers=[0.93] -S fit.layers=[0.93,0.93] -S evaluate.countries.places=train"
+xmodel $T extract --model a --quiet && xmodel $T extract --model b --quiet && xmodel $T fit lora --quiet
+xmodel $C -S paths.data=$OUT/q15-countries-2 -S 'evaluate.methods=[b_alone, ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/q15-in-task/aligners/lora]" evaluate countries
+xmodel report --methods $OUT/smol-squad --methods $OUT/smol-squad-2 --methods $OUT/smol-squad-3 \
+  --methods $OUT/q15-countries --methods $OUT/q15-countries-2

@@ -639,9 +639,29 @@ def method_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
     return _table(METHOD_HEAD, [row for label, m in runs for row in method_rows(label, m)])
 
 
+def _bandwidth_panels(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Panel title -> {method: entry}: one panel per task, place split and pair, whatever records its
+    methods come from (a table split over several runs is one curve). A reference or text method seen
+    again (b_alone, repeated as each run's paired baseline) keeps its first entry; another method
+    seen again is another aligner or setting under the same name (two runs' `lora`), so it is kept
+    too, named with its run. Every entry keeps its record's primary score."""
+    panels: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, m in runs:
+        models, side = m.get("models") or {}, (m.get("items") or {}).get("places")
+        title = (f"{m.get('task')}" + (f" ({side} places)" if side in ("train", "eval") else "")
+                 + f": {models.get('a')} → {models.get('b')}")
+        panel = panels.setdefault(title, {})
+        for name, e in (m.get("methods") or {}).items():
+            if name in panel and e.get("family") not in ("reference", "text"):
+                name = f"{name} [{label.rsplit(' [', 1)[-1].rstrip(']')}]"  # the run's folder where the CLI named it
+            panel.setdefault(name, {**e, "primary": m.get("primary")})
+    return {title: panel for title, panel in panels.items() if panel}
+
+
 def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
-    """Score against bytes sent per item (log scale), one panel per run and task: every method that
-    sent something (controls left out), text beside the latent ones, B alone and the skyline as lines."""
+    """Score against bytes sent per item (log scale), one panel per task, place split and pair: every
+    method that sent something (controls left out), text beside the latent ones, B alone and the
+    skyline as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -649,10 +669,14 @@ def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
 
     from pipeline.artifacts import save_figure
 
-    panels = [(label, m) for label, m in runs if m.get("methods")]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (label, m) in zip(axes[0], panels):
-        methods, primary = m["methods"], m.get("primary")
+    panels = _bandwidth_panels(runs)
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, methods) in zip(axes.flat, panels.items()):
+        primary = next(iter(methods.values()))["primary"]
         for name, e in methods.items():
             s, b = e.get(primary) or {}, e.get("bytes_sent")
             if e.get("family") in ("control", "reference") or not b or "mean" not in s:
@@ -670,7 +694,7 @@ def plot_bandwidth(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
         ax.set_ylabel(f"{primary} (%) with 95% CI")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, loc="upper left")
-        ax.set_title(f"{m.get('task')}: {label}", fontsize=8, wrap=True)
+        ax.set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

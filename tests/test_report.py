@@ -407,3 +407,22 @@ def test_methods_table_and_bandwidth_curve_of_a_records_folder(tmp_path, capsys)
     assert code == 0, err
     assert "| `kv_all` | — | 100 | 77.0 [67.8, 84.2] | +77.0 (p 1.3e-23) |" in out  # an older record: no family
     assert "Δ vs mismatched (p)" in out and (tmp_path / "bw.png").stat().st_size > 0
+
+
+def test_bandwidth_curve_is_one_panel_per_task_split_and_pair_whatever_run_a_method_came_from():
+    """A table split over runs is one curve: the repeated B alone once, two runs' same-named aligner
+    both (each named with its run), another pair or place split its own panel."""
+    from pipeline.report import _bandwidth_panels
+
+    def record(b, places, methods):
+        return {"task": "countries", "primary": "em", "models": {"a": "s", "b": b}, "items": {"places": places},
+                "methods": {name: {"family": family, "em": {"mean": 0.1}} for name, family in methods}}
+
+    runs = [("s → q [one]", record("q", "eval", [("b_alone", "reference"), ("ac_lora_replace", "ac_w")])),
+            ("s → q [two]", record("q", "eval", [("b_alone", "reference"), ("ac_lora_replace", "ac_w")])),
+            ("s → q [seen]", record("q", "train", [("b_alone", "reference")])),
+            ("s → r [other]", record("r", "eval", [("nl", "text")]))]
+    panels = _bandwidth_panels(runs)
+    assert list(panels) == ["countries (eval places): s → q", "countries (train places): s → q",
+                            "countries (eval places): s → r"]
+    assert list(panels["countries (eval places): s → q"]) == ["b_alone", "ac_lora_replace", "ac_lora_replace [two]"]

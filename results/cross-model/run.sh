@@ -67,3 +67,4 @@ xmodel $C -S paths.data=$OUT/q15-countries-2 -S 'evaluate.methods=[b_alone, ac]'
   -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/q15-in-task/aligners/lora]" evaluate countries
 xmodel report --methods $OUT/smol-squad --methods $OUT/smol-squad-2 --methods $OUT/smol-squad-3 \
   --methods $OUT/q15-countries --methods $OUT/q15-countries-2
+# 13. avp's rows on the same items (optional dependency: pip install 'xmodel[avp]'): results/cross-model/avp/README.md

@@ -68,3 +68,11 @@ xmodel $C -S paths.data=$OUT/q15-countries-2 -S 'evaluate.methods=[b_alone, ac]'
 xmodel report --methods $OUT/smol-squad --methods $OUT/smol-squad-2 --methods $OUT/smol-squad-3 \
   --methods $OUT/q15-countries --methods $OUT/q15-countries-2
 # 13. avp's rows on the same items (optional dependency: pip install 'xmodel[avp]'): results/cross-model/avp/README.md
+
+# --- A = B = Qwen-0.5B, the reference pair, Countries evaluation places, n = 100 (PLAN.md, step 6 in part) ---
+R="-S models.a=qwen2.5-coder-0.5b-instruct -S models.b=qwen2.5-coder-0.5b-instruct -S evaluate.layer_a=0.93 -S evaluate.layer_b=0.93 -S evaluate.tasks=[countries] -S evaluate.countries.places=eval -S evaluate.countries.n=100 -S evaluate.controls=[mismatched]"
+# 14. references, plain AC, KV (all layers); multi-vector AC without an aligner
+xmodel $R -S paths.data=$OUT/same-countries -S 'evaluate.methods=[b_alone, nl, ac, kv, skyline]' -S 'evaluate.modes=[replace]' \
+  -S 'evaluate.aligners=[]' -S 'evaluate.kv.layers=[all]' evaluate countries
+xmodel $R -S paths.data=$OUT/same-countries-mv -S 'evaluate.methods=[b_alone, mv_ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligners=[]' -S 'evaluate.mv.m=[1, 4, 16, all]' -S 'evaluate.mv.aligners=[none]' evaluate countries

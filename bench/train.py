@@ -8,13 +8,15 @@ epochs through the library (`pipeline.aligners` fit, the path `xmodel fit` takes
                      in device memory; batches are gathered there
   store, streamed    the path for rows that do not fit (forced here with fit(rows_on_device=False)):
                      shuffled windows read from the store (blocks in parallel, windows ahead),
-                     each copied to the device whole and batches gathered there; held-out rows
-                     read once and kept on the device; blocks kept in host memory after their
-                     first read (they fit in its HOST_CACHE_FRACTION)
+                     each gathered as stored (float16) into pinned memory, copied to the device
+                     whole and widened there, batches gathered there; held-out rows read once and
+                     kept on the device; blocks kept in host memory (as stored) after their first
+                     read (they fit in its HOST_CACHE_FRACTION)
   streamed, no host cache   the same reading the store every epoch (a store larger than host memory)
   ceiling            the same module, optimizer and number of steps on random batches already on the
                      device (nothing read, no held-out passes): what the GPU can do alone
-Prints samples/s over the whole fit and over the epochs after the rows reached the device, the
+Prints one pass over the store as the streamed path reads it (GB/s of stored rows), samples/s over
+the whole fit and over the epochs after the rows reached the device, the
 ratio to the ceiling (the fraction of time the GPU is not waiting on data or on our bookkeeping),
 and with --profile the GPU's busy fraction in the store runs (CUDA kernel time / wall time, from
 torch.profiler). Example (GPU):
@@ -62,6 +64,22 @@ def busy_fraction(fn) -> tuple[float, float]:
     return wall, kernels / 1e6 / wall
 
 
+def read_pass(x, y) -> tuple[float, int]:
+    """(best seconds of 2, bytes) of reading every row block the way the streamed path does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.aligners.training import READ_THREADS, RowSplit
+
+    split, best, nbytes = RowSplit(x, y), float("inf"), 0
+    for _ in range(2):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            nbytes = sum(a.nbytes for block in split._blocks_in_order(pool, list(range(len(split.blocks))))
+                         for a in block)
+        best = min(best, time.perf_counter() - t)
+    return best, nbytes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="where the synthetic stores are built (reused if complete)")
@@ -94,6 +112,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     x, y = ActivationStore(directory / "a.zarr").dask("last", 0), ActivationStore(directory / "b.zarr").dask("last", 0)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    read_s, read_bytes = read_pass(x, y)
     common = dict(loss="mse", batch_size=args.batch, epochs=args.epochs, patience=0, lr=1e-3)
 
     rows, ratios, waits = [], [], []
@@ -159,6 +178,8 @@ def main() -> None:
 
     print(f"\n{card}  rows {args.n:,} ({d_a} -> {d_b}, float16 store, built/reused in {build_s:.0f} s)  "
           f"batch {args.batch}  epochs {args.epochs}  (fit time includes held-out passes and scores)")
+    print(f"one pass over the stores as training reads them ({training.READ_THREADS} threads, blocks as stored): "
+          f"{read_s:.2f} s, {read_bytes / read_s / 1e9:.2f} GB/s (best of 2)")
     print(f"{'adapter':<8}{'feed':<30}{'steps':>7}{'seconds':>9}{'to device':>10}{'samples/s':>12}"
           f"{'after load':>12}{'vs ceiling':>12}{'GPU busy':>10}{'TFLOP/s':>9}")
     for name, label, steps, wall, load_s, rate, after, ratio, busy, tflops in rows:
@@ -173,6 +194,7 @@ def main() -> None:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train-{args.shape_a}-{args.shape_b}-b{args.batch}.json").write_text(json.dumps(
             {"card": card, "n": args.n, "d": [d_a, d_b], "batch": args.batch, "epochs": args.epochs,
+             "read_pass": {"seconds": read_s, "bytes": read_bytes},
              "rows": [dict(zip(("adapter", "feed", "steps", "seconds", "to_device_seconds", "samples_per_s",
                                 "samples_per_s_after_load", "vs_ceiling_after_load", "gpu_busy", "tflops_after_load"),
                                r))

@@ -76,14 +76,22 @@ class RowBlocks:
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def load(self, i: int) -> tuple[np.ndarray, ...]:
+    def load(self, i: int, scheduler: str | None = None, shared: bool = False) -> tuple[np.ndarray, ...]:
+        """Block i of every array as numpy; dask parts computed with `scheduler` (default dask's).
+        shared: a block may be a view of an array held elsewhere (a dask chunk's, without the copy
+        dask makes of a one-chunk result), for a caller that never writes into it."""
         start, stop = self.bounds[i]
         parts = [a[start:stop] for a in self.arrays]
         lazy = [j for j, p in enumerate(parts) if is_dask(p)]
         if lazy:
             import dask
 
-            for j, value in zip(lazy, dask.compute(*(parts[j] for j in lazy))):
+            if shared:
+                grids = dask.compute(*(parts[j].to_delayed().tolist() for j in lazy), scheduler=scheduler)
+                values = [g[0][0] if len(g) == 1 and len(g[0]) == 1 else np.block(g) for g in grids]
+            else:
+                values = dask.compute(*(parts[j] for j in lazy), scheduler=scheduler)
+            for j, value in zip(lazy, values):
                 parts[j] = value
         return tuple(np.asarray(p) for p in parts)
 

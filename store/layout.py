@@ -88,3 +88,15 @@ def widen(raw: np.ndarray, store_dtype: str) -> np.ndarray:
     if store_dtype == "bfloat16" and raw.dtype == np.uint16:
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32, copy=False)
+
+
+def widen_tensor(raw, out=None):
+    """Stored values (a torch tensor: float16 or float32, or uint16 holding bfloat16 bits, as
+    `store.reader.stored_values` reads them) as float32 where they are, into `out` when given: on a
+    GPU the widening is free, where on the host it costs as much as decoding the store."""
+    import torch
+
+    src = raw.view(torch.bfloat16) if raw.dtype == torch.uint16 else raw
+    if out is None:
+        return src.float()
+    return out.copy_(src)

@@ -39,7 +39,7 @@ def test_heldout_rows_stay_on_the_device_after_the_first_pass(monkeypatch):
     first = list(split.heldout_batches(50))
     assert _same(first, list(plain.heldout_batches(50)))
     loads = []
-    monkeypatch.setattr(split.blocks, "load", lambda b: loads.append(b))
+    monkeypatch.setattr(split.blocks, "load", lambda b, **kw: loads.append(b))
     assert _same(list(split.heldout_batches(50)), first)
     assert not loads  # the second pass reads nothing from the store
 
@@ -51,7 +51,57 @@ def test_blocks_kept_in_host_memory_serve_later_epochs(monkeypatch):
     first = list(split.train_batches(0, 32, device=cpu))
     assert _same(first, list(plain.train_batches(0, 32)))
     loads = []
-    monkeypatch.setattr(split.blocks, "load", lambda b: loads.append(b))
+    monkeypatch.setattr(split.blocks, "load", lambda b, **kw: loads.append(b))
     assert _same(list(split.train_batches(1, 32, device=cpu)), list(plain.train_batches(1, 32)))
     assert _same(list(split.heldout_batches(40)), list(plain.heldout_batches(40)))
     assert not loads  # every block came from memory
+
+
+def test_store_rows_read_as_stored_and_widened_late_give_the_float32_batches(tmp_path):
+    """Rows of float16 and bfloat16 stores, read unwidened and widened after the held-out rows are
+    dropped (on the device when streaming to one), give the batches of the same rows as float32
+    arrays: host path, device path, rows held on the device and held-out passes alike."""
+    from store.layout import StoreLayout
+    from store.reader import ActivationStore
+    from store.writer import StoreWriter
+
+    n, rng = 300, np.random.default_rng(2)
+    arrays = []
+    for name, dtype, width in (("a", "float16", 12), ("b", "bfloat16", 20)):
+        layout = StoreLayout(np.zeros(n, dtype=np.int64), 64, [0], width)
+        w = StoreWriter(tmp_path / f"{name}.zarr", layout, dtype, {"k": name}, writers=1)
+        w.create({})
+        for span in layout.units:
+            lo, hi = span.seq
+            values = rng.standard_normal((hi - lo, width), dtype=np.float32)
+            last = values.astype(np.float16) if dtype == "float16" else (values.view(np.uint32) >> 16).astype(np.uint16)
+            w.write_unit(span, {"seq_start": np.zeros(hi - lo, np.int64), "seq_len": np.zeros(hi - lo, np.int64),
+                                "text_index": np.arange(lo, hi, dtype=np.int64), "last/L0": last, "pooled/L0": values})
+        w.finalize()
+        arrays.append(ActivationStore(w.path).dask("last", 0))
+    x, y = arrays
+    stored = RowSplit(x, y, seed=1, heldout_frac=0.2, shuffle_buffer=100, block_rows=64)
+    plain = RowSplit(da.from_array(x.compute(), chunks=x.chunks), da.from_array(y.compute(), chunks=y.chunks),
+                     seed=1, heldout_frac=0.2, shuffle_buffer=100, block_rows=64)
+    assert [a.dtype for a in stored._load_block(0)] == [np.float16, np.uint16]  # read as stored
+    cpu = torch.device("cpu")
+    reference = list(plain.train_batches(1, 32))
+    assert reference[0][0].dtype == torch.float32 and reference[0][0].abs().sum() > 0
+    assert _same(list(stored.train_batches(1, 32)), reference)
+    assert _same(list(stored.train_batches(1, 32, device=cpu)), reference)
+    assert _same(list(stored.heldout_batches(40)), list(plain.heldout_batches(40)))
+    stored.to_device(cpu)
+    assert _same(list(stored.train_batches(1, 32)), reference)
+    assert _same(list(stored.heldout_batches(40)), list(plain.heldout_batches(40)))
+
+
+def test_blocks_loaded_shared_equal_the_copied_ones():
+    """RowBlocks.load(shared=True) (no copy of a one-chunk block) gives the same blocks, for blocks
+    of one chunk, of several row chunks and of column chunks."""
+    from pipeline.metrics import RowBlocks
+
+    x = np.arange(600, dtype=np.float32).reshape(100, 6)
+    for chunks, rows in (((20, 6), 20), ((20, 6), 40), ((25, 3), 50)):
+        blocks = RowBlocks(da.from_array(x, chunks=chunks), x, block_rows=rows)
+        for i in range(len(blocks)):
+            assert all(np.array_equal(a, b) for a, b in zip(blocks.load(i, shared=True), blocks.load(i)))

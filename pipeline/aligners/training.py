@@ -14,8 +14,9 @@ uninterrupted run exactly.
 Devices. On a GPU the training rows are copied to device memory once when they fit in half of
 what is free (`RowSplit.to_device`); every epoch's batches are then gathered there in the same
 order as the streamed path, so the GPU never waits on store reads after the first pass. Rows that
-do not fit are streamed as above: a window's blocks are read READ_THREADS at a time, the window is
-copied to the device whole on a side stream (two windows read ahead), and batches are gathered
+do not fit are streamed as above: a window's blocks are read READ_THREADS at a time, the window's
+training rows are gathered into pinned host memory as stored (float16 stays float16), copied to the
+device whole and widened there on a side stream (two windows read ahead), and batches are gathered
 there, so no step copies from the host or waits for it. The held-out rows are read once and kept
 on the device when they fit, else in host memory up to HELDOUT_CACHE_BYTES; the blocks read are kept
 in host memory for the later epochs when they fit in HOST_CACHE_FRACTION of it. The loss is summed on
@@ -57,11 +58,11 @@ from pipeline.metrics import RegressionScores, RowBlocks, retrieval_topk
 
 HELDOUT_CACHE_BYTES = 1 << 30  # held-out rows kept in host memory between evaluations when this small
 HELDOUT_DEVICE_BUDGET = 0.25  # ... or on the GPU when they take at most this fraction of its free memory
-READ_THREADS = 8  # row blocks read and decompressed at once (zarr's and numpy's work releases the GIL)
+READ_THREADS = 8  # row blocks read at once (file reads and numpy copies release the GIL)
 WINDOWS_AHEAD = 2  # streamed windows read ahead of the one being consumed (assembled at the same time)
-# Streaming to a GPU, row blocks read once are kept in host memory for the later epochs when all of
-# them take at most this fraction of the machine's memory: decoding the store, not the disk, is what
-# limits a pass (about 0.6 GB/s of float16 rows on an H200 host). 0: read every epoch from the store.
+# Streaming to a GPU, row blocks read once are kept in host memory (as stored) for the later epochs
+# when all of them (counted as float32) take at most this fraction of the machine's memory: a pass
+# over the store costs far more host CPU than copying a kept block. 0: read every epoch from the store.
 HOST_CACHE_FRACTION = 0.25
 RETRIEVAL_ROWS = 2048  # held-out rows used for the final retrieval score (it is O(rows²))
 
@@ -137,6 +138,7 @@ class RowSplit:
         self._heldout_device: torch.device | None = None  # where heldout_batches caches its first pass
         self.window_wait = 0.0  # seconds the streamed path waited for a window (reads not hidden)
         self._host_blocks: dict[int, tuple[np.ndarray, np.ndarray]] | None = None  # block -> rows, once read
+        self._declared = [np.dtype(a.dtype) for a in self.blocks.arrays]
 
     def fits_on(self, device: torch.device, budget: float = 0.5, rows: int | None = None) -> bool:
         """Whether `rows` rows (default all; float32) take at most `budget` of the GPU's free memory.
@@ -155,9 +157,15 @@ class RowSplit:
         return self._host_blocks is not None
 
     def _load_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's (x, y) as stored (see `_stored`): widening waits until the held-out rows are
+        dropped, and happens on the GPU when streaming to one."""
         if self._host_blocks is not None and b in self._host_blocks:
             return self._host_blocks[b]
-        rows = self.blocks.load(b)
+        from store.reader import stored_values
+
+        with stored_values():  # on this thread (scheduler "sync"), or dask's threads would widen
+            blocks = self.blocks.load(b, scheduler="sync", shared=True)  # only ever read, never written
+        rows = tuple(_stored(a, d) for a, d in zip(blocks, self._declared))
         if self._host_blocks is not None:
             self._host_blocks[b] = rows
         return rows
@@ -179,16 +187,21 @@ class RowSplit:
         """Copy every row to `device` (float32, row-id order) in one pass over the store;
         train_batches then gathers batches there, in the same order as the streamed path, and
         heldout_batches slices the held-out rows there."""
-        parts: dict[bool, list[tuple[torch.Tensor, ...]]] = {False: [], True: []}
+        # filled block by block in place: no second copy of all rows (torch.cat) at the end
+        rows = {w: int((self.heldout == w).sum()) for w in (False, True)}
+        dest = {w: tuple(torch.empty((rows[w], d), dtype=torch.float32, device=device)
+                         for d in (self.d_source, self.d_target)) for w in (False, True)}
+        at = {False: 0, True: 0}
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            for b, (x, y) in enumerate(self._blocks_in_order(pool, list(range(len(self.blocks))))):
-                start, stop = self.blocks.bounds[b]
-                held = self.heldout[start:stop]
+            for b, block in enumerate(self._blocks_in_order(pool, list(range(len(self.blocks))))):
+                held = self.heldout[slice(*self.blocks.bounds[b])]
                 for which in (False, True):
-                    parts[which].append(tuple(torch.from_numpy(np.ascontiguousarray(a[held == which], np.float32))
-                                              .to(device) for a in (x, y)))
-        self._resident, self._resident_heldout = (
-            (torch.cat([q[0] for q in parts[w]]), torch.cat([q[1] for q in parts[w]])) for w in (False, True))
+                    keep = held == which
+                    k = int(keep.sum())
+                    for a, out in zip(block, dest[which]):
+                        _upload_rows(_kept_rows([(a, keep)], device), out[at[which]:at[which] + k])
+                    at[which] += k
+        self._resident, self._resident_heldout = dest[False], dest[True]
 
     def _train_ids(self, block: int) -> np.ndarray:
         start, stop = self.blocks.bounds[block]
@@ -222,12 +235,12 @@ class RowSplit:
         xs, ys = [], []
         for b, (x, y) in zip(w.blocks, self._blocks_in_order(pool, w.blocks)):
             keep = ~self.heldout[slice(*self.blocks.bounds[b])]
-            xs.append(x[keep])
-            ys.append(y[keep])
-        x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+            xs.append((x, keep))
+            ys.append((y, keep))
         if device is None:
-            return x, y
-        return tuple(_upload(a, device) for a in (x, y, np.searchsorted(w.ids, w.order)))
+            return _widened(_kept_rows(xs, None)), _widened(_kept_rows(ys, None))
+        x, y = (_upload_rows(_kept_rows(parts, device), device=device) for parts in (xs, ys))
+        return x, y, _upload(np.searchsorted(w.ids, w.order), device)
 
     def train_batches(self, epoch: int, batch_size: int, rank: int = 0, world: int = 1,
                       skip: int = 0, steps: int | None = None,
@@ -307,7 +320,7 @@ class RowSplit:
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for b, (x, y) in enumerate(self._blocks_in_order(pool, list(range(len(self.blocks))))):
                 keep = self.heldout[slice(*self.blocks.bounds[b])]
-                x, y = x[keep].astype(np.float32), y[keep].astype(np.float32)
+                x, y = _widened(_kept_rows([(x, keep)], None)), _widened(_kept_rows([(y, keep)], None))
                 if cache:
                     kept.append((x, y))
                 bx = x if bx is None else np.concatenate([bx, x])
@@ -325,18 +338,66 @@ class RowSplit:
                 self._heldout_cache = (x, y)
 
 
+def _stored(a: np.ndarray, declared: np.dtype) -> np.ndarray:
+    """A block as `store.layout.widen_tensor` takes it: float16 and float32 as they are, uint16 only
+    where a store gave its bfloat16 bits (for an array that declares float32), anything else cast
+    to float32 now."""
+    if a.dtype in (np.float16, np.float32) or (a.dtype == np.uint16 and declared == np.float32):
+        return a
+    return a.astype(np.float32)
+
+
+def _kept_rows(parts: list[tuple[np.ndarray, np.ndarray]], device: torch.device | None) -> torch.Tensor:
+    """The `keep` rows of each (block, keep) of `parts`, concatenated as stored, in one host tensor:
+    pinned when bound for a GPU, so its copy there is asynchronous and at full speed."""
+    first = parts[0][0]
+    n = sum(int(keep.sum()) for _, keep in parts)
+    host = torch.empty((n, *first.shape[1:]), dtype=torch.from_numpy(first[:0]).dtype,
+                       pin_memory=device is not None and device.type == "cuda")
+    view, at = host.numpy(), 0
+    for a, keep in parts:
+        k = int(keep.sum())
+        np.compress(keep, a, axis=0, out=view[at:at + k])  # straight into place: one copy
+        at += k
+    return host
+
+
+def _widened(host: torch.Tensor) -> np.ndarray:
+    from store.layout import widen_tensor
+
+    return widen_tensor(host).numpy()
+
+
+def _upload_rows(host: torch.Tensor, out: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Stored rows (`_kept_rows`) widened to float32 on the device of `out` (or on `device`, new)."""
+    from store.layout import widen_tensor
+
+    device = out.device if out is not None else device
+    if out is None:
+        out = torch.empty(host.shape, dtype=torch.float32, device=device)
+    if device.type != "cuda":
+        return widen_tensor(host, out)
+    # copied as stored (half the bytes for float16) and widened on the GPU, where it costs nothing
+    return _on_side_stream(device, lambda: widen_tensor(host.to(device, non_blocking=True), out))
+
+
 def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array as a tensor on `device`. On a GPU the copy runs on a side stream and this
-    thread waits for it, so a loader thread's copy overlaps the training steps; the memory is
-    allocated on the default stream, where the steps use (and free) it."""
+    """A host array as a tensor on `device`."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type != "cuda":
         return t.to(device)
     out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    return _on_side_stream(device, lambda: out.copy_(t))
+
+
+def _on_side_stream(device: torch.device, copy: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run `copy` (a copy to the GPU into memory allocated on the default stream) on a side stream
+    and wait for it on this thread only, so a loader thread's copy overlaps the training steps; the
+    steps use (and free) that memory on the default stream."""
     stream = _upload_stream(device)
     stream.wait_stream(torch.cuda.default_stream(device))  # the block may be one the steps just freed
     with torch.cuda.stream(stream):
-        out.copy_(t)
+        out = copy()
     stream.synchronize()
     return out
 
@@ -479,13 +540,13 @@ def heldout_loss(net: torch.nn.Module, split: RowSplit, p: TrainParams) -> float
     if split.n_heldout == 0:
         return None
     rank, world = group()
-    total, rows = 0.0, 0
     dev = _device_of(net)
+    total, rows = torch.zeros((), dtype=torch.float64, device=dev), 0  # summed on the device: one sync
     for k, (x, y) in enumerate(split.heldout_batches(p.batch_size)):
         if k % world == rank:
-            total += float(batch_loss(net(x.to(dev)), y.to(dev), p)) * len(x)
+            total += batch_loss(net(x.to(dev)), y.to(dev), p).double() * len(x)
             rows += len(x)
-    total, rows = _all_reduce_sum([total, float(rows)], world)
+    total, rows = _all_reduce_sum([float(total), float(rows)], world)
     return total / rows
 
 

@@ -131,6 +131,7 @@ class AsyncUnitWriter:
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.busy = 0.0  # seconds spent writing units (compared with compute, it says who waits)
+        self.closing = False  # set by close(): no more compute beside the writes still queued
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -152,7 +153,7 @@ class AsyncUnitWriter:
                 arrays = {k: (v.numpy().view(np.uint16) if str(v.dtype) == "torch.int16" else
                               v.numpy() if hasattr(v, "numpy") else v) for k, v in host.items()}
                 t0 = time.perf_counter()
-                self.writer.write_unit(span, arrays)
+                self.writer.write_unit(span, arrays, alone=self.closing)
                 self.busy += time.perf_counter() - t0
             except BaseException as e:  # surfaced on the main thread at the next put/close
                 self.error = e
@@ -162,6 +163,7 @@ class AsyncUnitWriter:
         self.q.put((span, host))
 
     def close(self) -> None:
+        self.closing = True
         self.q.put(None)
         self.thread.join()
         self.writer.close()

@@ -207,14 +207,16 @@ class StoreWriter:
         return [u for u in self.layout.units
                 if u.unit % world == rank and not marker_path(self.path, u.unit).exists()]
 
-    def write_unit(self, span: UnitSpan, arrays: dict[str, np.ndarray]) -> None:
+    def write_unit(self, span: UnitSpan, arrays: dict[str, np.ndarray], alone: bool = False) -> None:
         """Write every shard of one unit (`writers` at once), then its marker. arrays: name -> rows of
-        this unit."""
+        this unit. alone: nothing else runs in this process (the compute loop has ended), so a unit
+        written here may use `writers` threads."""
         pieces = self._pieces(span, arrays)
         pool = self._shard_pool(sum(a.nbytes for a in arrays.values()))
-        # In this process, one shard at a time: zarr encodes under the GIL, so more writer threads take
-        # time from the compute loop beside them (issue 21: 0.82 x bare with 8 threads, 0.93 with one)
-        threads = None if pool is not None else ThreadPoolExecutor(max_workers=1)
+        # In this process, one shard at a time while the compute loop runs: zarr encodes under the GIL,
+        # so more writer threads take time from the loop beside them (issue 21: 0.82 x bare with 8
+        # threads, 0.93 with one). Once it has ended, the last units' writes are all that is left.
+        threads = None if pool is not None else ThreadPoolExecutor(max_workers=self.writers if alone else 1)
         futures = []
         try:
             if pool is not None:

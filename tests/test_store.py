@@ -292,9 +292,9 @@ def _unit_arrays(layout, span, rng):
 
 @pytest.mark.parametrize("how", ["threads", "processes"])
 def test_parallel_shard_writers_write_the_one_writer_bytes(tmp_path, monkeypatch, how):
-    """Units whose token arrays span several shards, written by 3 threads or 3 worker processes,
-    give the same files byte for byte as one writer; an I/O error mid-unit leaves that unit
-    unmarked (a rerun rewrites it)."""
+    """Units whose token arrays span several shards, written by 3 threads (as once the compute loop
+    has ended: `alone`) or 3 worker processes, give the same files byte for byte as one writer; an
+    I/O error mid-unit leaves that unit unmarked (a rerun rewrites it)."""
     from store import writer as store_writer
     from store.layout import StoreLayout
     from store.writer import StoreWriter
@@ -309,7 +309,7 @@ def test_parallel_shard_writers_write_the_one_writer_bytes(tmp_path, monkeypatch
         w.create({})
         rng = np.random.default_rng(7)
         for span in layout.units:
-            w.write_unit(span, _unit_arrays(layout, span, rng))
+            w.write_unit(span, _unit_arrays(layout, span, rng), alone=how == "threads")
         assert (w._pool is not None) == (how == "processes" and writers > 1)
         w.close()
         w.finalize()
@@ -327,7 +327,7 @@ def test_parallel_shard_writers_write_the_one_writer_bytes(tmp_path, monkeypatch
     w = StoreWriter(tmp_path / "f.zarr", layout, "bfloat16", {"k": 1}, on_write=fail_second_shard, writers=3)
     w.create({})
     with pytest.raises(UserError, match="writing unit 0 .*No space left"):
-        w.write_unit(layout.units[0], _unit_arrays(layout, layout.units[0], np.random.default_rng(7)))
+        w.write_unit(layout.units[0], _unit_arrays(layout, layout.units[0], np.random.default_rng(7)), alone=how == "threads")
     w.close()
     assert w.pending_units(0, 1) == layout.units
 

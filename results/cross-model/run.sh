@@ -76,3 +76,19 @@ xmodel $R -S paths.data=$OUT/same-countries -S 'evaluate.methods=[b_alone, nl, a
   -S 'evaluate.aligners=[]' -S 'evaluate.kv.layers=[all]' evaluate countries
 xmodel $R -S paths.data=$OUT/same-countries-mv -S 'evaluate.methods=[b_alone, mv_ac]' -S 'evaluate.modes=[]' \
   -S 'evaluate.aligners=[]' -S 'evaluate.mv.m=[1, 4, 16, all]' -S 'evaluate.mv.aligners=[none]' evaluate countries
+# 15. A = B in-task LoRA (Countries train places, corpus seed 1, 512 items), f in {replace, gated}
+T="--params profiles/in-task.yaml -S models.a=qwen2.5-coder-0.5b-instruct -S models.b=qwen2.5-coder-0.5b-instruct -S paths.data=$OUT/same-in-task -S extract.layers=[0.93] -S fit.layers=[0.93,0.93] -S evaluate.countries.places=train"
+xmodel $T extract --model a --quiet && xmodel $T extract --model b --quiet && xmodel $T fit lora --quiet
+xmodel $R -S paths.data=$OUT/same-countries-lora -S 'evaluate.methods=[b_alone, ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace, gated]' -S "evaluate.aligners=[$OUT/same-in-task/aligners/lora]" evaluate countries
+
+# --- Qwen-0.5B -> 1.5B, Tip Sheets (generated, seed 0, n = 100), PLAN.md step 4 ---
+P="$Q -S evaluate.layer_a=0.93 -S evaluate.layer_b=0.93 -S evaluate.tasks=[tipsheets] -S evaluate.controls=[mismatched]"
+# 16. references and plain AC
+xmodel $P -S paths.data=$OUT/q15-tipsheets -S 'evaluate.methods=[b_alone, nl, ac, skyline]' -S 'evaluate.modes=[replace]' \
+  -S 'evaluate.aligners=[]' evaluate tipsheets
+# 17. the in-task LoRA on 256 Tip Sheets items of corpus seed 1 (other companies)
+T="--params profiles/in-task.yaml $Q -S paths.data=$OUT/q15-in-task-tips -S extract.layers=[0.93] -S fit.layers=[0.93,0.93] -S corpus.source=task:tipsheets -S corpus.n=256"
+xmodel $T extract --model a --quiet && xmodel $T extract --model b --quiet && xmodel $T fit lora --quiet
+xmodel $P -S paths.data=$OUT/q15-tipsheets-2 -S 'evaluate.methods=[b_alone, ac]' -S 'evaluate.modes=[]' \
+  -S 'evaluate.aligner_modes=[replace]' -S "evaluate.aligners=[$OUT/q15-in-task-tips/aligners/lora]" evaluate tipsheets

@@ -3,6 +3,7 @@ where rows are read and gathered, never which rows a batch holds or in what orde
 
 import dask.array as da
 import numpy as np
+import pytest
 import torch
 
 from pipeline.aligners.training import RowSplit
@@ -16,19 +17,26 @@ def _split(n=900, seed=5):
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(u[0].cpu(), v[0].cpu()) and torch.equal(u[1].cpu(), v[1].cpu())
+                                    for u, v in zip(a, b))
 
 
-def test_windows_gathered_on_the_device_give_the_host_path_batches():
+# the CPU stands in for the device; on a GPU machine the real path runs too (pinned windows, the side
+# stream's copies, widening on the device)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_windows_gathered_on_the_device_give_the_host_path_batches(device):
     """train_batches(device=...) (the GPU's streamed path: each window copied whole, batches
-    gathered there) against the host path, with the CPU standing in for the device."""
+    gathered there) against the host path."""
     split = _split()
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     for epoch, skip, steps in ((0, 0, None), (1, 4, None), (2, 1, 9)):
         host = list(split.train_batches(epoch, 32, skip=skip, steps=steps))
-        gathered = list(split.train_batches(epoch, 32, skip=skip, steps=steps, device=cpu))
+        gathered = list(split.train_batches(epoch, 32, skip=skip, steps=steps, device=dev))
         assert _same(host, gathered)
-    ranks = [list(split.train_batches(0, 16, rank=r, world=2, device=cpu)) for r in range(2)]
+    ranks = [list(split.train_batches(0, 16, rank=r, world=2, device=dev)) for r in range(2)]
     assert _same(ranks[0], list(split.train_batches(0, 16, rank=0, world=2)))
 
 
@@ -57,7 +65,8 @@ def test_blocks_kept_in_host_memory_serve_later_epochs(monkeypatch):
     assert not loads  # every block came from memory
 
 
-def test_store_rows_read_as_stored_and_widened_late_give_the_float32_batches(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_store_rows_read_as_stored_and_widened_late_give_the_float32_batches(tmp_path, device):
     """Rows of float16 and bfloat16 stores, read unwidened and widened after the held-out rows are
     dropped (on the device when streaming to one), give the batches of the same rows as float32
     arrays: host path, device path, rows held on the device and held-out passes alike."""
@@ -84,13 +93,13 @@ def test_store_rows_read_as_stored_and_widened_late_give_the_float32_batches(tmp
     plain = RowSplit(da.from_array(x.compute(), chunks=x.chunks), da.from_array(y.compute(), chunks=y.chunks),
                      seed=1, heldout_frac=0.2, shuffle_buffer=100, block_rows=64)
     assert [a.dtype for a in stored._load_block(0)] == [np.float16, np.uint16]  # read as stored
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     reference = list(plain.train_batches(1, 32))
     assert reference[0][0].dtype == torch.float32 and reference[0][0].abs().sum() > 0
     assert _same(list(stored.train_batches(1, 32)), reference)
-    assert _same(list(stored.train_batches(1, 32, device=cpu)), reference)
+    assert _same(list(stored.train_batches(1, 32, device=dev)), reference)
     assert _same(list(stored.heldout_batches(40)), list(plain.heldout_batches(40)))
-    stored.to_device(cpu)
+    stored.to_device(dev)
     assert _same(list(stored.train_batches(1, 32)), reference)
     assert _same(list(stored.heldout_batches(40)), list(plain.heldout_batches(40)))
 

@@ -3,7 +3,8 @@
 Every method runs on the same items: A's private prompt (prose, --prompt-a-tokens/2..--prompt-a-tokens
 tokens) and B's prompt (--prompt-tokens/2..--prompt-tokens), greedy, exactly --new-tokens new tokens
 per item (random weights never stop early; speed does not depend on weight values). Each run is
-timed whole: A's pass, building the message, B's prefill and decoding.
+timed whole: A's pass, building the message, B's prefill and decoding (the prefix methods sync the GPU
+before and after the build, so that its seconds are its GPU time, not its launches).
 - B alone; AC: A's last-token state at k through a fixed random map into B at j (replace);
 - multi-vector AC (mv_ac) with m = 4 and 16: A's last m states at k, B's prompt with m - 1
   placeholders (pipeline.injection.communicate_rows);
@@ -113,8 +114,10 @@ def main() -> None:
     def prefix(build, cache_kind: str = "auto"):
         def run():
             sent = token_states(model_a, tokenizer, items_a, sorted(set(sources)), batch_size=b, keep=device)
+            bench.sync(device)  # A's pass is not the build's: its queued kernels finish first
             t0 = time.perf_counter()
             cache, layers = build(sent.states)
+            bench.sync(device)  # the build's own GPU time, not only its launches (two syncs per run)
             built = time.perf_counter() - t0
             return timed_parts(kv_generate(model_b, tokenizer, items_b, cache, layers, decoding, batch_size=b,
                                            cache_kind=cache_kind), sent.seconds, built)

@@ -121,40 +121,37 @@ class Fuser:
 
         return torch.sigmoid(self.net["gate"].detach()).tolist()
 
-    def mapped(self, states: dict[int, Sequence[Any]]) -> dict[int, list[Any]]:
-        """B-space states per KV layer l: {l: [(P_i, d_B) per item]} from A's {layer: [(P_i, d_A)]}."""
+    def mapped(self, layer: int, x: Any) -> Any:
+        """B-space states entering KV layer `layer` (1..L_B) from A's states x (rows, d_A) at its
+        source layer: (rows, d_B), float32."""
         import torch
 
-        net = self.net
-        n = len(states[self.sources[0]])
-        out: dict[int, list[Any]] = {}
-        for l, src in enumerate(self.sources, start=1):
-            k = l - 1
-            rows = []
-            for i in range(n):
-                x = states[src][i].to(device=net["u"].device, dtype=torch.float32)
-                rows.append(((x - net["mu"][k]) / net["sd"][k]) @ net["u"][k] @ net["v"][k] + net["c"][k])
-            out[l] = rows
-        return out
+        net, k = self.net, layer - 1
+        x = x.to(device=net["u"].device, dtype=torch.float32)
+        return ((x - net["mu"][k]) / net["sd"][k]) @ net["u"][k] @ net["v"][k] + net["c"][k]
 
     def cache(self, model_b: Any, states: dict[int, Sequence[Any]], grad: bool = False) -> Any:
         """B's KvCache (pipeline.evaluation.kv) from A's per-token states {A layer: [(P_i, d_A) per
         item]} (at least `a_layers`): the mapped states' keys and values at every B layer, values
-        scaled by the layer's gate. Without `grad`, computed under no_grad (evaluation)."""
-        import contextlib
-
+        scaled by the layer's gate; every item's rows mapped in one product per layer
+        (statekv.packed_cache). Without `grad`, computed under no_grad (evaluation)."""
         import torch
 
-        from pipeline.evaluation.statekv import states_cache
+        from pipeline.evaluation.statekv import item_lengths, map_precision, packed_cache, packed_rows
 
         missing = [l for l in self.a_layers if l not in states]
         if missing:
             raise ValueError(f"the fuser reads A's layers {self.a_layers}; states lack {missing}")
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            out = states_cache(model_b, self.mapped(states))
-            gate = torch.sigmoid(self.net["gate"]).to(out.entries[0].dtype)[:, None, None, None]
-            out.entries = [torch.stack([e[:, 0], e[:, 1] * gate.to(e.device)], dim=1) for e in out.entries]
-        return out
+        rows, sources = packed_rows(states), self.sources
+
+        def build() -> Any:
+            return packed_cache(model_b, item_lengths({la: states[la] for la in self.a_layers}), self.b_layers,
+                                lambda l: self.mapped(l, rows(sources[l - 1])),
+                                value_scale=torch.sigmoid(self.net["gate"]))
+        if grad:
+            return build()  # training: full float32 maps (map_precision only where nothing is learned)
+        with torch.no_grad(), map_precision(model_b):
+            return build()
 
     def check(self, pair: Any) -> None:
         """Refuse models this fuser was not trained for (widths, depths, and content shas when known)."""

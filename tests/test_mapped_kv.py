@@ -106,3 +106,51 @@ def test_a_runs_once_for_every_method_reading_its_token_states(tiny_pair, monkey
                          countries=GameConfig(n=3, max_new_tokens=2))
     evaluate_task("countries", same, cfg, {"ident": LayerMaps.identity(arch.n_layers, arch.width)})
     assert calls == [[0, 1, 2, 3]]  # layer k = 2 and the maps' A layers 0..3, in one pass
+
+
+@pytest.mark.parametrize("kind", ["maps", "fuser"])
+def test_packed_build_equals_each_item_alone(tiny_pair, kind):
+    """The build maps every item's rows of a layer in one product and runs B's norm, projections and
+    rotary once over all of them (statekv.packed_cache): each item's keys/values equal its own
+    states mapped and turned into B's keys/values alone (positions 0..P_i-1), every layer, fp32;
+    the fuser's training path keeps its gradients."""
+    from pipeline.architecture import architecture
+    from pipeline.evaluation.mapped_kv import mapped_cache
+    from pipeline.evaluation.statekv import block_kv
+    from pipeline.fuser import Fuser, build_net, layer_sources
+    from pipeline.injection import token_states
+
+    ma, mb, tok = tiny_pair.model_a, tiny_pair.model_b, tiny_pair.tok_a
+    la, lb, d_a, d_b = (architecture(ma).n_layers, architecture(mb).n_layers, architecture(ma).width,
+                        architecture(mb).width)
+    sources = layer_sources(la, lb)
+    g = torch.Generator().manual_seed(0)
+    if kind == "maps":
+        built = LayerMaps({l: s for l, s in enumerate(sources, 1)},
+                          {l: torch.randn(d_a, d_b, generator=g) / d_a ** 0.5 for l in range(1, lb + 1)},
+                          {l: torch.randn(d_b, generator=g) for l in range(1, lb + 1)})
+        build, one, scale = (lambda s: mapped_cache(mb, built, s)), built.apply, [1.0] * lb
+    else:
+        net = build_net(lb, d_a, d_b, 8)
+        with torch.no_grad():
+            for name in ("u", "v", "c", "mu", "gate"):
+                net[name].normal_(generator=g)
+            net["sd"].uniform_(0.5, 2.0, generator=g)
+        built = Fuser(net, {"sources": sources, "d_a": d_a, "d_b": d_b})
+        build, one, scale = (lambda s: built.cache(mb, s)), built.mapped, torch.sigmoid(net["gate"]).tolist()
+    prompts = [tok(t)["input_ids"] for t in ["Alice is at the Louvre.", "Bob", "A module is a file of Python."]]
+    states = token_states(ma, tok, prompts, sorted(set(sources)), batch_size=2).states
+    cache = build(states)
+    assert cache.lengths == [len(p) for p in prompts] and cache.tokens == sum(map(len, prompts))
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            for l, src in enumerate(sources, 1):
+                keys, values = block_kv(mb, l, one(l, states[src][i])[None])
+                torch.testing.assert_close(cache.entries[i][l - 1, 0], keys[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(cache.entries[i][l - 1, 1], values[0] * scale[l - 1], atol=1e-5, rtol=1e-5)
+    if kind == "fuser":  # training: gradients reach every tensor that learns
+        net.requires_grad_(True)
+        for name in ("mu", "sd"):
+            net[name].requires_grad_(False)
+        sum(e.square().sum() for e in built.cache(mb, states, grad=True).entries).backward()
+        assert all(net[name].grad is not None and net[name].grad.abs().sum() > 0 for name in ("u", "v", "c", "gate"))

@@ -291,7 +291,10 @@ def _padded_prefix(cache: KvCache, rows: Sequence[int], device: Any, layers: Seq
     prefixes at the given layers (0-based; all when None), left-padded to the longest."""
     import torch
 
-    entries = [cache.entries[i] if layers is None else cache.entries[i][list(layers)] for i in rows]
+    layers = None if layers is None else list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        layers = slice(layers[0], layers[-1] + 1)  # a run of layers (all of them, mostly): a view, no copy
+    entries = [cache.entries[i] if layers is None else cache.entries[i][layers] for i in rows]
     width = max(int(e.shape[3]) for e in entries)
     first = entries[0]
     kv = first.new_zeros((first.shape[0], 2, len(rows), first.shape[2], width, first.shape[4]))
@@ -299,7 +302,9 @@ def _padded_prefix(cache: KvCache, rows: Sequence[int], device: Any, layers: Seq
     for r, e in enumerate(entries):
         kv[:, :, r, :, width - e.shape[3]:] = e
         mask[r, width - e.shape[3]:] = 1
-    return kv.to(device), mask.to(device), torch.tensor([int(e.shape[3]) for e in entries], device=device)
+    offsets = torch.tensor([int(e.shape[3]) for e in entries])
+    # non_blocking: a blocking copy from the host waits for the GPU's queue (the previous batch's work)
+    return kv.to(device), mask.to(device, non_blocking=True), offsets.to(device, non_blocking=True)
 
 
 def hide_prefix_columns(mask: Any, width: int, hidden: Any, kv_length: int) -> Any:

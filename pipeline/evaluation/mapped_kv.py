@@ -91,10 +91,13 @@ class LayerMaps:
 
 
 def mapped_cache(model_b: Any, maps: LayerMaps, states: dict[int, list[Any]]) -> Any:
-    """B's KvCache from A's per-token states (states[A layer][item] (P_i, d_A)) through the maps."""
+    """B's KvCache from A's per-token states (states[A layer][item] (P_i, d_A)) through the maps:
+    per B layer, one product of every item's rows (statekv.packed_cache)."""
     import torch
 
-    from pipeline.evaluation.statekv import states_cache
+    from pipeline.evaluation.statekv import item_lengths, map_precision, packed_cache, packed_rows
 
-    with torch.no_grad():
-        return states_cache(model_b, {l: [maps.apply(l, s) for s in states[la]] for l, la in maps.sources.items()})
+    rows = packed_rows(states)
+    with torch.no_grad(), map_precision(model_b):
+        return packed_cache(model_b, item_lengths({la: states[la] for la in maps.a_layers}), maps.b_layers,
+                            lambda l: maps.apply(l, rows(maps.sources[l])))

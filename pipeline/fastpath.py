@@ -293,11 +293,13 @@ except ImportError:  # pragma: no cover
 def causal_varlen(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: float | None) -> Any:
     """Causal attention within each sequence of a packed batch: q (T, heads, d), k/v (T, kv_heads, d)
     (grouped heads allowed), cu (n + 1,) int32 offsets; (T, heads, d). Flash's variable-length
-    kernel on CUDA in half precision; one SDPA per sequence otherwise (the reference)."""
+    kernel on CUDA in half precision where it takes the head width (a multiple of 8, at most 256:
+    it refuses others, e.g. a tiny test model's 12); one SDPA per sequence otherwise (the reference)."""
     import torch
     import torch.nn.functional as F
 
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    head = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head % 8 == 0 and head <= 256:
         import inspect
 
         from torch.nn.attention.varlen import varlen_attn
